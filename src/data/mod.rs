@@ -1,0 +1,4 @@
+//! Data: reading documents from text and JSONL files, and binary token shards.
+
+pub mod shards;
+pub mod text;

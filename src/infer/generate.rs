@@ -1,0 +1,153 @@
+//! Streaming text generation with the KV cache.
+
+use super::sampler::{Sampler, SamplingParams};
+use crate::model::LoadedModel;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Prepend `<|bos|>` to the prompt (as every training document starts with it).
+    pub add_bos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 200,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            add_bos: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub finish_reason: FinishReason,
+    pub seconds: f64,
+}
+
+/// Ids that end generation: the config's EOS ids and `<|bos|>` (a new document).
+fn stop_ids(lm: &LoadedModel) -> Vec<u32> {
+    let mut ids = Vec::new();
+    match &lm.model.config.eos_token_id {
+        Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+        Some(serde_json::Value::Array(a)) => {
+            ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|x| x as u32))
+        }
+        _ => {}
+    }
+    ids.extend(lm.tokenizer.bos_id());
+    ids.extend(lm.tokenizer.special_id("<|assistant_end|>"));
+    ids
+}
+
+/// The largest char boundary at or below `i`.
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Generates a continuation of `prompt`, calling `on_text` with each new piece of text as soon as it
+/// is certain (complete UTF-8, and not possibly the start of a stop string).
+pub fn generate(
+    lm: &LoadedModel,
+    prompt: &str,
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<Generation> {
+    opts.sampling.validate()?;
+    let start = std::time::Instant::now();
+    let mut ids = Vec::new();
+    if opts.add_bos {
+        ids.extend(lm.tokenizer.bos_id());
+    }
+    ids.extend(lm.tokenizer.encode(prompt)?);
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let context = lm.model.config.max_position_embeddings;
+    if ids.len() >= context {
+        bail!(
+            "the prompt is {} tokens but the model's context is {context}: shorten the prompt",
+            ids.len()
+        );
+    }
+    let budget = opts.max_tokens.min(context - ids.len());
+    let stops = stop_ids(lm);
+    let max_stop = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut cache = lm.model.new_cache(1);
+    let device = lm.model.device().clone();
+    let mut input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+    let mut out_ids: Vec<u32> = Vec::new();
+    let mut emitted = 0usize;
+    let mut finish = FinishReason::Length;
+    let mut final_text = String::new();
+    for _ in 0..budget {
+        let logits: Vec<f32> = lm
+            .model
+            .forward_last(&input, Some(&mut cache))?
+            .squeeze(0)?
+            .to_vec1()?;
+        let next = sampler.sample(&logits);
+        if stops.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        out_ids.push(next);
+        input = Tensor::from_vec(vec![next], (1, 1), &device)?;
+        let text = lm.tokenizer.decode(&out_ids)?;
+        if let Some(pos) = opts
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            final_text = text[..pos].to_string();
+            finish = FinishReason::Stop;
+            break;
+        }
+        final_text = text;
+        if final_text.ends_with('\u{FFFD}') {
+            continue; // a multi-byte character is not complete yet
+        }
+        let safe = floor_boundary(
+            &final_text,
+            final_text.len().saturating_sub(max_stop.saturating_sub(1)),
+        );
+        if safe > emitted {
+            on_text(&final_text[emitted..safe])?;
+            emitted = safe;
+        }
+    }
+    if final_text.len() > emitted {
+        on_text(&final_text[emitted..])?;
+    }
+    Ok(Generation {
+        text: final_text,
+        tokens: out_ids,
+        prompt_tokens: ids.len(),
+        finish_reason: finish,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

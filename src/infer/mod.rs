@@ -1,0 +1,4 @@
+//! Inference: the sampler and streaming generation with the KV cache.
+
+pub mod generate;
+pub mod sampler;

@@ -1,0 +1,10 @@
+//! chatforge: the InstructGPT/ChatGPT recipe in one crate.
+//! See docs/ARCHITECTURE.md for how the modules fit together.
+
+pub mod data;
+pub mod infer;
+pub mod model;
+pub mod speedrun;
+pub mod tokenizer;
+pub mod train;
+pub mod util;

@@ -1,0 +1,380 @@
+//! The `chatforge` command line: parses arguments and calls the library.
+
+use anyhow::Result;
+use chatforge::data::shards::{self, TokenizeOptions};
+use chatforge::data::text::{self, DocFormat};
+use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
+use chatforge::infer::sampler::SamplingParams;
+use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_TOKENS};
+use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "chatforge",
+    version,
+    about = "Build a small ChatGPT from scratch: tokenizer, pretraining, generation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train or inspect a byte-level BPE tokenizer.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Turn text or JSONL files into binary token shards with a train/validation split.
+    Tokenize(TokenizeArgs),
+    /// Pretrain a Llama-style model on token shards (next-token prediction).
+    Pretrain(PretrainArgs),
+    /// Generate text from a trained model, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Tokenizer, shards, pretraining and a sample in one command.
+    Speedrun(SpeedrunArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train byte-level BPE on text files and write DIR/tokenizer.json.
+    Train(TokenizerTrainArgs),
+    /// Show how a text is split into tokens.
+    Encode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
+}
+
+#[derive(Args)]
+struct InputArgs {
+    /// Input files (plain text or JSONL).
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// How files are cut into documents.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: DocFormat,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+}
+
+#[derive(Args)]
+struct TokenizerTrainArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Vocabulary size including the 256 byte tokens and the special tokens.
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    #[arg(long)]
+    out: PathBuf,
+    /// Pre-tokenizer split.
+    #[arg(long, value_enum, default_value = "gpt4")]
+    pattern: SplitPattern,
+    /// Replace the chat special tokens with these (comma-separated), e.g. "<|endoftext|>".
+    #[arg(long, value_delimiter = ',')]
+    special_tokens: Option<Vec<String>>,
+    /// Compare the learned merges with a reference merges.txt (one "a b" pair per line).
+    #[arg(long)]
+    compare_merges: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[command(flatten)]
+    input: InputArgs,
+    /// Output shard directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: u64,
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// Model config.json (Hugging Face Llama fields); default: a small model sized for CPUs.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 50)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Validation tokens per evaluation.
+    #[arg(long, default_value_t = 32768)]
+    eval_tokens: usize,
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: usize,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Shard directory from `chatforge tokenize`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Continue from the run's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop right after this step's checkpoint, as if killed (for testing resume).
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy and deterministic.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A run directory or one of its checkpoints.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print timing and the finish reason as JSON on stderr at the end.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct SpeedrunArgs {
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    format: DocFormat,
+    /// Output directory (tokenizer/, shards/, base/ inside).
+    #[arg(long, default_value = "runs/speedrun")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Prompt for the closing sample.
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+}
+
+fn pretrain_options(t: &TrainArgs, data: PathBuf, out: PathBuf) -> PretrainOptions {
+    PretrainOptions {
+        data,
+        out,
+        config: t.config.clone(),
+        steps: t.steps,
+        batch_size: t.batch_size,
+        seq_len: t.seq_len,
+        grad_accum: t.grad_accum,
+        lr: t.lr,
+        min_lr_ratio: t.min_lr_ratio,
+        warmup_steps: t.warmup_steps,
+        weight_decay: t.weight_decay,
+        grad_clip: t.grad_clip,
+        seed: t.seed,
+        eval_every: t.eval_every.max(1),
+        eval_tokens: t.eval_tokens,
+        log_every: 10,
+        checkpoint_every: t.checkpoint_every.max(1),
+        keep_checkpoints: t.keep_checkpoints,
+        ..Default::default()
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenizer(TokenizerCommand::Train(a)) => {
+            let docs =
+                text::read_all_documents(&a.input.input, a.input.format, &a.input.text_field)?;
+            let chunks: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
+            let opts = TrainOptions {
+                vocab_size: a.vocab_size,
+                pattern: a.pattern,
+                special_tokens: a
+                    .special_tokens
+                    .unwrap_or_else(|| CHAT_SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect()),
+            };
+            let (tok, report) = Tokenizer::train(&chunks, &opts)?;
+            let file = tok.save(&a.out)?;
+            println!("{}", serde_json::to_string(&report)?);
+            if tok.vocab_size() < a.vocab_size {
+                eprintln!(
+                    "note: the corpus ran out of pairs to merge; vocabulary is {} instead of {}",
+                    tok.vocab_size(),
+                    a.vocab_size
+                );
+            }
+            eprintln!("wrote {}", file.display());
+            if let Some(reference) = a.compare_merges {
+                let text = std::fs::read_to_string(&reference)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", reference.display()))?;
+                let expected: Vec<(String, String)> = text
+                    .lines()
+                    .filter_map(|l| l.split_once(' '))
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect();
+                let in_order = tok
+                    .merges()
+                    .iter()
+                    .zip(&expected)
+                    .take_while(|(x, y)| x == y)
+                    .count();
+                let set: std::collections::HashSet<_> = tok.merges().iter().collect();
+                let anywhere = expected.iter().filter(|m| set.contains(m)).count();
+                println!(
+                    "reference merges: {in_order}/{} reproduced in order, {anywhere}/{} present",
+                    expected.len(),
+                    expected.len()
+                );
+            }
+        }
+        Command::Tokenizer(TokenizerCommand::Encode { tokenizer, text }) => {
+            let tok = Tokenizer::load(&tokenizer)?;
+            let ids = tok.encode(&text)?;
+            let pieces: Vec<String> = ids
+                .iter()
+                .map(|&i| tok.decode(&[i]).unwrap_or_default())
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"ids": ids, "pieces": pieces, "count": ids.len()})
+            );
+        }
+        Command::Tokenize(a) => {
+            let tok = Tokenizer::load(&a.tokenizer)?;
+            let meta = shards::tokenize_files(
+                &tok,
+                &a.input.input,
+                &a.out,
+                &TokenizeOptions {
+                    format: a.input.format,
+                    text_field: a.input.text_field,
+                    val_fraction: a.val_fraction,
+                    seed: a.seed,
+                    max_tokens_per_shard: a.shard_tokens,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&meta)?);
+        }
+        Command::Pretrain(a) => {
+            let mut opts = pretrain_options(&a.train, a.data, a.out);
+            opts.resume = a.resume;
+            opts.halt_after = a.halt_after;
+            let mut report = serde_json::to_value(pretrain(&opts)?)?;
+            report.as_object_mut().map(|o| o.remove("losses"));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Generate(a) => {
+            let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;
+            let opts = GenerateOptions {
+                max_tokens: a.sampling.max_tokens,
+                sampling: SamplingParams {
+                    temperature: a.sampling.temperature,
+                    top_k: a.sampling.top_k,
+                    top_p: a.sampling.top_p,
+                    seed: a.sampling.seed,
+                },
+                stop: a.sampling.stop,
+                add_bos: true,
+            };
+            let mut out = std::io::stdout();
+            print!("{}", a.prompt);
+            let g = generate(&lm, &a.prompt, &opts, |piece| {
+                print!("{piece}");
+                out.flush()?;
+                Ok(())
+            })?;
+            println!();
+            if a.stats {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.tokens.len(),
+                        "finish_reason": g.finish_reason, "seconds": g.seconds,
+                        "tokens_per_s": g.tokens.len() as f64 / g.seconds.max(1e-9)})
+                );
+            } else if g.finish_reason == FinishReason::Length && g.tokens.len() < opts.max_tokens {
+                eprintln!("(stopped at the model's context length)");
+            }
+        }
+        Command::Speedrun(a) => {
+            let opts = chatforge::speedrun::SpeedrunOptions {
+                inputs: a.input,
+                out: a.out.clone(),
+                vocab_size: a.vocab_size,
+                format: a.format,
+                pretrain: pretrain_options(&a.train, PathBuf::new(), PathBuf::new()),
+                prompt: a.prompt,
+            };
+            chatforge::speedrun::speedrun(&opts)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

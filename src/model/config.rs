@@ -1,0 +1,200 @@
+//! Model configuration with Hugging Face's Llama field names, so `config.json` files interchange.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn default_architectures() -> Vec<String> {
+    vec!["LlamaForCausalLM".into()]
+}
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default = "default_architectures")]
+    pub architectures: Vec<String>,
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads` (no grouping) as in Hugging Face.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2 has them).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+}
+
+impl LlamaConfig {
+    /// A small model for a given vocabulary and context: the default for `chatforge pretrain`.
+    pub fn small(vocab_size: usize, context: usize) -> Self {
+        LlamaConfig {
+            architectures: default_architectures(),
+            model_type: default_model_type(),
+            vocab_size,
+            hidden_size: 192,
+            intermediate_size: 512,
+            num_hidden_layers: 4,
+            num_attention_heads: 6,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            max_position_embeddings: context,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: default_act(),
+            bos_token_id: None,
+            eos_token_id: None,
+            torch_dtype: Some("float32".into()),
+        }
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Checks the shape rules; `source` names the file in the message.
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{source}: {name} must be positive");
+            }
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "{source}: num_attention_heads ({}) does not divide hidden_size ({}); pick a head count that divides the width",
+                self.num_attention_heads,
+                self.hidden_size
+            );
+        }
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            bail!(
+                "{source}: num_key_value_heads ({}) must divide num_attention_heads ({})",
+                self.kv_heads(),
+                self.num_attention_heads
+            );
+        }
+        if !self.head_size().is_multiple_of(2) {
+            bail!(
+                "{source}: the head size ({}) must be even for rotary embeddings",
+                self.head_size()
+            );
+        }
+        if self.hidden_act != "silu" {
+            bail!(
+                "{source}: hidden_act \"{}\" is not supported (only \"silu\", as in Llama)",
+                self.hidden_act
+            );
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+            bail!("{source}: rms_norm_eps and rope_theta must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg: LlamaConfig = crate::util::read_json(path)?;
+        cfg.validate(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Field-by-field differences, for telling a user why a checkpoint does not fit.
+    pub fn differences(&self, other: &LlamaConfig) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap_or_default();
+        let b = serde_json::to_value(other).unwrap_or_default();
+        let mut out = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, va) in a {
+                let vb = b.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                if *va != vb
+                    && !matches!(k.as_str(), "torch_dtype" | "bos_token_id" | "eos_token_id")
+                {
+                    out.push(format!("{k}: {va} vs {vb}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_must_divide_width() {
+        let mut c = LlamaConfig::small(300, 64);
+        c.num_attention_heads = 5;
+        let err = c.validate("model.json").unwrap_err().to_string();
+        assert!(
+            err.contains("model.json") && err.contains("does not divide"),
+            "{err}"
+        );
+        let mut c = LlamaConfig::small(300, 64);
+        c.num_key_value_heads = Some(4);
+        assert!(c.validate("m").is_err());
+        assert!(LlamaConfig::small(300, 64).validate("m").is_ok());
+    }
+
+    #[test]
+    fn reads_hugging_face_llama_config() {
+        let text = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"vocab_size":49152,
+            "max_position_embeddings":8192,"rms_norm_eps":1e-05,"rope_theta":100000,"tie_word_embeddings":true,
+            "model_type":"llama","hidden_act":"silu","eos_token_id":2,"some_unknown_field":1}"#;
+        let c: LlamaConfig = serde_json::from_str(text).unwrap();
+        c.validate("x").unwrap();
+        assert_eq!(c.head_size(), 64);
+        assert_eq!(c.kv_heads(), 3);
+    }
+}

@@ -1,0 +1,441 @@
+//! A Llama-family decoder-only Transformer: RMSNorm, rotary embeddings, grouped-query attention,
+//! SwiGLU MLP, optional biases, tied or untied embeddings. Tensor names follow Hugging Face
+//! (`model.layers.0.self_attn.q_proj.weight`, ...), so the same code loads real checkpoints.
+//!
+//! Every operation is a differentiable composition of candle primitives: candle's fused CPU
+//! kernels (rms_norm, softmax_last_dim, rope) have no backward pass and would silently cut gradients.
+
+use super::config::LlamaConfig;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+/// Per-layer key/value tensors for a batch of sequences being generated together.
+/// Sequences of different prompt lengths are left-padded: `pad[b]` leading positions of row `b`
+/// are masked out and positions are counted from the first real token.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pad: Vec<usize>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: usize) -> Self {
+        Self::with_padding(num_layers, vec![0; batch])
+    }
+
+    pub fn with_padding(num_layers: usize, pad: Vec<usize>) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            pad,
+            len: 0,
+        }
+    }
+
+    /// Positions cached so far (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.pad.len()
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f64>,
+    device: Device,
+    dtype: DType,
+}
+
+/// A tensor by its Hugging Face name under `vb`, created with [`initial_value`] when fresh.
+fn param<S: Into<candle_core::Shape>>(
+    vb: &VarBuilder,
+    c: &LlamaConfig,
+    shape: S,
+    name: &str,
+) -> Result<Tensor> {
+    let full = format!("{}.{name}", vb.prefix());
+    vb.get_with_hints(shape, name, initial_value(c, &full))
+}
+
+fn linear(
+    vb: &VarBuilder,
+    c: &LlamaConfig,
+    inp: usize,
+    out: usize,
+    bias: bool,
+    name: &str,
+) -> Result<Linear> {
+    let vb = vb.pp(name);
+    let w = param(&vb, c, (out, inp), "weight")?;
+    let b = if bias {
+        Some(param(&vb, c, out, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+/// x / sqrt(mean(x^2) + eps) * w, over the last dimension.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// Rotary embedding in Hugging Face's rotate-half layout. `cos`/`sin` are [B or 1, 1, T, D/2].
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = self
+            .k
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
+        let q = (rope(&q.contiguous()?, cos, sin)? * (1.0 / (d as f64).sqrt()))?;
+        let k = rope(&k.contiguous()?, cos, sin)?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying keys: the `rep` query heads that share a key/value
+        // head are stacked along the time axis and multiplied against that head once.
+        let rep = h / kvh;
+        let qg = q.reshape((b, kvh, rep * t, d))?;
+        let scores = qg.matmul(&k.t()?)?.reshape((b, h, t, s))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs
+            .reshape((b, kvh, rep * t, s))?
+            .matmul(&v)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o.forward(&out)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+impl Llama {
+    /// Builds the model from a VarBuilder: fresh weights ([`initial_value`]) from a VarMap, or stored
+    /// weights from safetensors.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        config
+            .validate("model config")
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let c = config;
+        let (hid, hd) = (c.hidden_size, c.head_size());
+        let m = vb.pp("model");
+        let embed = param(&m.pp("embed_tokens"), c, (c.vocab_size, hid), "weight")?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let attn = Attention {
+                q: linear(
+                    &a,
+                    c,
+                    hid,
+                    c.num_attention_heads * hd,
+                    c.attention_bias,
+                    "q_proj",
+                )?,
+                k: linear(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "k_proj")?,
+                v: linear(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "v_proj")?,
+                o: linear(&a, c, c.num_attention_heads * hd, hid, false, "o_proj")?,
+                heads: c.num_attention_heads,
+                kv_heads: c.kv_heads(),
+                head_dim: hd,
+            };
+            let p = l.pp("mlp");
+            let mlp = Mlp {
+                gate: linear(&p, c, hid, c.intermediate_size, c.mlp_bias, "gate_proj")?,
+                up: linear(&p, c, hid, c.intermediate_size, c.mlp_bias, "up_proj")?,
+                down: linear(&p, c, c.intermediate_size, hid, c.mlp_bias, "down_proj")?,
+            };
+            layers.push(Block {
+                input_norm: param(&l.pp("input_layernorm"), c, hid, "weight")?,
+                attn,
+                post_norm: param(&l.pp("post_attention_layernorm"), c, hid, "weight")?,
+                mlp,
+            });
+        }
+        let norm = param(&m.pp("norm"), c, hid, "weight")?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(param(&vb.pp("lm_head"), c, (c.vocab_size, hid), "weight")?)
+        };
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        Ok(Llama {
+            config: c.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.layers.len(), batch)
+    }
+
+    pub fn new_padded_cache(&self, pad: Vec<usize>) -> KvCache {
+        KvCache::with_padding(self.layers.len(), pad)
+    }
+
+    /// cos/sin tables for the given positions, shaped [rows, 1, T, D/2].
+    fn rope_tables(&self, positions: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
+        let rows = positions.len();
+        let t = positions[0].len();
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(rows * t * half);
+        let mut sin = Vec::with_capacity(rows * t * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    let a = p as f64 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let mk = |v: Vec<f64>| {
+            Tensor::from_vec(v, (rows, 1, t, half), &self.device)?.to_dtype(self.dtype)
+        };
+        Ok((mk(cos)?, mk(sin)?))
+    }
+
+    /// Hidden states after the final norm, [B, T, hidden]. With a cache, `ids` continue the cached
+    /// sequences and their keys/values are appended.
+    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (offset, pad) = match cache.as_deref() {
+            Some(c) => {
+                if c.batch_size() != b {
+                    candle_core::bail!("cache holds {} sequences, input has {b}", c.batch_size());
+                }
+                (c.len, c.pad.clone())
+            }
+            None => (0, vec![0; b]),
+        };
+        let total = offset + t;
+        if total > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {total} tokens exceeds the model's context of {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let padded = pad.iter().any(|&p| p > 0);
+        // Without padding every row has the same positions and mask: build them once and broadcast.
+        let rows: Vec<usize> = if padded { (0..b).collect() } else { vec![0] };
+        let positions: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|&r| (offset..total).map(|p| p.saturating_sub(pad[r])).collect())
+            .collect();
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let mask = if t == 1 && !padded {
+            None
+        } else {
+            let mut m = Vec::with_capacity(rows.len() * t * total);
+            for &r in &rows {
+                for i in 0..t {
+                    let q = offset + i;
+                    for j in 0..total {
+                        // A padding query attends to itself only, so its (unused) output stays finite.
+                        let visible = j <= q && (j >= pad[r] || j == q);
+                        m.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+                    }
+                }
+            }
+            Some(
+                Tensor::from_vec(m, (rows.len(), 1, t, total), &self.device)?
+                    .to_dtype(self.dtype)?,
+            )
+        };
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
+        let eps = self.config.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = rms_norm(&x, &layer.input_norm, eps)?;
+            x = (x + layer.attn.forward(&h, &cos, &sin, mask.as_ref(), slot)?)?;
+            let h = rms_norm(&x, &layer.post_norm, eps)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        if let Some(c) = cache {
+            c.len = total;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Vocabulary logits for hidden states of any leading shape.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        hidden.broadcast_matmul(&w.t()?)
+    }
+
+    /// Logits [B, T, vocab].
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, cache)?)
+    }
+
+    /// Logits of the last position only, [B, vocab]: what generation needs.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Per-token negative log-likelihood of `targets` given `ids`, [B, T].
+    pub fn token_nll(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let logits = self
+            .forward(ids, None)?
+            .reshape((b * t, self.config.vocab_size))?;
+        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+        let picked = logp.gather(&targets.reshape((b * t, 1))?, 1)?;
+        picked.neg()?.reshape((b, t))
+    }
+
+    /// Mean next-token cross-entropy.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.token_nll(ids, targets)?.mean_all()
+    }
+}
+
+/// How a fresh tensor is initialised, by Hugging Face name: GPT-2 style normal(0, 0.02), residual
+/// output projections scaled by 1/sqrt(2·layers), norms at one, biases at zero.
+pub fn initial_value(config: &LlamaConfig, name: &str) -> Init {
+    if name.ends_with("norm.weight") {
+        Init::Const(1.0)
+    } else if name.ends_with(".bias") {
+        Init::Const(0.0)
+    } else if name.contains("o_proj") || name.contains("down_proj") {
+        Init::Randn {
+            mean: 0.0,
+            stdev: 0.02 / (2.0 * config.num_hidden_layers as f64).sqrt(),
+        }
+    } else {
+        Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        }
+    }
+}
+
+/// Re-draws every tensor of a fresh model from a seeded generator (candle's CPU generator cannot be
+/// seeded), so a seed fixes the initial weights.
+pub fn seeded_init(
+    config: &LlamaConfig,
+    varmap: &candle_nn::VarMap,
+    rng: &mut crate::util::Rng,
+) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let n = var.elem_count();
+        let values: Vec<f32> = match initial_value(config, name) {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * rng.normal()) as f32)
+                .collect(),
+            _ => unreachable!("initial_value only uses Const and Randn"),
+        };
+        let t = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Number of elements over all tensors in a VarMap.
+pub fn parameter_count(varmap: &candle_nn::VarMap) -> usize {
+    varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+}

@@ -1,0 +1,64 @@
+//! The model: a Llama-family decoder-only Transformer used for training, inference and real models.
+
+pub mod config;
+pub mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama};
+
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// A model with its tokenizer, loaded from a run or checkpoint directory.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub dir: PathBuf,
+}
+
+/// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint directory.
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    if !dir.is_dir() {
+        bail!(
+            "model {} not found: give a run directory (from `chatforge pretrain`) or one of its checkpoints",
+            dir.display()
+        );
+    }
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !dir.join(f).exists() {
+            bail!(
+                "{} is not a chatforge model directory: {f} is missing",
+                dir.display()
+            );
+        }
+    }
+    let config = LlamaConfig::load(&dir.join("config.json"))?;
+    let tokenizer = Tokenizer::load(dir)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        bail!(
+            "{}: tokenizer.json has {} tokens but config.json says vocab_size {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let weights = dir.join("model.safetensors");
+    // SAFETY: the file is mapped read-only and written only by atomic rename.
+    let vb =
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .with_context(|| format!("cannot read {}", weights.display()))?;
+    let model = Llama::new(&config, vb).with_context(|| {
+        format!(
+            "{} does not match {} (a checkpoint from an incompatible config?)",
+            weights.display(),
+            dir.join("config.json").display()
+        )
+    })?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        dir: dir.to_path_buf(),
+    })
+}

@@ -1,0 +1,5 @@
+//! Training: optimizer and schedule, checkpoints, and one file per stage.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod pretrain;

@@ -1,0 +1,250 @@
+//! The command line as a user meets it: bad input gets a clear error naming the file and what is
+//! wrong, a non-zero exit, and no output left looking valid.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn chatforge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(args)
+        .output()
+        .expect("run chatforge")
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let out = chatforge(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "{args:?}: stderr lacks {n:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn missing_and_empty_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tok");
+    fails_with(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "/no/such/corpus.txt",
+            "--out",
+            s(&out),
+        ],
+        &["/no/such/corpus.txt"],
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    fails_with(
+        &["tokenizer", "train", "--input", s(&empty), "--out", s(&out)],
+        &["empty", "empty.txt"],
+    );
+    assert!(!out.join("tokenizer.json").exists());
+}
+
+#[test]
+fn bad_jsonl_line_and_small_vocab() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\n{oops\n",
+    )
+    .unwrap();
+    let out = dir.path().join("tok");
+    fails_with(
+        &["tokenizer", "train", "--input", s(&bad), "--out", s(&out)],
+        &["bad.jsonl:3", "JSON"],
+    );
+    let good = dir.path().join("good.txt");
+    std::fs::write(&good, "hello world").unwrap();
+    fails_with(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            s(&good),
+            "--vocab-size",
+            "100",
+            "--out",
+            s(&out),
+        ],
+        &["vocab size 100", "at least 272"],
+    );
+}
+
+#[test]
+fn pipeline_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+
+    // Heads that do not divide the width.
+    let mut c = common::tiny_config(320, 64);
+    c.num_attention_heads = 5;
+    let bad_cfg = dir.path().join("bad.json");
+    std::fs::write(&bad_cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    let run = dir.path().join("run_bad");
+    fails_with(
+        &[
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--out",
+            s(&run),
+            "--config",
+            s(&bad_cfg),
+            "--steps",
+            "2",
+        ],
+        &["bad.json", "does not divide"],
+    );
+    assert!(!run.join("model.safetensors").exists());
+
+    // Not a shard directory.
+    fails_with(
+        &[
+            "pretrain",
+            "--data",
+            s(dir.path()),
+            "--out",
+            s(&run),
+            "--steps",
+            "2",
+        ],
+        &["meta.json", "chatforge tokenize"],
+    );
+
+    // A real run, then generation errors.
+    let run = dir.path().join("run");
+    let out = chatforge(&[
+        "pretrain",
+        "--data",
+        s(&shards),
+        "--out",
+        s(&run),
+        "--config",
+        s(&cfg),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let long = "word ".repeat(300);
+    fails_with(
+        &["generate", "--model", s(&run), "--prompt", &long],
+        &["prompt is", "context is 64"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            s(&dir.path().join("nope")),
+            "--prompt",
+            "hi",
+        ],
+        &["nope", "not found"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            s(&run),
+            "--prompt",
+            "hi",
+            "--top-p",
+            "0",
+        ],
+        &["--top-p"],
+    );
+
+    // Weights that do not fit the config next to them.
+    let mut bigger = common::tiny_config(320, 64);
+    bigger.hidden_size = 64;
+    std::fs::write(
+        run.join("config.json"),
+        serde_json::to_string(&bigger).unwrap(),
+    )
+    .unwrap();
+    fails_with(
+        &["generate", "--model", s(&run), "--prompt", "hi"],
+        &["model.safetensors", "incompatible config"],
+    );
+}
+
+#[test]
+fn generate_streams_and_is_deterministic_at_temperature_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let run = dir.path().join("run");
+    let out = chatforge(&[
+        "pretrain",
+        "--data",
+        s(&shards),
+        "--out",
+        s(&run),
+        "--config",
+        s(&cfg),
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["val_loss"].as_f64().unwrap() < report["unigram_val_nats"].as_f64().unwrap());
+    let gen = || {
+        let o = chatforge(&[
+            "generate",
+            "--model",
+            s(&run),
+            "--prompt",
+            "Once upon",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+            "--stats",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stats: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stderr).trim()).unwrap();
+        (String::from_utf8(o.stdout).unwrap(), stats)
+    };
+    let (a, stats) = gen();
+    let (b, _) = gen();
+    assert_eq!(a, b);
+    assert!(a.starts_with("Once upon"));
+    assert!(stats["completion_tokens"].as_u64().unwrap() <= 20);
+}

@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The shared data folder (../shared/data from the repository root), or None with a printed notice
+/// so the skipping test says why.
+pub fn shared_data(rel: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIP: {} is absent (the shared data folder is not beside this checkout)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// A small multilingual corpus written by the test itself.
+pub fn mixed_corpus() -> String {
+    let mut s = String::new();
+    for i in 0..40 {
+        s.push_str(&format!(
+            "Once upon a time, the cat number {i} sat on the mat. It was happy.\n\
+             小猫坐在垫子上。它很开心！第{i}天。\n\
+             fn add(a: i32, b: i32) -> i32 {{ a + b }} // returns {}\n\
+             Emoji time 🎉🐱 and café naïve résumé.\n\n",
+            i * 7
+        ));
+    }
+    s
+}
+
+use chatforge::data::shards::{tokenize_files, TokenizeOptions};
+use chatforge::model::LlamaConfig;
+use chatforge::tokenizer::{Tokenizer, TrainOptions};
+use std::path::Path;
+
+/// A tiny model config for fast tests.
+pub fn tiny_config(vocab: usize, context: usize) -> LlamaConfig {
+    let mut c = LlamaConfig::small(vocab, context);
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(2);
+    c
+}
+
+/// Writes a corpus, trains a tokenizer on it and tokenizes it into `dir/shards`; returns the
+/// shard directory and the path of a tiny model config written next to it.
+pub fn tiny_shards(dir: &Path) -> (PathBuf, PathBuf) {
+    let corpus = mixed_corpus();
+    let input = dir.join("corpus.txt");
+    std::fs::write(&input, &corpus).unwrap();
+    let (tok, _) = Tokenizer::train(
+        &[corpus.as_str()],
+        &TrainOptions {
+            vocab_size: 320,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shards = dir.join("shards");
+    tokenize_files(
+        &tok,
+        &[input],
+        &shards,
+        &TokenizeOptions {
+            val_fraction: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = dir.join("tiny.json");
+    std::fs::write(
+        &cfg,
+        serde_json::to_string(&tiny_config(tok.vocab_size(), 64)).unwrap(),
+    )
+    .unwrap();
+    (shards, cfg)
+}
