@@ -378,3 +378,8 @@ fn main() -> ExitCode {
         }
     }
 }
+
+// Training allocates and frees many large tensors per step; glibc returns them to the OS and pays
+// page faults to get them back. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

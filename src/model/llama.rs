@@ -108,22 +108,7 @@ fn linear(
     Ok(Linear::new(w, b))
 }
 
-/// x / sqrt(mean(x^2) + eps) * w, over the last dimension.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(w)
-}
-
-/// Rotary embedding in Hugging Face's rotate-half layout. `cos`/`sin` are [B or 1, 1, T, D/2].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Tensor::cat(&[r1, r2], D::Minus1)
-}
+use super::kernels::{causal_softmax, rms_norm, rope, swiglu, token_nll};
 
 impl Attention {
     fn forward(
@@ -167,11 +152,11 @@ impl Attention {
         let rep = h / kvh;
         let qg = q.reshape((b, kvh, rep * t, d))?;
         let scores = qg.matmul(&k.t()?)?.reshape((b, h, t, s))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        // Without padding the mask is plain causal and the fused kernel applies it.
+        let probs = match mask {
+            Some(m) => candle_nn::ops::softmax(&scores.broadcast_add(m)?, D::Minus1)?,
+            None => causal_softmax(&scores)?,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs
             .reshape((b, kvh, rep * t, s))?
             .matmul(&v)?
@@ -184,8 +169,8 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        self.down
+            .forward(&swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
     }
 }
 
@@ -316,7 +301,7 @@ impl Llama {
             .map(|&r| (offset..total).map(|p| p.saturating_sub(pad[r])).collect())
             .collect();
         let (cos, sin) = self.rope_tables(&positions)?;
-        let mask = if t == 1 && !padded {
+        let mask = if !padded {
             None
         } else {
             let mut m = Vec::with_capacity(rows.len() * t * total);
@@ -378,9 +363,7 @@ impl Llama {
         let logits = self
             .forward(ids, None)?
             .reshape((b * t, self.config.vocab_size))?;
-        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-        let picked = logp.gather(&targets.reshape((b * t, 1))?, 1)?;
-        picked.neg()?.reshape((b, t))
+        token_nll(&logits, &targets.flatten_all()?)?.reshape((b, t))
     }
 
     /// Mean next-token cross-entropy.

@@ -176,11 +176,14 @@ mod tests {
         words.insert(b"abab".to_vec(), 3);
         words.insert(b"cd".to_vec(), 3);
         words.insert(b"xy".to_vec(), 3);
-        let merges = learn_merges(&words, 3);
-        // (a,b) occurs 6 times: first. Then "cd" and "xy" tie at 3: "xy" is greater.
-        assert_eq!(merges[0], (b"a".to_vec(), b"b".to_vec()));
-        assert_eq!(merges[1], (b"ab".to_vec(), b"ab".to_vec()));
-        assert_eq!(merges[2], (b"x".to_vec(), b"y".to_vec()));
+        let merges = learn_merges(&words, 4);
+        // (a,b) occurs 6 times: first. Then (ab,ab), (c,d) and (x,y) tie at 3 and go in
+        // descending byte order.
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = [("a", "b"), ("x", "y"), ("c", "d"), ("ab", "ab")]
+            .iter()
+            .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(merges, expected);
     }
 
     #[test]

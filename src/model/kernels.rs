@@ -1,0 +1,821 @@
+//! Fused CPU kernels with their backward passes, for the operations that dominate a training step
+//! when composed from candle primitives (each primitive is a separate, often single-threaded,
+//! broadcasting pass over memory): causal softmax, RMSNorm, rotary embedding and cross-entropy.
+//!
+//! Each kernel has a composed twin built from differentiable candle ops; the model uses the twin on
+//! devices other than the CPU, and the tests check that both agree in value and gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
+    WithDType, D,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+trait Real:
+    WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
+{
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: input must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Runs `$f::<T>` for the storage's float type.
+macro_rules! dispatch {
+    ($dtype:expr, $op:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => Err(Error::Msg(format!("{}: unsupported dtype {dt:?}", $op))),
+        }
+    };
+}
+
+/// Whether the fused kernels can run on this tensor.
+pub fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+// ---------------------------------------------------------------- causal softmax
+
+/// Softmax over the last axis of [.., T, S] scores where query row i sees keys 0..=i+(S-T)
+/// (the rows are the last T positions of an S-long sequence); hidden keys get probability 0.
+struct CausalSoftmax;
+struct CausalSoftmaxBackward;
+
+fn causal_softmax_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "causal_softmax")?;
+    let dims = l.dims();
+    let (t, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .enumerate()
+        .for_each(|(r, (yr, xr))| {
+            let visible = (r % t) + (n - t) + 1;
+            let max = xr[..visible]
+                .iter()
+                .fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+            let mut sum = T::zero();
+            for j in 0..visible {
+                let e = (xr[j] - max).exp();
+                yr[j] = e;
+                sum += e;
+            }
+            let inv = T::one() / sum;
+            yr[..visible].iter_mut().for_each(|v| *v *= inv);
+        });
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+/// dx = y * (dy - sum(dy * y)) per row.
+fn softmax_bwd<T: Real>(
+    ys: &CpuStorage,
+    yl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let y = data::<T>(ys, yl, "softmax_backward")?;
+    let g = data::<T>(gs, gl, "softmax_backward")?;
+    let n = yl.dims()[yl.dims().len() - 1];
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(n)
+        .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+        .for_each(|(d, (yr, gr))| {
+            let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&p, &q)| a + p * q);
+            for j in 0..n {
+                d[j] = yr[j] * (gr[j] - dot);
+            }
+        });
+    Ok((T::to_cpu_storage_owned(dx), yl.shape().clone()))
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal_softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s.dtype(), self.name(), causal_softmax_fwd(s, l))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &CausalSoftmaxBackward,
+        )?))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal_softmax_backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), softmax_bwd(s1, l1, s2, l2))
+    }
+}
+
+/// Causal softmax of attention scores [.., T, S].
+pub fn causal_softmax(scores: &Tensor) -> Result<Tensor> {
+    if fused_ok(scores) {
+        scores.contiguous()?.apply_op1(CausalSoftmax)
+    } else {
+        causal_softmax_composed(scores)
+    }
+}
+
+pub fn causal_softmax_composed(scores: &Tensor) -> Result<Tensor> {
+    let (t, s) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= i + (s - t) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, s), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct RmsNorm {
+    eps: f64,
+}
+/// Gradient with respect to x, from (x, w, dy).
+struct RmsNormBackwardX {
+    eps: f64,
+}
+/// Gradient with respect to w, from (x, w, dy).
+struct RmsNormBackwardW {
+    eps: f64,
+}
+
+fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
+    let ms = row.iter().fold(T::zero(), |a, &v| a + v * v) / T::from(row.len()).expect("len");
+    T::one() / (ms + T::from(eps).expect("eps")).sqrt()
+}
+
+fn rms_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(xs, xl, "rms_norm")?;
+    let w = data::<T>(ws, wl, "rms_norm")?;
+    let n = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(yr, xr)| {
+            let r = inv_rms(xr, eps);
+            for j in 0..n {
+                yr[j] = xr[j] * r * w[j];
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+/// dx = r·g − x·r³·mean(g·x) with g = dy·w.
+fn rms_bwd_x<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(xs, xl, "rms_norm_backward")?;
+    let w = data::<T>(ws, wl, "rms_norm_backward")?;
+    let dy = data::<T>(gs, gl, "rms_norm_backward")?;
+    let n = w.len();
+    let nf = T::from(n).expect("len");
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .for_each(|(d, (xr, gr))| {
+            let r = inv_rms(xr, eps);
+            let dot = (0..n).fold(T::zero(), |a, j| a + gr[j] * w[j] * xr[j]) / nf;
+            let r3 = r * r * r;
+            for j in 0..n {
+                d[j] = r * gr[j] * w[j] - xr[j] * r3 * dot;
+            }
+        });
+    Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
+}
+
+/// dw = Σ_rows dy·x·r, summed per chunk of rows in parallel.
+fn rms_bwd_w<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(xs, xl, "rms_norm_backward")?;
+    let dy = data::<T>(gs, gl, "rms_norm_backward")?;
+    let n = wl.shape().elem_count();
+    let _ = ws;
+    let rows_per_chunk = 64;
+    let dw = x
+        .par_chunks(n * rows_per_chunk)
+        .zip(dy.par_chunks(n * rows_per_chunk))
+        .map(|(xc, gc)| {
+            let mut acc = vec![T::zero(); n];
+            for (xr, gr) in xc.chunks(n).zip(gc.chunks(n)) {
+                let r = inv_rms(xr, eps);
+                for j in 0..n {
+                    acc[j] += gr[j] * xr[j] * r;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![T::zero(); n],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+                a
+            },
+        );
+    Ok((T::to_cpu_storage_owned(dw), wl.shape().clone()))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), rms_fwd(s1, l1, s2, l2, self.eps))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackwardX { eps: self.eps })?;
+        let dw = x.apply_op3_no_bwd(w, &dy, &RmsNormBackwardW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormBackwardX {
+    fn name(&self) -> &'static str {
+        "rms_norm_backward_x"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            rms_bwd_x(s1, l1, s2, l2, s3, l3, self.eps)
+        )
+    }
+}
+
+impl CustomOp3 for RmsNormBackwardW {
+    fn name(&self) -> &'static str {
+        "rms_norm_backward_w"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            rms_bwd_w(s1, l1, s2, l2, s3, l3, self.eps)
+        )
+    }
+}
+
+/// x / sqrt(mean(x²) + eps) · w over the last axis.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+    } else {
+        rms_norm_composed(x, w, eps)
+    }
+}
+
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// Rotate-half rotary embedding of x [B, H, T, D] by cos/sin [R, 1, T, D/2] (R is 1 or B).
+/// The backward pass is the inverse rotation.
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    cs: &CpuStorage,
+    cl: &Layout,
+    ss: &CpuStorage,
+    sl: &Layout,
+    inverse: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(xs, xl, "rope")?;
+    let cos = data::<T>(cs, cl, "rope")?;
+    let sin = data::<T>(ss, sl, "rope")?;
+    let dims = xl.dims();
+    if dims.len() != 4 {
+        return Err(Error::Msg("rope: expected x of shape [B, H, T, D]".into()));
+    }
+    let (h, t, d) = (dims[1], dims[2], dims[3]);
+    let half = d / 2;
+    let rows = cl.dims()[0];
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(i, (yr, xr))| {
+            let b = i / (h * t);
+            let pos = i % t;
+            let base = ((if rows == 1 { 0 } else { b }) * t + pos) * half;
+            for k in 0..half {
+                let c = cos[base + k];
+                let s = if inverse {
+                    -sin[base + k]
+                } else {
+                    sin[base + k]
+                };
+                let (x1, x2) = (xr[k], xr[k + half]);
+                yr[k] = x1 * c - x2 * s;
+                yr[k + half] = x2 * c + x1 * s;
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            rope_fwd(s1, l1, s2, l2, s3, l3, self.inverse)
+        )
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding in Hugging Face's rotate-half layout.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rope { inverse: false },
+        )
+    } else {
+        rope_composed(x, cos, sin)
+    }
+}
+
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+/// Per-row negative log-likelihood of u32 targets under logits [N, V].
+struct CrossEntropy;
+/// (logits, targets, dloss) -> dlogits = dloss · (softmax(logits) − onehot(target)).
+struct CrossEntropyBackward;
+
+fn ce_fwd<T: Real>(
+    ls: &CpuStorage,
+    ll: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let logits = data::<T>(ls, ll, "cross_entropy")?;
+    let targets = data::<u32>(ts, tl, "cross_entropy")?;
+    let v = ll.dims()[1];
+    let out: Result<Vec<T>> = logits
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let t = t as usize;
+            if t >= v {
+                return Err(Error::Msg(format!(
+                    "cross_entropy: target {t} outside vocabulary {v}"
+                )));
+            }
+            let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+            let sum = row.iter().fold(T::zero(), |a, &x| a + (x - max).exp());
+            Ok(sum.ln() + max - row[t])
+        })
+        .collect();
+    Ok((T::to_cpu_storage_owned(out?), Shape::from(ll.dims()[0])))
+}
+
+fn ce_bwd<T: Real>(
+    ls: &CpuStorage,
+    ll: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let logits = data::<T>(ls, ll, "cross_entropy_backward")?;
+    let targets = data::<u32>(ts, tl, "cross_entropy_backward")?;
+    let g = data::<T>(gs, gl, "cross_entropy_backward")?;
+    let v = ll.dims()[1];
+    let mut d = vec![T::zero(); logits.len()];
+    d.par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .enumerate()
+        .for_each(|(i, (dr, row))| {
+            let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+            let sum = row.iter().fold(T::zero(), |a, &x| a + (x - max).exp());
+            let scale = g[i] / sum;
+            for j in 0..v {
+                dr[j] = (row[j] - max).exp() * scale;
+            }
+            let t = targets[i] as usize;
+            dr[t] -= g[i];
+        });
+    Ok((T::to_cpu_storage_owned(d), ll.shape().clone()))
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), ce_fwd(s1, l1, s2, l2))
+    }
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = logits.apply_op3_no_bwd(targets, &dy.contiguous()?, &CrossEntropyBackward)?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross_entropy_backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), ce_bwd(s1, l1, s2, l2, s3, l3))
+    }
+}
+
+/// Negative log-likelihood of each target under logits [N, V] -> [N].
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_ok(logits) {
+        logits
+            .contiguous()?
+            .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
+    } else {
+        token_nll_composed(logits, targets)
+    }
+}
+
+pub fn token_nll_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    logp.gather(&targets.reshape((n, 1))?, 1)?.neg()?.reshape(n)
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// silu(gate) · up, the Llama MLP's gated activation.
+struct SwiGlu;
+/// (gate, up, dy) -> d gate or d up.
+struct SwiGluBackward {
+    wrt_gate: bool,
+}
+
+fn sigmoid<T: Real>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+fn swiglu_fwd<T: Real>(
+    gs: &CpuStorage,
+    gl: &Layout,
+    us: &CpuStorage,
+    ul: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = data::<T>(gs, gl, "swiglu")?;
+    let u = data::<T>(us, ul, "swiglu")?;
+    let mut y = vec![T::zero(); g.len()];
+    y.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|(yc, (gc, uc))| {
+            for i in 0..yc.len() {
+                yc[i] = gc[i] * sigmoid(gc[i]) * uc[i];
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
+}
+
+fn swiglu_bwd<T: Real>(
+    gs: &CpuStorage,
+    gl: &Layout,
+    us: &CpuStorage,
+    ul: &Layout,
+    ds: &CpuStorage,
+    dl: &Layout,
+    wrt_gate: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let g = data::<T>(gs, gl, "swiglu_backward")?;
+    let u = data::<T>(us, ul, "swiglu_backward")?;
+    let dy = data::<T>(ds, dl, "swiglu_backward")?;
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(4096).enumerate().for_each(|(c, oc)| {
+        let base = c * 4096;
+        for (i, o) in oc.iter_mut().enumerate() {
+            let (x, up, d) = (g[base + i], u[base + i], dy[base + i]);
+            let s = sigmoid(x);
+            *o = if wrt_gate {
+                // d/dx [x·s(x)] = s(x)·(1 + x·(1 − s(x)))
+                d * up * s * (T::one() + x * (T::one() - s))
+            } else {
+                d * x * s
+            };
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), swiglu_fwd(s1, l1, s2, l2))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dg = gate.apply_op3_no_bwd(up, &dy, &SwiGluBackward { wrt_gate: true })?;
+        let du = gate.apply_op3_no_bwd(up, &dy, &SwiGluBackward { wrt_gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu_backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            swiglu_bwd(s1, l1, s2, l2, s3, l3, self.wrt_gate)
+        )
+    }
+}
+
+/// silu(gate) · up.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        swiglu_composed(gate, up)
+    }
+}
+
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(gate)? * up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Var {
+        let mut rng = crate::util::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Checks that fused and composed versions agree in value and in the gradient of a weighted sum.
+    fn agree(inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl Fn() -> Tensor) {
+        let (yf, yc) = (fused(), composed());
+        assert!(
+            max_diff(&yf, &yc) < 1e-9,
+            "values differ by {}",
+            max_diff(&yf, &yc)
+        );
+        let weights = randn(yf.dims(), 99);
+        let gf = (yf * weights.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (yc * weights.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, b) < 1e-9,
+                "gradient {i} differs by {}",
+                max_diff(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_composed_with_and_without_offset() {
+        for (t, s) in [(5, 5), (3, 7), (1, 4)] {
+            let x = randn(&[2, 3, t, s], 1);
+            agree(
+                &[&x],
+                || causal_softmax(x.as_tensor()).unwrap(),
+                || causal_softmax_composed(x.as_tensor()).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() {
+        let x = randn(&[3, 4, 8], 2);
+        let w = randn(&[8], 3);
+        agree(
+            &[&x, &w],
+            || rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+            || rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+        );
+    }
+
+    #[test]
+    fn rope_matches_composed_for_shared_and_per_row_tables() {
+        let x = randn(&[2, 3, 5, 8], 4);
+        for rows in [1, 2] {
+            let c = randn(&[rows, 1, 5, 4], 5).as_tensor().detach();
+            let s = randn(&[rows, 1, 5, 4], 6).as_tensor().detach();
+            agree(
+                &[&x],
+                || rope(x.as_tensor(), &c, &s).unwrap(),
+                || rope_composed(x.as_tensor(), &c, &s).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn cross_entropy_matches_composed_and_rejects_bad_targets() {
+        let logits = randn(&[6, 11], 7);
+        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &Device::Cpu).unwrap();
+        agree(
+            &[&logits],
+            || token_nll(logits.as_tensor(), &targets).unwrap(),
+            || token_nll_composed(logits.as_tensor(), &targets).unwrap(),
+        );
+        let bad = Tensor::new(&[0u32, 3, 11, 5, 5, 1], &Device::Cpu).unwrap();
+        assert!(token_nll(logits.as_tensor(), &bad).is_err());
+    }
+
+    #[test]
+    fn swiglu_matches_composed() {
+        let g = randn(&[4, 9], 8);
+        let u = randn(&[4, 9], 9);
+        agree(
+            &[&g, &u],
+            || swiglu(g.as_tensor(), u.as_tensor()).unwrap(),
+            || swiglu_composed(g.as_tensor(), u.as_tensor()).unwrap(),
+        );
+    }
+}
