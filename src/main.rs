@@ -209,8 +209,8 @@ struct SpeedrunArgs {
     vocab_size: usize,
     #[command(flatten)]
     train: TrainArgs,
-    /// Prompt for the closing sample.
-    #[arg(long, default_value = "\n")]
+    /// Prompt for the closing sample (empty: the model starts a document of its own).
+    #[arg(long, default_value = "")]
     prompt: String,
 }
 

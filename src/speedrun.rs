@@ -81,13 +81,20 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PretrainReport> {
     eprintln!("[4/4] sampling from {}", run_dir.display());
     let lm = model::load(&run_dir, &candle_core::Device::Cpu)?;
     let mut stdout = std::io::stdout();
-    print!("{}", opts.prompt);
-    generate(&lm, &opts.prompt, &GenerateOptions::default(), |piece| {
-        print!("{piece}");
-        stdout.flush()?;
-        Ok(())
-    })?;
-    println!();
+    for seed in 1..=3 {
+        println!("--- sample {seed} (temperature 0.8, top-k 50, seed {seed})");
+        print!("{}", opts.prompt);
+        let mut sampling = GenerateOptions::default();
+        sampling.sampling.top_k = 50;
+        sampling.sampling.seed = seed;
+        sampling.max_tokens = 120;
+        generate(&lm, &opts.prompt, &sampling, |piece| {
+            print!("{piece}");
+            stdout.flush()?;
+            Ok(())
+        })?;
+        println!();
+    }
     eprintln!(
         "\nnext: chatforge generate --model {} --prompt \"...\"",
         run_dir.display()

@@ -89,6 +89,27 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     assert_eq!(s.text, ", the ");
     assert_eq!(s.finish_reason, FinishReason::Stop);
 
+    // Each paragraph of the corpus ends with this line: the model ends the document (EOS) there.
+    let end = generate(
+        &lm,
+        "Emoji time 🎉🐱 and café naïve résumé.",
+        &greedy,
+        |_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(end.finish_reason, FinishReason::Stop, "{:?}", end.text);
+    assert!(end.tokens.len() < 5, "{:?}", end.text);
+    // max_tokens ends a generation that has not stopped.
+    let short = GenerateOptions {
+        max_tokens: 3,
+        ..greedy.clone()
+    };
+    let s3 = generate(&lm, "Once upon a time", &short, |_| Ok(())).unwrap();
+    assert_eq!(
+        (s3.tokens.len(), s3.finish_reason),
+        (3, FinishReason::Length)
+    );
+
     // Sampling with a seed is reproducible; different seeds differ somewhere.
     let sampled = |seed| {
         let o = GenerateOptions {
