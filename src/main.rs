@@ -7,6 +7,7 @@ use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_TOKENS};
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::trainer::LoopOptions;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -103,27 +104,23 @@ struct TokenizeArgs {
     shard_tokens: u64,
 }
 
+/// Optimisation settings shared by the training stages.
 #[derive(Args, Clone)]
 struct TrainArgs {
-    /// Model config.json (Hugging Face Llama fields); default: a small model sized for CPUs.
+    /// Optimizer steps.
     #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
+    steps: Option<usize>,
+    /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    #[arg(long)]
+    lr: Option<f64>,
     /// Final learning rate as a fraction of the peak.
     #[arg(long, default_value_t = 0.1)]
     min_lr_ratio: f64,
-    #[arg(long, default_value_t = 50)]
-    warmup_steps: usize,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
     #[arg(long, default_value_t = 0.1)]
     weight_decay: f64,
     /// Global gradient-norm clip (0 = off).
@@ -133,14 +130,47 @@ struct TrainArgs {
     seed: u64,
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
-    /// Validation tokens per evaluation.
-    #[arg(long, default_value_t = 32768)]
-    eval_tokens: usize,
     #[arg(long, default_value_t = 200)]
     checkpoint_every: usize,
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
+}
+
+impl TrainArgs {
+    /// Loop options with this stage's defaults for the unset values.
+    fn loop_options(&self, steps: usize, lr: f64, warmup: usize) -> LoopOptions {
+        LoopOptions {
+            steps: self.steps.unwrap_or(steps),
+            grad_accum: self.grad_accum,
+            lr: self.lr.unwrap_or(lr),
+            min_lr_ratio: self.min_lr_ratio,
+            warmup_steps: self.warmup_steps.unwrap_or(warmup),
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            seed: self.seed,
+            eval_every: self.eval_every.max(1),
+            log_every: 10,
+            checkpoint_every: self.checkpoint_every.max(1),
+            keep_checkpoints: self.keep_checkpoints,
+            ..Default::default()
+        }
+    }
+}
+
+/// Model and batch shape for pretraining.
+#[derive(Args, Clone)]
+struct ShapeArgs {
+    /// Model config.json (Hugging Face Llama fields); default: a ~2M-parameter model sized for CPUs.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Validation tokens per evaluation.
+    #[arg(long, default_value_t = 32768)]
+    eval_tokens: usize,
 }
 
 #[derive(Args)]
@@ -151,6 +181,8 @@ struct PretrainArgs {
     /// Run directory to write.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    shape: ShapeArgs,
     #[command(flatten)]
     train: TrainArgs,
     /// Continue from the run's last checkpoint.
@@ -208,33 +240,23 @@ struct SpeedrunArgs {
     #[arg(long, default_value_t = 2048)]
     vocab_size: usize,
     #[command(flatten)]
+    shape: ShapeArgs,
+    #[command(flatten)]
     train: TrainArgs,
     /// Prompt for the closing sample (empty: the model starts a document of its own).
     #[arg(long, default_value = "")]
     prompt: String,
 }
 
-fn pretrain_options(t: &TrainArgs, data: PathBuf, out: PathBuf) -> PretrainOptions {
+fn pretrain_options(shape: &ShapeArgs, t: &TrainArgs, data: PathBuf, out: PathBuf) -> PretrainOptions {
     PretrainOptions {
         data,
         out,
-        config: t.config.clone(),
-        steps: t.steps,
-        batch_size: t.batch_size,
-        seq_len: t.seq_len,
-        grad_accum: t.grad_accum,
-        lr: t.lr,
-        min_lr_ratio: t.min_lr_ratio,
-        warmup_steps: t.warmup_steps,
-        weight_decay: t.weight_decay,
-        grad_clip: t.grad_clip,
-        seed: t.seed,
-        eval_every: t.eval_every.max(1),
-        eval_tokens: t.eval_tokens,
-        log_every: 10,
-        checkpoint_every: t.checkpoint_every.max(1),
-        keep_checkpoints: t.keep_checkpoints,
-        ..Default::default()
+        config: shape.config.clone(),
+        batch_size: shape.batch_size,
+        seq_len: shape.seq_len,
+        eval_tokens: shape.eval_tokens,
+        train: t.loop_options(1000, 3e-3, 50),
     }
 }
 
@@ -314,9 +336,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&meta)?);
         }
         Command::Pretrain(a) => {
-            let mut opts = pretrain_options(&a.train, a.data, a.out);
-            opts.resume = a.resume;
-            opts.halt_after = a.halt_after;
+            let mut opts = pretrain_options(&a.shape, &a.train, a.data, a.out);
+            opts.train.resume = a.resume;
+            opts.train.halt_after = a.halt_after;
             let mut report = serde_json::to_value(pretrain(&opts)?)?;
             report.as_object_mut().map(|o| o.remove("losses"));
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -359,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
                 out: a.out.clone(),
                 vocab_size: a.vocab_size,
                 format: a.format,
-                pretrain: pretrain_options(&a.train, PathBuf::new(), PathBuf::new()),
+                pretrain: pretrain_options(&a.shape, &a.train, PathBuf::new(), PathBuf::new()),
                 prompt: a.prompt,
             };
             chatforge::speedrun::speedrun(&opts)?;

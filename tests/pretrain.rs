@@ -5,6 +5,7 @@ mod common;
 use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::trainer::LoopOptions;
 use std::path::Path;
 
 fn options(shards: &Path, cfg: &Path, out: &Path, steps: usize) -> PretrainOptions {
@@ -12,17 +13,19 @@ fn options(shards: &Path, cfg: &Path, out: &Path, steps: usize) -> PretrainOptio
         data: shards.to_path_buf(),
         out: out.to_path_buf(),
         config: Some(cfg.to_path_buf()),
-        steps,
         batch_size: 8,
         seq_len: 32,
-        lr: 1e-2,
-        warmup_steps: 5,
-        eval_every: 1000,
         eval_tokens: 2048,
-        checkpoint_every: 4,
-        keep_checkpoints: 2,
-        quiet: true,
-        ..Default::default()
+        train: LoopOptions {
+            steps,
+            lr: 1e-2,
+            warmup_steps: 5,
+            eval_every: 1000,
+            checkpoint_every: 4,
+            keep_checkpoints: 2,
+            quiet: true,
+            ..Default::default()
+        },
     }
 }
 
@@ -141,7 +144,7 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
 
     let run = dir.path().join("killed");
     let mut first = options(&shards, &cfg, &run, 14);
-    first.halt_after = Some(6);
+    first.train.halt_after = Some(6);
     let part = pretrain(&first).unwrap();
     assert_eq!(part.steps, 6);
     assert!(
@@ -156,7 +159,7 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
     assert!(err.contains("--resume"), "{err}");
 
     let mut again = options(&shards, &cfg, &run, 14);
-    again.resume = true;
+    again.train.resume = true;
     let resumed = pretrain(&again).unwrap();
     assert_eq!(resumed.steps, 14);
     assert_eq!(resumed.losses.first().unwrap().0, 7);
@@ -187,14 +190,14 @@ fn resuming_with_a_different_config_is_refused() {
     let (shards, cfg) = common::tiny_shards(dir.path());
     let run = dir.path().join("run");
     let mut o = options(&shards, &cfg, &run, 8);
-    o.halt_after = Some(4);
+    o.train.halt_after = Some(4);
     pretrain(&o).unwrap();
     let mut other = common::tiny_config(320, 64);
     other.hidden_size = 48;
     let other_path = dir.path().join("other.json");
     std::fs::write(&other_path, serde_json::to_string(&other).unwrap()).unwrap();
     let mut r = options(&shards, &other_path, &run, 8);
-    r.resume = true;
+    r.train.resume = true;
     let err = format!("{:#}", pretrain(&r).unwrap_err());
     assert!(
         err.contains("different model config") && err.contains("hidden_size"),

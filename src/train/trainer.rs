@@ -1,0 +1,355 @@
+//! The training loop every stage shares: initialisation or resume, AdamW with warmup + cosine,
+//! gradient accumulation and clipping, periodic evaluation, metrics.jsonl, a progress bar, atomic
+//! checkpoints, and the finished run directory. A stage supplies batches and evaluation.
+
+use super::checkpoint::{self, Checkpoint, TrainState};
+use super::optim::{lr_at, AdamW, AdamWConfig, GradAccumulator};
+use crate::model::llama::{parameter_count, seeded_init};
+use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::Tokenizer;
+use crate::util::{self, Rng};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Optimisation and bookkeeping settings shared by all stages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoopOptions {
+    pub steps: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+    pub log_every: usize,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    #[serde(skip)]
+    pub resume: bool,
+    /// Stop (as if killed) right after this step's checkpoint: for testing resume.
+    #[serde(skip)]
+    pub halt_after: Option<usize>,
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions {
+            steps: 1000,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            seed: 1337,
+            eval_every: 100,
+            log_every: 10,
+            checkpoint_every: 200,
+            keep_checkpoints: 3,
+            resume: false,
+            halt_after: None,
+            quiet: false,
+        }
+    }
+}
+
+/// What a stage contributes to the loop.
+pub trait Stage {
+    /// Mean loss of one micro-batch drawn with `rng`, and how many tokens it processed.
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)>;
+    /// Held-out metrics; the first is the headline (lower is better).
+    fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>>;
+}
+
+/// Where the weights of a new run come from.
+pub enum Start {
+    /// Fresh weights from the seeded initialiser.
+    Fresh,
+    /// The weights of an earlier run (its model.safetensors).
+    From(PathBuf),
+}
+
+/// The run being trained.
+pub struct RunSpec<'a> {
+    pub stage: &'static str,
+    pub out: &'a Path,
+    pub config: &'a LlamaConfig,
+    pub tokenizer: &'a Tokenizer,
+    pub start: Start,
+    /// Stage-specific settings, recorded in checkpoints and chatforge.json.
+    pub hyper: serde_json::Value,
+    /// Parent runs and data, recorded in chatforge.json.
+    pub parents: Vec<String>,
+    pub data: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoopReport {
+    pub stage: String,
+    pub steps: usize,
+    pub finished: bool,
+    pub parameters: usize,
+    pub final_train_loss: f64,
+    /// Latest evaluation metrics.
+    pub eval: Vec<(String, f64)>,
+    /// First evaluation of this invocation, taken before any training step when starting fresh.
+    pub eval_before: Vec<(String, f64)>,
+    pub tokens_seen: u64,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub losses: Vec<(usize, f64)>,
+}
+
+impl LoopReport {
+    pub fn metric(&self, name: &str) -> f64 {
+        self.eval
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+fn append_metrics(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{value}")?;
+    Ok(())
+}
+
+fn say(pb: &ProgressBar, quiet: bool, msg: String) {
+    if quiet {
+        return;
+    }
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+fn metrics_json(step: usize, metrics: &[(String, f64)]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("step".into(), step.into());
+    for (k, v) in metrics {
+        m.insert(k.clone(), serde_json::json!(v));
+    }
+    serde_json::Value::Object(m)
+}
+
+fn describe(metrics: &[(String, f64)]) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Trains (or resumes) a run with `stage` and writes the run directory when all steps are done.
+pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result<LoopReport> {
+    if opts.steps == 0 || opts.grad_accum == 0 {
+        bail!("--steps and --grad-accum must be positive");
+    }
+    let device = Device::Cpu;
+    let run = spec.out;
+    let existing = checkpoint::list_checkpoints(run)?;
+    if !opts.resume && (!existing.is_empty() || run.join("model.safetensors").exists()) {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            run.display()
+        );
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
+
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let mut rng = Rng::new(opts.seed);
+    let model = Llama::new(spec.config, vb)?;
+    match &spec.start {
+        Start::Fresh => seeded_init(spec.config, &varmap, &mut rng)?,
+        Start::From(weights) => varmap.load(weights).with_context(|| {
+            format!(
+                "cannot load {} into the model of its config.json (an incompatible checkpoint?)",
+                weights.display()
+            )
+        })?,
+    }
+    let mut optimizer = AdamW::new(
+        &varmap,
+        AdamWConfig {
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let metrics_path = run.join("metrics.jsonl");
+    let (mut step, mut tokens_seen, mut elapsed_before) = (0usize, 0u64, 0.0f64);
+    let resumed = match existing.last() {
+        Some((_, dir)) if opts.resume => {
+            let ck = Checkpoint::load(dir)?;
+            ck.restore_weights(&mut varmap, spec.config)?;
+            optimizer.load_state(&ck.optimizer, ck.state.step)?;
+            step = ck.state.step;
+            tokens_seen = ck.state.tokens_seen;
+            elapsed_before = ck.state.elapsed_s;
+            rng = ck.state.rng.clone();
+            checkpoint::truncate_metrics(&metrics_path, step)?;
+            if !opts.quiet {
+                eprintln!("resuming {} from step {step}", run.display());
+            }
+            true
+        }
+        _ => {
+            let _ = std::fs::remove_file(&metrics_path);
+            false
+        }
+    };
+    let params = parameter_count(&varmap);
+    let pb = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(opts.steps as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{} {{bar:25}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}",
+            spec.stage
+        ))
+        .expect("valid template"),
+    );
+    pb.set_position(step as u64);
+    let eval_before = if resumed {
+        Vec::new()
+    } else {
+        let m = stage.evaluate(&model)?;
+        append_metrics(&metrics_path, &metrics_json(0, &m))?;
+        say(&pb, opts.quiet, format!("step {:>6}: {}", 0, describe(&m)));
+        m
+    };
+    let start = Instant::now();
+    let tokens_at_start = tokens_seen;
+    let mut losses = Vec::new();
+    let mut last_loss = f64::NAN;
+    let mut last_eval = eval_before.clone();
+    while step < opts.steps {
+        let lr = lr_at(step, opts.steps, opts.warmup_steps, opts.lr, opts.min_lr_ratio);
+        let mut acc = GradAccumulator::new(optimizer.params.len());
+        let mut loss_sum = 0.0;
+        let mut step_tokens = 0u64;
+        for _ in 0..opts.grad_accum {
+            let (loss, tokens) = stage.batch_loss(&model, &mut rng)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            step_tokens += tokens as u64;
+            let scaled = (loss / opts.grad_accum as f64)?;
+            acc.add(&optimizer.params, &scaled.backward()?)?;
+        }
+        let (grads, grad_norm) = acc.finish(&optimizer.params, opts.grad_clip)?;
+        optimizer.apply(&grads, lr)?;
+        step += 1;
+        tokens_seen += step_tokens;
+        last_loss = loss_sum / opts.grad_accum as f64;
+        if !last_loss.is_finite() {
+            bail!("training diverged at step {step} (loss {last_loss}); lower --lr");
+        }
+        losses.push((step, last_loss));
+        let secs = start.elapsed().as_secs_f64();
+        let tps = (tokens_seen - tokens_at_start) as f64 / secs.max(1e-9);
+        pb.set_position(step as u64);
+        pb.set_message(format!(
+            "loss {last_loss:.4} | {} tok/s | lr {lr:.2e}",
+            util::human_count(tps)
+        ));
+        if step % opts.log_every.max(1) == 0 || step == opts.steps {
+            append_metrics(
+                &metrics_path,
+                &serde_json::json!({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": tokens_seen, "tokens_per_s": tps, "elapsed_s": elapsed_before + secs}),
+            )?;
+        }
+        if step % opts.eval_every.max(1) == 0 || step == opts.steps {
+            last_eval = stage.evaluate(&model)?;
+            append_metrics(&metrics_path, &metrics_json(step, &last_eval))?;
+            say(
+                &pb,
+                opts.quiet,
+                format!("step {step:>6}: train loss {last_loss:.4}, {}", describe(&last_eval)),
+            );
+        }
+        let halt = opts.halt_after == Some(step);
+        if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps || halt {
+            let state = TrainState {
+                stage: spec.stage.into(),
+                step,
+                total_steps: opts.steps,
+                tokens_seen,
+                elapsed_s: elapsed_before + start.elapsed().as_secs_f64(),
+                rng: rng.clone(),
+                config: spec.config.clone(),
+                hyper: spec.hyper.clone(),
+            };
+            checkpoint::save(
+                run,
+                &varmap,
+                &optimizer.state(),
+                spec.tokenizer,
+                &state,
+                opts.keep_checkpoints,
+            )?;
+        }
+        if halt {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let report = LoopReport {
+        stage: spec.stage.into(),
+        steps: step,
+        finished: step == opts.steps,
+        parameters: params,
+        final_train_loss: last_loss,
+        eval: last_eval,
+        eval_before,
+        tokens_seen,
+        tokens_per_second: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
+        seconds: elapsed_before + seconds,
+        losses,
+    };
+    if report.finished {
+        write_run(&spec, opts, &varmap, &report)?;
+    }
+    Ok(report)
+}
+
+/// The finished run directory: the model files at the top level plus provenance and the report.
+fn write_run(spec: &RunSpec, opts: &LoopOptions, varmap: &VarMap, report: &LoopReport) -> Result<()> {
+    let run = spec.out;
+    util::write_json_atomic(&run.join("config.json"), spec.config)?;
+    spec.tokenizer.save(run)?;
+    util::write_atomic_with(&run.join("model.safetensors"), |tmp| Ok(varmap.save(tmp)?))?;
+    util::write_json_atomic(
+        &run.join("chatforge.json"),
+        &serde_json::json!({
+            "stage": spec.stage,
+            "parents": spec.parents,
+            "data": spec.data,
+            "hyperparameters": {"loop": opts, "stage": spec.hyper},
+            "git_commit": checkpoint::git_commit(),
+            "chatforge_version": env!("CARGO_PKG_VERSION"),
+        }),
+    )?;
+    util::write_json_atomic(&run.join("report.json"), report)
+}
