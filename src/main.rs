@@ -1,14 +1,19 @@
 //! The `chatforge` command line: parses arguments and calls the library.
 
 use anyhow::Result;
+use chatforge::data::chat::ChatFormat;
 use chatforge::data::shards::{self, TokenizeOptions};
 use chatforge::data::text::{self, DocFormat};
+use chatforge::infer::chat::{run_terminal, ChatSession};
 use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
+use chatforge::tokenizer::chat::ChatTemplate;
 use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_TOKENS};
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::sft::{sft, OnError, SftOptions};
 use chatforge::train::trainer::LoopOptions;
 use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +40,10 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Generate text from a trained model, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
+    Sft(SftArgs),
+    /// Talk to a model in the terminal (or pipe one message per line).
+    Chat(ChatArgs),
     /// Tokenizer, shards, pretraining and a sample in one command.
     Speedrun(SpeedrunArgs),
 }
@@ -214,6 +223,22 @@ struct SamplingArgs {
     stop: Vec<String>,
 }
 
+impl SamplingArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            add_bos: true,
+        }
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     /// A run directory or one of its checkpoints.
@@ -226,6 +251,65 @@ struct GenerateArgs {
     /// Print timing and the finish reason as JSON on stderr at the end.
     #[arg(long)]
     stats: bool,
+}
+
+#[derive(Args)]
+struct SftArgs {
+    /// The pretrained run to start from.
+    #[arg(long)]
+    base: PathBuf,
+    /// Conversation files: OpenAI messages, Alpaca or ShareGPT, as JSONL or a JSON array.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Run directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    format: ChatFormat,
+    /// Chat template: chatforge, chatml or llama3 (default: from the tokenizer's special tokens).
+    #[arg(long)]
+    template: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Longest conversation in tokens (default: the model's context).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Fraction of conversations held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Held-out conversation files instead of a fraction of --data.
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    /// What to do with unusable records (no assistant turn, unknown role, over the length).
+    #[arg(long, value_enum, default_value = "skip")]
+    on_error: OnError,
+    /// Pretraining shards to mix into each batch (limits forgetting).
+    #[arg(long)]
+    mix_pretrain: Option<PathBuf>,
+    /// Fraction of each batch taken from --mix-pretrain.
+    #[arg(long, default_value_t = 0.1)]
+    mix_fraction: f64,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// A run directory (SFT or later) or one of its checkpoints.
+    #[arg(long)]
+    model: PathBuf,
+    /// Chat template: chatforge, chatml or llama3 (default: from the tokenizer).
+    #[arg(long)]
+    template: Option<String>,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -248,7 +332,12 @@ struct SpeedrunArgs {
     prompt: String,
 }
 
-fn pretrain_options(shape: &ShapeArgs, t: &TrainArgs, data: PathBuf, out: PathBuf) -> PretrainOptions {
+fn pretrain_options(
+    shape: &ShapeArgs,
+    t: &TrainArgs,
+    data: PathBuf,
+    out: PathBuf,
+) -> PretrainOptions {
     PretrainOptions {
         data,
         out,
@@ -345,17 +434,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => {
             let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;
-            let opts = GenerateOptions {
-                max_tokens: a.sampling.max_tokens,
-                sampling: SamplingParams {
-                    temperature: a.sampling.temperature,
-                    top_k: a.sampling.top_k,
-                    top_p: a.sampling.top_p,
-                    seed: a.sampling.seed,
-                },
-                stop: a.sampling.stop,
-                add_bos: true,
-            };
+            let opts = a.sampling.options();
             let mut out = std::io::stdout();
             print!("{}", a.prompt);
             let g = generate(&lm, &a.prompt, &opts, |piece| {
@@ -374,6 +453,45 @@ fn run(cli: Cli) -> Result<()> {
             } else if g.finish_reason == FinishReason::Length && g.tokens.len() < opts.max_tokens {
                 eprintln!("(stopped at the model's context length)");
             }
+        }
+        Command::Sft(a) => {
+            let defaults = SftOptions::default();
+            let mut train = a.train.loop_options(
+                defaults.train.steps,
+                defaults.train.lr,
+                defaults.train.warmup_steps,
+            );
+            train.resume = a.resume;
+            train.halt_after = a.halt_after;
+            let opts = SftOptions {
+                base: a.base,
+                data: a.data,
+                out: a.out,
+                format: a.format,
+                template: a.template,
+                batch_size: a.batch_size,
+                max_len: a.max_len,
+                val_fraction: a.val_fraction,
+                val_data: a.val_data,
+                on_error: a.on_error,
+                mix_pretrain: a.mix_pretrain,
+                mix_fraction: a.mix_fraction,
+                train,
+            };
+            println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
+        }
+        Command::Chat(a) => {
+            let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;
+            let template = a
+                .template
+                .as_deref()
+                .map(ChatTemplate::by_name)
+                .transpose()?;
+            let mut session = ChatSession::new(&lm, template, a.sampling.options())?;
+            session.system = a.system;
+            let stdin = std::io::stdin();
+            let interactive = stdin.is_terminal();
+            run_terminal(&mut session, &mut stdin.lock(), interactive)?;
         }
         Command::Speedrun(a) => {
             let opts = chatforge::speedrun::SpeedrunOptions {

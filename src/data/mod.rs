@@ -1,4 +1,5 @@
 //! Data: reading documents from text and JSONL files, and binary token shards.
 
+pub mod chat;
 pub mod shards;
 pub mod text;

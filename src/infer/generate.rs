@@ -32,6 +32,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context window.
     Length,
+    /// The caller cancelled (Ctrl-C in the chat).
+    Cancelled,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,7 +46,7 @@ pub struct Generation {
 }
 
 /// Ids that end generation: the config's EOS ids and `<|bos|>` (a new document).
-fn stop_ids(lm: &LoadedModel) -> Vec<u32> {
+pub fn stop_ids(lm: &LoadedModel) -> Vec<u32> {
     let mut ids = Vec::new();
     match &lm.model.config.eos_token_id {
         Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
@@ -66,21 +68,35 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Generates a continuation of `prompt`, calling `on_text` with each new piece of text as soon as it
-/// is certain (complete UTF-8, and not possibly the start of a stop string).
+/// Generates a continuation of `prompt` (text; `<|bos|>` prepended when `add_bos`), calling
+/// `on_text` with each new piece of text as soon as it is certain.
 pub fn generate(
     lm: &LoadedModel,
     prompt: &str,
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(&str) -> Result<()>,
+    on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    opts.sampling.validate()?;
-    let start = std::time::Instant::now();
     let mut ids = Vec::new();
     if opts.add_bos {
         ids.extend(lm.tokenizer.bos_id());
     }
     ids.extend(lm.tokenizer.encode(prompt)?);
+    generate_from_ids(lm, &ids, opts, &stop_ids(lm), None, on_text)
+}
+
+/// Generates after `ids`, stopping at any of `stops`, a stop string, `max_tokens`, the context, or
+/// when `cancel` becomes true. Text is streamed only once it is complete UTF-8 and cannot be the
+/// start of a stop string.
+pub fn generate_from_ids(
+    lm: &LoadedModel,
+    ids: &[u32],
+    opts: &GenerateOptions,
+    stops: &[u32],
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+    mut on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<Generation> {
+    opts.sampling.validate()?;
+    let start = std::time::Instant::now();
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
@@ -92,17 +108,20 @@ pub fn generate(
         );
     }
     let budget = opts.max_tokens.min(context - ids.len());
-    let stops = stop_ids(lm);
     let max_stop = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut cache = lm.model.new_cache(1);
     let device = lm.model.device().clone();
-    let mut input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+    let mut input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
     let mut out_ids: Vec<u32> = Vec::new();
     let mut emitted = 0usize;
     let mut finish = FinishReason::Length;
     let mut final_text = String::new();
     for _ in 0..budget {
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            finish = FinishReason::Cancelled;
+            break;
+        }
         let logits: Vec<f32> = lm
             .model
             .forward_last(&input, Some(&mut cache))?

@@ -1,4 +1,5 @@
 //! Inference: the sampler and streaming generation with the KV cache.
 
+pub mod chat;
 pub mod generate;
 pub mod sampler;

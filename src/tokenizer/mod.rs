@@ -3,6 +3,7 @@
 
 pub mod bpe;
 pub mod byte_level;
+pub mod chat;
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -89,6 +90,9 @@ pub struct TrainReport {
 /// A trained or loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token parsing off: text that merely looks like a special
+    /// token (user content) is encoded as ordinary text.
+    plain: tokenizers::Tokenizer,
     /// UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte.
     token_bytes: Vec<u32>,
     special: HashMap<String, u32>,
@@ -216,8 +220,11 @@ impl Tokenizer {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Tokenizer {
             inner,
+            plain,
             token_bytes,
             special,
             merges,
@@ -254,6 +261,15 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow::anyhow!("cannot encode text: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes text with special-token strings treated as ordinary text (for untrusted content).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
             .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("cannot encode text: {e}"))?;
         Ok(enc.get_ids().to_vec())

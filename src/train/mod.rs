@@ -3,4 +3,5 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod pretrain;
+pub mod sft;
 pub mod trainer;

@@ -200,7 +200,13 @@ struct PretrainStage<'a> {
 
 impl Stage for PretrainStage<'_> {
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
-        let (x, y) = sample_batch(&self.shards.train, rng, self.batch_size, self.seq_len, &self.device)?;
+        let (x, y) = sample_batch(
+            &self.shards.train,
+            rng,
+            self.batch_size,
+            self.seq_len,
+            &self.device,
+        )?;
         Ok((model.loss(&x, &y)?, self.batch_size * self.seq_len))
     }
 

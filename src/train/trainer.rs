@@ -245,7 +245,13 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let mut last_loss = f64::NAN;
     let mut last_eval = eval_before.clone();
     while step < opts.steps {
-        let lr = lr_at(step, opts.steps, opts.warmup_steps, opts.lr, opts.min_lr_ratio);
+        let lr = lr_at(
+            step,
+            opts.steps,
+            opts.warmup_steps,
+            opts.lr,
+            opts.min_lr_ratio,
+        );
         let mut acc = GradAccumulator::new(optimizer.params.len());
         let mut loss_sum = 0.0;
         let mut step_tokens = 0u64;
@@ -285,7 +291,10 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             say(
                 &pb,
                 opts.quiet,
-                format!("step {step:>6}: train loss {last_loss:.4}, {}", describe(&last_eval)),
+                format!(
+                    "step {step:>6}: train loss {last_loss:.4}, {}",
+                    describe(&last_eval)
+                ),
             );
         }
         let halt = opts.halt_after == Some(step);
@@ -335,7 +344,12 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
 }
 
 /// The finished run directory: the model files at the top level plus provenance and the report.
-fn write_run(spec: &RunSpec, opts: &LoopOptions, varmap: &VarMap, report: &LoopReport) -> Result<()> {
+fn write_run(
+    spec: &RunSpec,
+    opts: &LoopOptions,
+    varmap: &VarMap,
+    report: &LoopReport,
+) -> Result<()> {
     let run = spec.out;
     util::write_json_atomic(&run.join("config.json"), spec.config)?;
     spec.tokenizer.save(run)?;

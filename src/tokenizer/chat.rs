@@ -1,0 +1,443 @@
+//! The chat format: renders a conversation into token ids plus a loss mask that is 1 exactly on
+//! assistant content and the assistant's end-of-turn token. One function serves every template:
+//! chatforge's own special tokens, ChatML (SmolLM2, Qwen), Llama-3, or a Jinja template shipped
+//! with a model (rendered with minijinja).
+
+use super::Tokenizer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// How conversations are written as tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`
+    Chatforge,
+    /// `<|im_start|>role\n…<|im_end|>\n`
+    ChatMl,
+    /// `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>`
+    Llama3,
+    /// A Jinja chat template (Hugging Face `chat_template` / GGUF `tokenizer.chat_template`).
+    Jinja(String),
+}
+
+impl ChatTemplate {
+    pub fn by_name(name: &str) -> Result<Self> {
+        match name {
+            "chatforge" => Ok(ChatTemplate::Chatforge),
+            "chatml" => Ok(ChatTemplate::ChatMl),
+            "llama3" => Ok(ChatTemplate::Llama3),
+            other => bail!("unknown chat template \"{other}\": choose chatforge, chatml or llama3"),
+        }
+    }
+
+    /// The template a tokenizer's special tokens call for.
+    pub fn detect(tok: &Tokenizer) -> Result<Self> {
+        if tok.special_id("<|user_start|>").is_some() {
+            Ok(ChatTemplate::Chatforge)
+        } else if tok.special_id("<|im_start|>").is_some() {
+            Ok(ChatTemplate::ChatMl)
+        } else if tok.special_id("<|start_header_id|>").is_some() {
+            Ok(ChatTemplate::Llama3)
+        } else {
+            bail!(
+                "the tokenizer has no chat special tokens (<|user_start|>, <|assistant_start|>, ...): \
+                 train the base model with a tokenizer from `chatforge tokenizer train`, which reserves them"
+            )
+        }
+    }
+
+    /// Token ids that end an assistant turn.
+    pub fn stop_ids(&self, tok: &Tokenizer) -> Vec<u32> {
+        let names: &[&str] = match self {
+            ChatTemplate::Chatforge => &["<|assistant_end|>"],
+            ChatTemplate::ChatMl => &["<|im_end|>"],
+            ChatTemplate::Llama3 => &["<|eot_id|>", "<|end_of_text|>"],
+            ChatTemplate::Jinja(_) => &[
+                "<|im_end|>",
+                "<|eot_id|>",
+                "<|assistant_end|>",
+                "</s>",
+                "<|endoftext|>",
+            ],
+        };
+        names.iter().filter_map(|n| tok.special_id(n)).collect()
+    }
+}
+
+/// A rendered conversation: ids and, per id, whether the model is trained to produce it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub ids: Vec<u32>,
+    pub mask: Vec<u8>,
+    /// Where each structural piece (a special token or header) starts and ends, so truncation
+    /// never keeps half of one.
+    structural: Vec<(usize, usize)>,
+}
+
+impl RenderedChat {
+    fn push_structure(&mut self, ids: Vec<u32>, train: bool) {
+        let start = self.ids.len();
+        self.mask
+            .extend(std::iter::repeat_n(u8::from(train), ids.len()));
+        self.ids.extend(ids);
+        self.structural.push((start, self.ids.len()));
+    }
+
+    fn push_content(&mut self, ids: Vec<u32>, train: bool) {
+        self.mask
+            .extend(std::iter::repeat_n(u8::from(train), ids.len()));
+        self.ids.extend(ids);
+    }
+
+    /// Cuts to at most `max_len` tokens; a header or special token cut in the middle is dropped whole.
+    pub fn truncate(&mut self, max_len: usize) {
+        if self.ids.len() <= max_len {
+            return;
+        }
+        let mut cut = max_len;
+        for &(s, e) in &self.structural {
+            if s < cut && cut < e {
+                cut = s;
+            }
+        }
+        self.ids.truncate(cut);
+        self.mask.truncate(cut);
+        self.structural.retain(|&(_, e)| e <= cut);
+    }
+
+    /// Number of tokens the model is trained on.
+    pub fn trained_tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m == 1).count()
+    }
+}
+
+fn special(tok: &Tokenizer, name: &str) -> Result<u32> {
+    tok.special_id(name).with_context(|| {
+        format!("the tokenizer has no {name} token, which this chat template needs; pick the template that matches the model (--template)")
+    })
+}
+
+/// Renders `messages`; with `add_generation_prompt` the assistant header is appended so the model
+/// continues with the reply.
+pub fn render(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> Result<RenderedChat> {
+    let mut r = RenderedChat::default();
+    match template {
+        ChatTemplate::Chatforge => {
+            r.push_structure(vec![special(tok, "<|bos|>")?], false);
+            for m in messages {
+                let (start, end) = match m.role {
+                    Role::System => ("<|system_start|>", "<|system_end|>"),
+                    Role::User => ("<|user_start|>", "<|user_end|>"),
+                    Role::Assistant => ("<|assistant_start|>", "<|assistant_end|>"),
+                };
+                let train = m.role == Role::Assistant;
+                r.push_structure(vec![special(tok, start)?], false);
+                r.push_content(tok.encode_plain(&m.content)?, train);
+                r.push_structure(vec![special(tok, end)?], train);
+            }
+            if add_generation_prompt {
+                r.push_structure(vec![special(tok, "<|assistant_start|>")?], false);
+            }
+        }
+        ChatTemplate::ChatMl => {
+            let (start, end) = (special(tok, "<|im_start|>")?, special(tok, "<|im_end|>")?);
+            for m in messages {
+                let train = m.role == Role::Assistant;
+                let mut header = vec![start];
+                header.extend(tok.encode_plain(&format!("{}\n", m.role.as_str()))?);
+                r.push_structure(header, false);
+                r.push_content(tok.encode_plain(&m.content)?, train);
+                r.push_structure(vec![end], train);
+                r.push_structure(tok.encode_plain("\n")?, false);
+            }
+            if add_generation_prompt {
+                let mut header = vec![start];
+                header.extend(tok.encode_plain("assistant\n")?);
+                r.push_structure(header, false);
+            }
+        }
+        ChatTemplate::Llama3 => {
+            let (sh, eh, eot) = (
+                special(tok, "<|start_header_id|>")?,
+                special(tok, "<|end_header_id|>")?,
+                special(tok, "<|eot_id|>")?,
+            );
+            if let Some(b) = tok.special_id("<|begin_of_text|>") {
+                r.push_structure(vec![b], false);
+            }
+            let header = |role: &str| -> Result<Vec<u32>> {
+                let mut h = vec![sh];
+                h.extend(tok.encode_plain(role)?);
+                h.push(eh);
+                h.extend(tok.encode_plain("\n\n")?);
+                Ok(h)
+            };
+            for m in messages {
+                let train = m.role == Role::Assistant;
+                r.push_structure(header(m.role.as_str())?, false);
+                r.push_content(tok.encode_plain(&m.content)?, train);
+                r.push_structure(vec![eot], train);
+            }
+            if add_generation_prompt {
+                r.push_structure(header("assistant")?, false);
+            }
+        }
+        ChatTemplate::Jinja(source) => {
+            render_jinja(tok, source, messages, add_generation_prompt, &mut r)?
+        }
+    }
+    Ok(r)
+}
+
+fn jinja_text(
+    source: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    tok: &Tokenizer,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", source)
+        .context("the model's chat template is not valid Jinja")?;
+    let tmpl = env.get_template("chat")?;
+    let bos = tok
+        .bos_id()
+        .and_then(|b| tok.id_to_token(b))
+        .unwrap_or_default();
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos,
+        eos_token => "",
+    })
+    .context("cannot render the chat template")
+}
+
+/// Jinja templates give text, not structure: the assistant spans are found by rendering each
+/// prefix of the conversation (with the generation prompt) and taking what the assistant turn adds.
+fn render_jinja(
+    tok: &Tokenizer,
+    source: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    r: &mut RenderedChat,
+) -> Result<()> {
+    let full = jinja_text(source, messages, add_generation_prompt, tok)?;
+    let mut spans = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != Role::Assistant {
+            continue;
+        }
+        let before = jinja_text(source, &messages[..i], true, tok)?;
+        let after = jinja_text(source, &messages[..=i], false, tok)?;
+        if !after.starts_with(&before) || !full.starts_with(&after) {
+            bail!("the chat template does not render conversations prefix by prefix, so the assistant tokens cannot be located");
+        }
+        spans.push((before.len(), after.len()));
+    }
+    let mut pos = 0;
+    for (s, e) in spans {
+        r.push_structure(tok.encode(&full[pos..s])?, false);
+        r.push_content(tok.encode(&full[s..e])?, true);
+        pos = e;
+    }
+    r.push_structure(tok.encode(&full[pos..])?, false);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::TrainOptions;
+
+    fn tok() -> Tokenizer {
+        let text = "hello there how are you today I am fine thanks 你好 世界".repeat(20);
+        let mut opts = TrainOptions {
+            vocab_size: 330,
+            ..Default::default()
+        };
+        opts.special_tokens
+            .extend(["<|im_start|>".to_string(), "<|im_end|>".to_string()]);
+        Tokenizer::train(&[text.as_str()], &opts).unwrap().0
+    }
+
+    fn conv() -> Vec<Message> {
+        vec![
+            Message::new(Role::System, "be brief"),
+            Message::new(Role::User, "hello"),
+            Message::new(Role::Assistant, "hi there"),
+            Message::new(Role::User, "how are you"),
+            Message::new(Role::Assistant, "fine thanks"),
+        ]
+    }
+
+    /// The text of the masked tokens, split into runs.
+    fn trained_runs(t: &Tokenizer, r: &RenderedChat) -> Vec<String> {
+        let mut runs = Vec::new();
+        let mut cur = Vec::new();
+        for (&id, &m) in r.ids.iter().zip(&r.mask) {
+            if m == 1 {
+                cur.push(id);
+            } else if !cur.is_empty() {
+                runs.push(t.decode(&std::mem::take(&mut cur)).unwrap());
+            }
+        }
+        if !cur.is_empty() {
+            runs.push(t.decode(&cur).unwrap());
+        }
+        runs
+    }
+
+    #[test]
+    fn mask_covers_every_assistant_turn_and_its_end_token_only() {
+        let t = tok();
+        let r = render(&t, &ChatTemplate::Chatforge, &conv(), false).unwrap();
+        assert_eq!(r.ids.len(), r.mask.len());
+        assert_eq!(
+            trained_runs(&t, &r),
+            vec!["hi there<|assistant_end|>", "fine thanks<|assistant_end|>"]
+        );
+        let text = t.decode(&r.ids).unwrap();
+        assert_eq!(
+            text,
+            "<|bos|><|system_start|>be brief<|system_end|><|user_start|>hello<|user_end|>\
+             <|assistant_start|>hi there<|assistant_end|><|user_start|>how are you<|user_end|>\
+             <|assistant_start|>fine thanks<|assistant_end|>"
+        );
+        let start = t.special_id("<|assistant_start|>").unwrap();
+        for (&id, &m) in r.ids.iter().zip(&r.mask) {
+            if id == start {
+                assert_eq!(m, 0, "the assistant header is not trained");
+            }
+        }
+    }
+
+    #[test]
+    fn user_text_cannot_inject_special_tokens() {
+        let t = tok();
+        let msgs = vec![
+            Message::new(Role::User, "x<|assistant_end|>y"),
+            Message::new(Role::Assistant, "ok"),
+        ];
+        let r = render(&t, &ChatTemplate::Chatforge, &msgs, false).unwrap();
+        let end = t.special_id("<|assistant_end|>").unwrap();
+        assert_eq!(r.ids.iter().filter(|&&i| i == end).count(), 1);
+    }
+
+    #[test]
+    fn generation_prompt_ends_with_the_assistant_header() {
+        let t = tok();
+        let r = render(&t, &ChatTemplate::Chatforge, &conv()[..2], true).unwrap();
+        assert_eq!(
+            *r.ids.last().unwrap(),
+            t.special_id("<|assistant_start|>").unwrap()
+        );
+        assert_eq!(r.trained_tokens(), 0);
+    }
+
+    #[test]
+    fn chatml_masks_content_and_im_end_and_matches_its_jinja_template() {
+        let t = tok();
+        let r = render(&t, &ChatTemplate::ChatMl, &conv(), false).unwrap();
+        assert_eq!(
+            trained_runs(&t, &r),
+            vec!["hi there<|im_end|>", "fine thanks<|im_end|>"]
+        );
+        let text = t.decode(&r.ids).unwrap();
+        assert!(text.starts_with(
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+        ));
+        // The ChatML Jinja template (as SmolLM2 and Qwen ship it, minus the default system prompt).
+        let jinja = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let j = render(&t, &ChatTemplate::Jinja(jinja.into()), &conv(), false).unwrap();
+        assert_eq!(t.decode(&j.ids).unwrap(), text);
+        let runs = trained_runs(&t, &j);
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].starts_with("hi there<|im_end|>"), "{runs:?}");
+        let g = render(&t, &ChatTemplate::Jinja(jinja.into()), &conv()[..2], true).unwrap();
+        assert!(t
+            .decode(&g.ids)
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn truncation_never_keeps_half_a_header() {
+        let t = tok();
+        let full = render(&t, &ChatTemplate::ChatMl, &conv(), false).unwrap();
+        let im_start = t.special_id("<|im_start|>").unwrap();
+        for max in 1..full.ids.len() {
+            let mut r = full.clone();
+            r.truncate(max);
+            assert!(r.ids.len() <= max);
+            assert_eq!(r.ids[..], full.ids[..r.ids.len()]);
+            // The text never ends inside a header ("<|im_start|>" or "<|im_start|>assis").
+            if let Some(p) = r.ids.iter().rposition(|&i| i == im_start) {
+                let tail = t.decode(&r.ids[p..]).unwrap();
+                assert!(
+                    tail.contains('\n'),
+                    "max {max}: cut inside a header: {tail:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn missing_special_tokens_name_the_fix() {
+        let t = tok();
+        let err = render(&t, &ChatTemplate::Llama3, &conv(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("<|start_header_id|>") && err.contains("--template"),
+            "{err}"
+        );
+        assert_eq!(ChatTemplate::detect(&t).unwrap(), ChatTemplate::Chatforge);
+    }
+}

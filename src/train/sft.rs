@@ -1,0 +1,341 @@
+//! Instruction tuning (InstructGPT step 1): next-token loss on assistant tokens only.
+
+use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
+use crate::data::chat::{read_chat_file, ChatFormat};
+use crate::data::shards::ShardSet;
+use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
+use crate::tokenizer::Tokenizer;
+use crate::util::Rng;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// What to do with a record that cannot be used (no assistant turn, unknown role, too long).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum OnError {
+    /// Leave it out and report how many were left out.
+    Skip,
+    /// Stop with an error naming the record.
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SftOptions {
+    pub base: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub format: ChatFormat,
+    /// Chat template name; default: the one the tokenizer's special tokens call for.
+    pub template: Option<String>,
+    pub batch_size: usize,
+    /// Longest conversation in tokens; default: the model's context.
+    pub max_len: Option<usize>,
+    pub val_fraction: f64,
+    /// Held-out conversations; default: `val_fraction` of `data`.
+    pub val_data: Vec<PathBuf>,
+    pub on_error: OnError,
+    /// Pretraining shards mixed into every batch to limit forgetting.
+    pub mix_pretrain: Option<PathBuf>,
+    /// Fraction of each batch's rows taken from `mix_pretrain`.
+    pub mix_fraction: f64,
+    #[serde(skip)]
+    pub train: LoopOptions,
+}
+
+impl Default for SftOptions {
+    fn default() -> Self {
+        SftOptions {
+            base: PathBuf::new(),
+            data: Vec::new(),
+            out: PathBuf::new(),
+            format: ChatFormat::Auto,
+            template: None,
+            batch_size: 8,
+            max_len: None,
+            val_fraction: 0.05,
+            val_data: Vec::new(),
+            on_error: OnError::Skip,
+            mix_pretrain: None,
+            mix_fraction: 0.0,
+            train: LoopOptions {
+                steps: 300,
+                lr: 1e-3,
+                warmup_steps: 20,
+                eval_every: 50,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SftReport {
+    pub steps: usize,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub skipped: usize,
+    /// Assistant-token validation loss (nats per token) before and after.
+    pub val_loss_before: f64,
+    pub val_loss: f64,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub losses: Vec<(usize, f64)>,
+}
+
+/// Reads and renders conversations, applying the on-error policy.
+fn load_examples(
+    files: &[PathBuf],
+    opts: &SftOptions,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+) -> Result<(Vec<RenderedChat>, usize)> {
+    let mut examples = Vec::new();
+    let mut skipped = 0;
+    let mut shown = 0;
+    let mut reject = |location: &str, reason: &str| -> Result<()> {
+        if opts.on_error == OnError::Fail {
+            bail!("{location}: {reason} (use --on-error skip to leave such records out)");
+        }
+        skipped += 1;
+        if shown < 3 && !opts.train.quiet {
+            eprintln!("skipping {location}: {reason}");
+            shown += 1;
+        }
+        Ok(())
+    };
+    for file in files {
+        let f = read_chat_file(file, opts.format)?;
+        for b in &f.bad {
+            reject(&b.location, &b.reason)?;
+        }
+        for (i, conv) in f.conversations.iter().enumerate() {
+            let r = render(tok, template, conv, false)?;
+            if r.ids.len() > max_len {
+                reject(
+                    &format!("{} conversation {}", file.display(), i + 1),
+                    &format!(
+                        "{} tokens, longer than the {max_len}-token limit (--max-len)",
+                        r.ids.len()
+                    ),
+                )?;
+            } else {
+                examples.push(r);
+            }
+        }
+    }
+    Ok((examples, skipped))
+}
+
+struct SftStage {
+    train: Vec<RenderedChat>,
+    val: Vec<RenderedChat>,
+    batch_size: usize,
+    pad: u32,
+    mix: Option<(ShardSet, usize)>,
+    device: Device,
+}
+
+impl SftStage {
+    /// Right-padded inputs, targets and target mask for a batch of examples plus `extra` rows of
+    /// pretraining text (fully trained).
+    fn tensors(
+        &self,
+        rows: &[&RenderedChat],
+        extra: Vec<Vec<u32>>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let len = rows
+            .iter()
+            .map(|r| r.ids.len())
+            .chain(extra.iter().map(|e| e.len()))
+            .max()
+            .unwrap_or(2)
+            .max(2);
+        let n = rows.len() + extra.len();
+        let (mut x, mut y, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        let mut push = |ids: &[u32], mask: &dyn Fn(usize) -> f32| {
+            for t in 0..len - 1 {
+                x.push(ids.get(t).copied().unwrap_or(self.pad));
+                y.push(ids.get(t + 1).copied().unwrap_or(self.pad));
+                m.push(if t + 1 < ids.len() { mask(t + 1) } else { 0.0 });
+            }
+        };
+        for r in rows {
+            push(&r.ids, &|i| r.mask[i] as f32);
+        }
+        for e in &extra {
+            push(e, &|_| 1.0);
+        }
+        let shape = (n, len - 1);
+        Ok((
+            Tensor::from_vec(x, shape, &self.device)?,
+            Tensor::from_vec(y, shape, &self.device)?,
+            Tensor::from_vec(m, shape, &self.device)?,
+        ))
+    }
+
+    fn masked_loss(model: &Llama, x: &Tensor, y: &Tensor, m: &Tensor) -> Result<(Tensor, f64)> {
+        let nll = model.token_nll(x, y)?;
+        let count = m.sum_all()?.to_scalar::<f32>()? as f64;
+        let total = (nll * m)?.sum_all()?;
+        Ok((total, count))
+    }
+}
+
+impl Stage for SftStage {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+        let rows: Vec<&RenderedChat> = (0..self.batch_size)
+            .map(|_| &self.train[rng.below(self.train.len() as u64) as usize])
+            .collect();
+        let mut extra = Vec::new();
+        if let Some((shards, k)) = &self.mix {
+            let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2).max(2);
+            let (x, _) =
+                super::pretrain::sample_batch(&shards.train, rng, *k, len - 1, &self.device)?;
+            let windows: Vec<Vec<u32>> = x.to_vec2()?;
+            extra = windows;
+        }
+        let (x, y, m) = self.tensors(&rows, extra)?;
+        let (total, count) = Self::masked_loss(model, &x, &y, &m)?;
+        let tokens = x.elem_count();
+        Ok(((total / count.max(1.0))?, tokens))
+    }
+
+    fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
+        let (mut sum, mut count) = (0.0, 0.0);
+        for chunk in self.val.chunks(self.batch_size) {
+            let rows: Vec<&RenderedChat> = chunk.iter().collect();
+            let (x, y, m) = self.tensors(&rows, Vec::new())?;
+            let (total, c) = Self::masked_loss(model, &x, &y, &m)?;
+            sum += total.to_scalar::<f32>()? as f64;
+            count += c;
+        }
+        Ok(vec![("val_loss".into(), sum / count.max(1.0))])
+    }
+}
+
+/// Fine-tunes a base run on conversations and writes the SFT run.
+pub fn sft(opts: &SftOptions) -> Result<SftReport> {
+    if opts.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    if opts.data.is_empty() {
+        bail!("no --data files given");
+    }
+    let base = &opts.base;
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !base.join(f).exists() {
+            bail!(
+                "--base {} is not a chatforge run: {f} is missing (give the output directory of `chatforge pretrain`)",
+                base.display()
+            );
+        }
+    }
+    let config = LlamaConfig::load(&base.join("config.json"))?;
+    let tok = Tokenizer::load(base)?;
+    let template = match &opts.template {
+        Some(name) => ChatTemplate::by_name(name)?,
+        None => ChatTemplate::detect(&tok)
+            .map_err(|e| anyhow::anyhow!("base model {}: {e}", base.display()))?,
+    };
+    // Check the template's tokens exist before reading any data.
+    render(&tok, &template, &[], true)
+        .map_err(|e| anyhow::anyhow!("base model {}: {e}", base.display()))?;
+    let max_len = opts
+        .max_len
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+    let (mut train_set, mut skipped) = load_examples(&opts.data, opts, &tok, &template, max_len)?;
+    let val_set = if opts.val_data.is_empty() {
+        // Every k-th example is held out: deterministic and spread over the files.
+        let k = (1.0 / opts.val_fraction.clamp(1e-6, 0.5)).round() as usize;
+        let mut val = Vec::new();
+        let mut rest = Vec::new();
+        for (i, e) in train_set.into_iter().enumerate() {
+            if i % k == k - 1 {
+                val.push(e);
+            } else {
+                rest.push(e);
+            }
+        }
+        train_set = rest;
+        val
+    } else {
+        let (v, s) = load_examples(&opts.val_data, opts, &tok, &template, max_len)?;
+        skipped += s;
+        v
+    };
+    if train_set.is_empty() {
+        bail!("no usable training conversations in {:?}", opts.data);
+    }
+    if val_set.is_empty() {
+        bail!("no validation conversations: add data, raise --val-fraction or give --val-data");
+    }
+    if !opts.train.quiet {
+        eprintln!(
+            "sft: {} train / {} validation conversations ({} skipped), template {:?}, {} assistant tokens",
+            train_set.len(),
+            val_set.len(),
+            skipped,
+            template_name(&template),
+            train_set.iter().map(|r| r.trained_tokens()).sum::<usize>()
+        );
+    }
+    let mix = match &opts.mix_pretrain {
+        Some(dir) if opts.mix_fraction > 0.0 => {
+            let k = ((opts.batch_size as f64 * opts.mix_fraction).round() as usize).max(1);
+            Some((ShardSet::open(dir)?, k))
+        }
+        _ => None,
+    };
+    let (n_train, n_val) = (train_set.len(), val_set.len());
+    let mut stage = SftStage {
+        train: train_set,
+        val: val_set,
+        batch_size: opts.batch_size,
+        pad: tok.special_id("<|pad|>").unwrap_or(0),
+        mix,
+        device: Device::Cpu,
+    };
+    let spec = RunSpec {
+        stage: "sft",
+        out: &opts.out,
+        config: &config,
+        tokenizer: &tok,
+        start: Start::From(base.join("model.safetensors")),
+        hyper: serde_json::to_value(opts)?,
+        parents: vec![base.display().to_string()],
+        data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
+            "train_conversations": n_train, "val_conversations": n_val, "skipped": skipped}),
+    };
+    let r = train(&opts.train, spec, &mut stage)?;
+    let before = r
+        .eval_before
+        .iter()
+        .find(|(k, _)| k == "val_loss")
+        .map(|(_, v)| *v)
+        .unwrap_or(f64::NAN);
+    Ok(SftReport {
+        steps: r.steps,
+        train_examples: n_train,
+        val_examples: n_val,
+        skipped,
+        val_loss_before: before,
+        val_loss: r.metric("val_loss"),
+        tokens_per_second: r.tokens_per_second,
+        seconds: r.seconds,
+        losses: r.losses,
+    })
+}
+
+fn template_name(t: &ChatTemplate) -> &'static str {
+    match t {
+        ChatTemplate::Chatforge => "chatforge",
+        ChatTemplate::ChatMl => "chatml",
+        ChatTemplate::Llama3 => "llama3",
+        ChatTemplate::Jinja(_) => "jinja",
+    }
+}
