@@ -309,3 +309,39 @@ fn piped_chat_prints_one_reply_per_message() {
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(conv["messages"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn sft_resumes_exactly_and_mixes_pretraining_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let data = write_conversations(dir.path());
+    let shards = dir.path().join("shards");
+    let opts = |out: &str| {
+        let mut o = sft_options(&base, data.clone(), &dir.path().join(out));
+        o.train.steps = 8;
+        o.train.checkpoint_every = 4;
+        o.mix_pretrain = Some(shards.clone());
+        o.mix_fraction = 0.25;
+        o
+    };
+    let full = sft(&opts("full")).unwrap();
+    let mut first = opts("killed");
+    first.train.halt_after = Some(4);
+    sft(&first).unwrap();
+    let mut again = opts("killed");
+    again.train.resume = true;
+    let resumed = sft(&again).unwrap();
+    assert_eq!(resumed.losses.first().unwrap().0, 5);
+    for (step, loss) in &resumed.losses {
+        let expected = full.losses[step - 1].1;
+        assert!(
+            (loss - expected).abs() < 1e-5,
+            "step {step}: {loss} vs {expected}"
+        );
+    }
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("full/chatforge.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["hyperparameters"]["stage"]["mix_fraction"], 0.25);
+}

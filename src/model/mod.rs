@@ -19,11 +19,12 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-/// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint directory.
-pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+/// Reads the config and tokenizer of a run or checkpoint directory, checking that its weights are
+/// there too.
+pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)> {
     if !dir.is_dir() {
         bail!(
-            "model {} not found: give a run directory (from `chatforge pretrain`) or one of its checkpoints",
+            "model {} not found: give a run directory (from `chatforge pretrain` or `sft`) or one of its checkpoints",
             dir.display()
         );
     }
@@ -35,8 +36,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
             );
         }
     }
-    let config = LlamaConfig::load(&dir.join("config.json"))?;
-    let tokenizer = Tokenizer::load(dir)?;
+    Ok((
+        LlamaConfig::load(&dir.join("config.json"))?,
+        Tokenizer::load(dir)?,
+    ))
+}
+
+/// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint directory.
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let (config, tokenizer) = load_config_and_tokenizer(dir)?;
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(
             "{}: tokenizer.json has {} tokens but config.json says vocab_size {}",

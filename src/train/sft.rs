@@ -3,7 +3,7 @@
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::chat::{read_chat_file, ChatFormat};
 use crate::data::shards::ShardSet;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
 use crate::tokenizer::Tokenizer;
 use crate::util::Rng;
@@ -226,16 +226,8 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
         bail!("no --data files given");
     }
     let base = &opts.base;
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        if !base.join(f).exists() {
-            bail!(
-                "--base {} is not a chatforge run: {f} is missing (give the output directory of `chatforge pretrain`)",
-                base.display()
-            );
-        }
-    }
-    let config = LlamaConfig::load(&base.join("config.json"))?;
-    let tok = Tokenizer::load(base)?;
+    let (config, tok) = crate::model::load_config_and_tokenizer(base)
+        .map_err(|e| anyhow::anyhow!("--base: {e:#}"))?;
     let template = match &opts.template {
         Some(name) => ChatTemplate::by_name(name)?,
         None => ChatTemplate::detect(&tok)
