@@ -44,6 +44,9 @@ enum Command {
     Sft(SftArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
+    /// Write the built-in bilingual synthetic curriculum (pretraining text, conversations,
+    /// preference rankings, RL prompts with checkers, few-shot probes).
+    Curriculum(CurriculumArgs),
     /// Tokenizer, shards, pretraining and a sample in one command.
     Speedrun(SpeedrunArgs),
 }
@@ -313,6 +316,17 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct CurriculumArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Multiplies every count (1 = about 1.5 MB of pretraining text).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+}
+
+#[derive(Args)]
 struct SpeedrunArgs {
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
@@ -492,6 +506,15 @@ fn run(cli: Cli) -> Result<()> {
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             run_terminal(&mut session, &mut stdin.lock(), interactive)?;
+        }
+        Command::Curriculum(a) => {
+            if !(a.scale > 0.0 && a.scale.is_finite()) {
+                anyhow::bail!("--scale must be positive, got {}", a.scale);
+            }
+            let size = chatforge::data::curriculum::CurriculumSize::scaled(a.scale);
+            let counts = chatforge::data::curriculum::generate(&a.out, a.seed, &size)?;
+            println!("{}", serde_json::to_string_pretty(&counts)?);
+            eprintln!("wrote {}", a.out.display());
         }
         Command::Speedrun(a) => {
             let opts = chatforge::speedrun::SpeedrunOptions {

@@ -1,5 +1,6 @@
 //! Data: reading documents from text and JSONL files, and binary token shards.
 
 pub mod chat;
+pub mod curriculum;
 pub mod shards;
 pub mod text;

@@ -1,0 +1,132 @@
+//! The synthetic world the curriculum talks about: bilingual entities with checkable facts.
+
+/// An animal and its facts, in English and Chinese.
+pub struct Animal {
+    pub en: &'static str,
+    pub zh: &'static str,
+    pub legs: u32,
+    pub sound_en: &'static str,
+    pub food_en: &'static str,
+    pub food_zh: &'static str,
+    pub home_en: &'static str,
+    pub home_zh: &'static str,
+}
+
+// One table row per animal; named fields would triple the table.
+#[allow(clippy::too_many_arguments)]
+const fn animal(
+    en: &'static str,
+    zh: &'static str,
+    legs: u32,
+    sound_en: &'static str,
+    food_en: &'static str,
+    food_zh: &'static str,
+    home_en: &'static str,
+    home_zh: &'static str,
+) -> Animal {
+    Animal {
+        en,
+        zh,
+        legs,
+        sound_en,
+        food_en,
+        food_zh,
+        home_en,
+        home_zh,
+    }
+}
+
+pub const ANIMALS: [Animal; 16] = [
+    animal("cat", "猫", 4, "meow", "fish", "鱼", "house", "房子"),
+    animal("dog", "狗", 4, "woof", "meat", "肉", "house", "房子"),
+    animal("cow", "牛", 4, "moo", "grass", "草", "farm", "农场"),
+    animal("duck", "鸭子", 2, "quack", "seeds", "种子", "pond", "池塘"),
+    animal("sheep", "羊", 4, "baa", "grass", "草", "farm", "农场"),
+    animal("owl", "猫头鹰", 2, "hoot", "mice", "老鼠", "forest", "森林"),
+    animal("horse", "马", 4, "neigh", "hay", "干草", "stable", "马厩"),
+    animal("chicken", "鸡", 2, "cluck", "corn", "玉米", "farm", "农场"),
+    animal(
+        "frog", "青蛙", 4, "croak", "insects", "虫子", "pond", "池塘",
+    ),
+    animal("spider", "蜘蛛", 8, "hiss", "flies", "苍蝇", "web", "网"),
+    animal("pig", "猪", 4, "oink", "corn", "玉米", "farm", "农场"),
+    animal("bee", "蜜蜂", 6, "buzz", "nectar", "花蜜", "hive", "蜂巢"),
+    animal("lion", "狮子", 4, "roar", "meat", "肉", "savanna", "草原"),
+    animal("goose", "鹅", 2, "honk", "grass", "草", "lake", "湖"),
+    animal("mouse", "老鼠", 4, "squeak", "cheese", "奶酪", "hole", "洞"),
+    animal("crab", "螃蟹", 10, "click", "fish", "鱼", "beach", "海滩"),
+];
+
+pub struct Country {
+    pub en: &'static str,
+    pub zh: &'static str,
+    pub capital_en: &'static str,
+    pub capital_zh: &'static str,
+}
+
+const fn country(
+    en: &'static str,
+    zh: &'static str,
+    capital_en: &'static str,
+    capital_zh: &'static str,
+) -> Country {
+    Country {
+        en,
+        zh,
+        capital_en,
+        capital_zh,
+    }
+}
+
+pub const COUNTRIES: [Country; 12] = [
+    country("France", "法国", "Paris", "巴黎"),
+    country("Japan", "日本", "Tokyo", "东京"),
+    country("China", "中国", "Beijing", "北京"),
+    country("Italy", "意大利", "Rome", "罗马"),
+    country("Egypt", "埃及", "Cairo", "开罗"),
+    country("Spain", "西班牙", "Madrid", "马德里"),
+    country("Canada", "加拿大", "Ottawa", "渥太华"),
+    country("Germany", "德国", "Berlin", "柏林"),
+    country("Russia", "俄罗斯", "Moscow", "莫斯科"),
+    country("Kenya", "肯尼亚", "Nairobi", "内罗毕"),
+    country("Peru", "秘鲁", "Lima", "利马"),
+    country("Greece", "希腊", "Athens", "雅典"),
+];
+
+/// (English, Chinese) colour names with a thing of that colour.
+pub const COLOURS: [(&str, &str, &str, &str); 8] = [
+    ("red", "红色", "apple", "苹果"),
+    ("yellow", "黄色", "banana", "香蕉"),
+    ("green", "绿色", "leaf", "叶子"),
+    ("blue", "蓝色", "sky", "天空"),
+    ("white", "白色", "snow", "雪"),
+    ("black", "黑色", "coal", "煤"),
+    ("orange", "橙色", "carrot", "胡萝卜"),
+    ("purple", "紫色", "grape", "葡萄"),
+];
+
+pub const NAMES_EN: [&str; 12] = [
+    "Lily", "Tom", "Mia", "Ben", "Anna", "Sam", "Lucy", "Max", "Emma", "Leo", "Zoe", "Jack",
+];
+pub const NAMES_ZH: [&str; 12] = [
+    "小明", "小红", "小华", "小丽", "小刚", "小芳", "小军", "小雪", "小龙", "小梅", "小强", "小兰",
+];
+pub const DAYS_EN: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+pub const OBJECTS: [(&str, &str); 8] = [
+    ("ball", "球"),
+    ("kite", "风筝"),
+    ("book", "书"),
+    ("hat", "帽子"),
+    ("cake", "蛋糕"),
+    ("box", "盒子"),
+    ("cup", "杯子"),
+    ("key", "钥匙"),
+];
