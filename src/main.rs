@@ -388,25 +388,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("wrote {}", file.display());
             if let Some(reference) = a.compare_merges {
-                let text = std::fs::read_to_string(&reference)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", reference.display()))?;
-                let expected: Vec<(String, String)> = text
-                    .lines()
-                    .filter_map(|l| l.split_once(' '))
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .collect();
-                let in_order = tok
-                    .merges()
-                    .iter()
-                    .zip(&expected)
-                    .take_while(|(x, y)| x == y)
-                    .count();
-                let set: std::collections::HashSet<_> = tok.merges().iter().collect();
-                let anywhere = expected.iter().filter(|m| set.contains(m)).count();
+                let expected = chatforge::tokenizer::read_merges_file(&reference)?;
+                let (in_order, anywhere) =
+                    chatforge::tokenizer::compare_merges(tok.merges(), &expected);
                 println!(
-                    "reference merges: {in_order}/{} reproduced in order, {anywhere}/{} present",
-                    expected.len(),
-                    expected.len()
+                    "reference merges: {in_order}/{n} reproduced in order, {anywhere}/{n} present",
+                    n = expected.len()
                 );
             }
         }

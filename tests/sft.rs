@@ -223,35 +223,8 @@ fn bad_conversations_are_skipped_with_a_count_or_fail_by_name() {
 
 #[test]
 fn a_base_without_chat_tokens_is_refused_with_the_fix() {
-    use chatforge::data::shards::{tokenize_files, TokenizeOptions};
-    use chatforge::tokenizer::{Tokenizer, TrainOptions};
     let dir = tempfile::tempdir().unwrap();
-    let corpus = common::mixed_corpus();
-    let input = dir.path().join("c.txt");
-    std::fs::write(&input, &corpus).unwrap();
-    let opts = TrainOptions {
-        vocab_size: 300,
-        special_tokens: vec!["<|bos|>".into()],
-        ..Default::default()
-    };
-    let (tok, _) = Tokenizer::train(&[corpus.as_str()], &opts).unwrap();
-    let shards = dir.path().join("shards");
-    tokenize_files(
-        &tok,
-        &[input],
-        &shards,
-        &TokenizeOptions {
-            val_fraction: 0.1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = dir.path().join("c.json");
-    std::fs::write(
-        &cfg,
-        serde_json::to_string(&common::tiny_config(300, 64)).unwrap(),
-    )
-    .unwrap();
+    let (shards, cfg) = common::tiny_shards_with(dir.path(), vec!["<|bos|>".into()]);
     let base = dir.path().join("base");
     pretrain(&PretrainOptions {
         data: shards,

@@ -22,16 +22,9 @@ fn reproduces_reference_bpe_merges_on_corpus_en() {
         return;
     };
     let corpus = std::fs::read_to_string(dir.join("corpus.en")).unwrap();
-    let reference: Vec<(String, String)> =
-        std::fs::read_to_string(dir.join("train-bpe-reference-merges.txt"))
-            .unwrap()
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (a, b) = l.split_once(' ').unwrap();
-                (a.to_string(), b.to_string())
-            })
-            .collect();
+    let reference =
+        chatforge::tokenizer::read_merges_file(&dir.join("train-bpe-reference-merges.txt"))
+            .unwrap();
     let opts = TrainOptions {
         vocab_size: 500,
         pattern: SplitPattern::Gpt2,

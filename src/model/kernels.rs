@@ -38,6 +38,29 @@ macro_rules! dispatch {
     };
 }
 
+/// Implements a CustomOp3 used only inside backward passes (so it has no backward of its own):
+/// `cpu_fwd` dispatches on dtype to `$f(s1, l1, s2, l2, s3, l3, self.fields...)`.
+macro_rules! forward_only_op3 {
+    ($ty:ty, $name:literal, $f:ident $(, $field:ident)*) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                dispatch!(s1.dtype(), $name, $f(s1, l1, s2, l2, s3, l3 $(, self.$field)*))
+            }
+        }
+    };
+}
+
 /// Whether the fused kernels can run on this tensor.
 pub fn fused_ok(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
@@ -288,47 +311,9 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-impl CustomOp3 for RmsNormBackwardX {
-    fn name(&self) -> &'static str {
-        "rms_norm_backward_x"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(
-            s1.dtype(),
-            self.name(),
-            rms_bwd_x(s1, l1, s2, l2, s3, l3, self.eps)
-        )
-    }
-}
+forward_only_op3!(RmsNormBackwardX, "rms_norm_backward_x", rms_bwd_x, eps);
 
-impl CustomOp3 for RmsNormBackwardW {
-    fn name(&self) -> &'static str {
-        "rms_norm_backward_w"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(
-            s1.dtype(),
-            self.name(),
-            rms_bwd_w(s1, l1, s2, l2, s3, l3, self.eps)
-        )
-    }
-}
+forward_only_op3!(RmsNormBackwardW, "rms_norm_backward_w", rms_bwd_w, eps);
 
 /// x / sqrt(mean(x²) + eps) · w over the last axis.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -543,22 +528,7 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
-impl CustomOp3 for CrossEntropyBackward {
-    fn name(&self) -> &'static str {
-        "cross_entropy_backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), ce_bwd(s1, l1, s2, l2, s3, l3))
-    }
-}
+forward_only_op3!(CrossEntropyBackward, "cross_entropy_backward", ce_bwd);
 
 /// Negative log-likelihood of each target under logits [N, V] -> [N].
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -665,26 +635,7 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-impl CustomOp3 for SwiGluBackward {
-    fn name(&self) -> &'static str {
-        "swiglu_backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(
-            s1.dtype(),
-            self.name(),
-            swiglu_bwd(s1, l1, s2, l2, s3, l3, self.wrt_gate)
-        )
-    }
-}
+forward_only_op3!(SwiGluBackward, "swiglu_backward", swiglu_bwd, wrt_gate);
 
 /// silu(gate) · up.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -322,6 +322,39 @@ impl Tokenizer {
     }
 }
 
+/// Reads a merges.txt file: one "left right" pair per line (a `#version` header is skipped).
+pub fn read_merges_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read merges file {}: {e}", path.display()))?;
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.is_empty() || line.starts_with("#version") {
+            continue;
+        }
+        let (a, b) = line.split_once(' ').ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}:{}: expected two tokens separated by a space",
+                path.display(),
+                i + 1
+            )
+        })?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    Ok(merges)
+}
+
+/// How many reference merges a tokenizer reproduces: as a prefix in the same order, and anywhere.
+pub fn compare_merges(ours: &[(String, String)], reference: &[(String, String)]) -> (usize, usize) {
+    let in_order = ours
+        .iter()
+        .zip(reference)
+        .take_while(|(x, y)| x == y)
+        .count();
+    let set: std::collections::HashSet<_> = ours.iter().collect();
+    let anywhere = reference.iter().filter(|m| set.contains(m)).count();
+    (in_order, anywhere)
+}
+
 /// `path` itself if it is a file, else `path/tokenizer.json`.
 pub fn tokenizer_file(path: &Path) -> PathBuf {
     if path.is_dir() {

@@ -54,6 +54,11 @@ pub fn tiny_config(vocab: usize, context: usize) -> LlamaConfig {
 /// Writes a corpus, trains a tokenizer on it and tokenizes it into `dir/shards`; returns the
 /// shard directory and the path of a tiny model config written next to it.
 pub fn tiny_shards(dir: &Path) -> (PathBuf, PathBuf) {
+    tiny_shards_with(dir, TrainOptions::default().special_tokens)
+}
+
+/// [`tiny_shards`] with a tokenizer that reserves `special_tokens`.
+pub fn tiny_shards_with(dir: &Path, special_tokens: Vec<String>) -> (PathBuf, PathBuf) {
     let corpus = mixed_corpus();
     let input = dir.join("corpus.txt");
     std::fs::write(&input, &corpus).unwrap();
@@ -61,6 +66,7 @@ pub fn tiny_shards(dir: &Path) -> (PathBuf, PathBuf) {
         &[corpus.as_str()],
         &TrainOptions {
             vocab_size: 320,
+            special_tokens,
             ..Default::default()
         },
     )
