@@ -2,7 +2,10 @@
 
 mod common;
 
-use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
+use chatforge::infer::batch::generate_batch;
+use chatforge::infer::generate::{
+    generate, generate_from_ids, stop_ids, FinishReason, GenerateOptions,
+};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
 use chatforge::train::trainer::LoopOptions;
@@ -127,6 +130,35 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     };
     assert_eq!(sampled(1), sampled(1));
     assert!((2..6).any(|s| sampled(s) != sampled(1)));
+
+    // Batched greedy decoding of prompts of different lengths equals decoding each alone.
+    let bos = lm.tokenizer.bos_id().unwrap();
+    let prompts: Vec<Vec<u32>> = ["Once upon a time", "The", "小猫坐在垫子上", "fn add(a: i32"]
+        .iter()
+        .map(|p| {
+            let mut ids = vec![bos];
+            ids.extend(lm.tokenizer.encode(p).unwrap());
+            ids
+        })
+        .collect();
+    let stops = stop_ids(&lm);
+    let batch = generate_batch(&lm, &prompts, 15, &greedy.sampling, &stops).unwrap();
+    for (p, o) in prompts.iter().zip(&batch) {
+        let single = generate_from_ids(
+            &lm,
+            p,
+            &GenerateOptions {
+                max_tokens: 15,
+                ..greedy.clone()
+            },
+            &stops,
+            None,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(o.tokens, single.tokens);
+        assert_eq!(o.finish_reason, single.finish_reason);
+    }
 
     // A prompt longer than the context is refused with the numbers.
     let long = "cat ".repeat(200);
