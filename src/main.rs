@@ -44,6 +44,8 @@ enum Command {
     Sft(SftArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
+    /// Score a model on benchmark files and the curriculum (JSON and a Markdown table).
+    Eval(EvalArgs),
     /// Write the built-in bilingual synthetic curriculum (pretraining text, conversations,
     /// preference rankings, RL prompts with checkers, few-shot probes).
     Curriculum(CurriculumArgs),
@@ -316,6 +318,35 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// KIND:FILE, repeatable. Kinds: arc, hellaswag, mmlu (CSV), gsm8k, curriculum (rl_prompts_*.jsonl),
+    /// probes (fewshot_probes.jsonl), bpb (a shard directory).
+    #[arg(long, required = true)]
+    task: Vec<String>,
+    /// In-context examples (taken from the start of each file) for multiple choice and base-model GSM8K.
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// Score at most N items per task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Chain-of-thought prompting for GSM8K.
+    #[arg(long)]
+    cot: bool,
+    /// Treat the model as a base model (few-shot text prompts) even if it has a chat template.
+    #[arg(long)]
+    base: bool,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct CurriculumArgs {
     #[arg(long)]
     out: PathBuf,
@@ -493,6 +524,23 @@ fn run(cli: Cli) -> Result<()> {
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             run_terminal(&mut session, &mut stdin.lock(), interactive)?;
+        }
+        Command::Eval(a) => {
+            let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;
+            let opts = chatforge::eval::EvalOptions {
+                tasks: a.task,
+                shots: a.shots,
+                limit: a.limit,
+                chat: a.base.then_some(false),
+                cot: a.cot,
+                max_tokens: a.max_tokens,
+                batch_size: a.batch_size,
+            };
+            let results = chatforge::eval::run(&lm, &opts)?;
+            print!("{}", chatforge::eval::markdown(&results));
+            if let Some(out) = a.out {
+                chatforge::util::write_json_atomic(&out, &results)?;
+            }
         }
         Command::Curriculum(a) => {
             if !(a.scale > 0.0 && a.scale.is_finite()) {

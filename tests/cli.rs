@@ -248,3 +248,91 @@ fn generate_streams_and_is_deterministic_at_temperature_zero() {
     assert!(a.starts_with("Once upon"));
     assert!(stats["completion_tokens"].as_u64().unwrap() <= 20);
 }
+
+#[test]
+fn eval_scores_curriculum_files_and_names_bad_task_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let run = dir.path().join("run");
+    let out = chatforge(&[
+        "pretrain",
+        "--data",
+        s(&shards),
+        "--out",
+        s(&run),
+        "--config",
+        s(&cfg),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cur = dir.path().join("cur");
+    let o = chatforge(&[
+        "curriculum",
+        "--out",
+        s(&cur),
+        "--seed",
+        "1",
+        "--scale",
+        "0.05",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results = dir.path().join("results.json");
+    let rl = format!("curriculum:{}", s(&cur.join("rl_prompts_heldout.jsonl")));
+    let probes = format!("probes:{}", s(&cur.join("fewshot_probes.jsonl")));
+    let bpb = format!("bpb:{}", s(&shards));
+    let o = chatforge(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--task",
+        &rl,
+        "--task",
+        &probes,
+        "--task",
+        &bpb,
+        "--limit",
+        "8",
+        "--max-tokens",
+        "8",
+        "--out",
+        s(&results),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8(o.stdout).unwrap();
+    assert!(table.starts_with("| task | metric | value |"), "{table}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+    assert_eq!(v[&rl]["n"], 8.0);
+    let acc = v[&rl]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(v[&bpb]["bits_per_byte"].as_f64().unwrap() > 0.0);
+    fails_with(
+        &["eval", "--model", s(&run), "--task", "arc"],
+        &["KIND:FILE"],
+    );
+    fails_with(
+        &["eval", "--model", s(&run), "--task", "quiz:x.jsonl"],
+        &["unknown task kind"],
+    );
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            s(&run),
+            "--task",
+            "gsm8k:/no/gsm8k.jsonl",
+        ],
+        &["/no/gsm8k.jsonl"],
+    );
+}

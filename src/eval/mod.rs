@@ -1,0 +1,685 @@
+//! Evaluation: multiple choice by log-likelihood (ARC, HellaSwag, MMLU), generative arithmetic
+//! (GSM8K), the curriculum's checkable families with chat-level checks, and few-shot probes.
+//! Every task runs against an [`Evaluatee`], so tests can score scripted models with known answers.
+
+pub mod model;
+
+use crate::data::curriculum::tasks::{check, is_refusal, Answer, Family, Lang};
+use crate::tokenizer::chat::{Message, Role};
+use anyhow::{bail, Context, Result};
+use model::{Evaluatee, Prompt};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One multiple-choice question.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    pub context: String,
+    pub options: Vec<String>,
+    pub answer: usize,
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!("{}:{}: not valid JSON ({e})", path.display(), i + 1)
+            })?,
+        );
+    }
+    if out.is_empty() {
+        bail!("{} holds no records", path.display());
+    }
+    Ok(out)
+}
+
+fn field<'a>(v: &'a Value, path: &Path, line: usize, name: &str) -> Result<&'a Value> {
+    v.get(name)
+        .ok_or_else(|| anyhow::anyhow!("{}:{line}: no \"{name}\" field", path.display()))
+}
+
+/// ARC JSONL: `{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}`.
+pub fn load_arc(path: &Path) -> Result<Vec<Choice>> {
+    read_jsonl(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let q = field(v, path, i + 1, "question")?;
+            let stem = q["stem"].as_str().unwrap_or_default();
+            let choices = q["choices"].as_array().cloned().unwrap_or_default();
+            let key = field(v, path, i + 1, "answerKey")?
+                .as_str()
+                .unwrap_or_default();
+            let answer = choices
+                .iter()
+                .position(|c| c["label"].as_str() == Some(key))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}:{}: answerKey {key:?} is not a choice label",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+            Ok(Choice {
+                context: format!("Question: {stem}\nAnswer:"),
+                options: choices
+                    .iter()
+                    .map(|c| format!(" {}", c["text"].as_str().unwrap_or_default()))
+                    .collect(),
+                answer,
+            })
+        })
+        .collect()
+}
+
+/// HellaSwag JSONL: `{"ctx", "endings": [..4], "label"}`.
+pub fn load_hellaswag(path: &Path) -> Result<Vec<Choice>> {
+    read_jsonl(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let label = field(v, path, i + 1, "label")?;
+            let answer = label
+                .as_u64()
+                .or_else(|| label.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}:{}: label must be a number", path.display(), i + 1)
+                })? as usize;
+            let endings: Vec<String> = field(v, path, i + 1, "endings")?
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| format!(" {}", e.as_str().unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if answer >= endings.len() {
+                bail!(
+                    "{}:{}: label {answer} but only {} endings",
+                    path.display(),
+                    i + 1,
+                    endings.len()
+                );
+            }
+            Ok(Choice {
+                context: field(v, path, i + 1, "ctx")?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                options: endings,
+                answer,
+            })
+        })
+        .collect()
+}
+
+/// MMLU/CMMLU CSV rows: `question, A, B, C, D, answer` (a header row is skipped).
+pub fn load_mmlu(path: &Path) -> Result<Vec<Choice>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, rec) in reader.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}:{}: bad CSV", path.display(), i + 1))?;
+        if rec.len() < 6 {
+            bail!(
+                "{}:{}: expected question,A,B,C,D,answer",
+                path.display(),
+                i + 1
+            );
+        }
+        let n = rec.len();
+        let key = rec[n - 1].trim();
+        let Some(answer) = ["A", "B", "C", "D"].iter().position(|k| *k == key) else {
+            if i == 0 {
+                continue; // header
+            }
+            bail!("{}:{}: answer {key:?} is not A-D", path.display(), i + 1);
+        };
+        let q = &rec[n - 6];
+        let opts: Vec<&str> = (n - 5..n - 1).map(|j| &rec[j]).collect();
+        out.push(Choice {
+            context: format!(
+                "{q}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
+                opts[0], opts[1], opts[2], opts[3]
+            ),
+            options: vec![" A".into(), " B".into(), " C".into(), " D".into()],
+            answer,
+        });
+    }
+    Ok(out)
+}
+
+/// Accuracy by summed log-likelihood and by log-likelihood per byte of the option (acc_norm),
+/// with the first `shots` items as in-context examples for the rest.
+pub fn score_choices(
+    m: &mut dyn Evaluatee,
+    items: &[Choice],
+    shots: usize,
+    limit: Option<usize>,
+) -> Result<BTreeMap<String, f64>> {
+    let shots = shots.min(items.len().saturating_sub(1));
+    let prefix: String = items[..shots]
+        .iter()
+        .map(|c| format!("{}{}\n\n", c.context, c.options[c.answer]))
+        .collect();
+    let eval = &items[shots..];
+    let eval = &eval[..limit.unwrap_or(eval.len()).min(eval.len())];
+    let requests: Vec<(String, String)> = eval
+        .iter()
+        .flat_map(|c| {
+            c.options
+                .iter()
+                .map(|o| (format!("{prefix}{}", c.context), o.clone()))
+        })
+        .collect();
+    let lls = m.loglikelihood(&requests)?;
+    let (mut acc, mut acc_norm, mut k) = (0usize, 0usize, 0usize);
+    for c in eval {
+        let ll = &lls[k..k + c.options.len()];
+        k += c.options.len();
+        let best = argmax(ll.iter().copied());
+        let best_norm = argmax(
+            ll.iter()
+                .zip(&c.options)
+                .map(|(l, o)| l / o.len().max(1) as f64),
+        );
+        acc += usize::from(best == c.answer);
+        acc_norm += usize::from(best_norm == c.answer);
+    }
+    let n = eval.len().max(1) as f64;
+    Ok(BTreeMap::from([
+        ("n".into(), eval.len() as f64),
+        ("acc".into(), acc as f64 / n),
+        ("acc_norm".into(), acc_norm as f64 / n),
+    ]))
+}
+
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in xs.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// The number after `####` if present, else the last number in the text.
+pub fn final_number(text: &str) -> Option<f64> {
+    let tail = text.rsplit_once("####").map(|(_, t)| t).unwrap_or(text);
+    let mut nums = Vec::new();
+    let mut cur = String::new();
+    for c in tail.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_digit() || c == '.' || (c == '-' && cur.is_empty()) {
+            cur.push(c);
+        } else if c == ',' && !cur.is_empty() {
+            continue; // 1,000
+        } else {
+            if let Ok(n) = cur.trim_end_matches('.').parse::<f64>() {
+                nums.push(n);
+            }
+            cur.clear();
+        }
+    }
+    if text.contains("####") {
+        nums.first().copied()
+    } else {
+        nums.last().copied()
+    }
+}
+
+/// GSM8K JSONL (`question`, `answer` ending in `#### N`): chat prompt for chat models, few-shot
+/// text for base models; `cot` asks for step-by-step reasoning.
+pub fn score_gsm8k(
+    m: &mut dyn Evaluatee,
+    path: &Path,
+    chat: bool,
+    cot: bool,
+    shots: usize,
+    limit: Option<usize>,
+    max_tokens: usize,
+) -> Result<BTreeMap<String, f64>> {
+    let rows = read_jsonl(path)?;
+    let mut items = Vec::new();
+    for (i, v) in rows.iter().enumerate() {
+        let q = field(v, path, i + 1, "question")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let a = field(v, path, i + 1, "answer")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let n = final_number(&a).ok_or_else(|| {
+            anyhow::anyhow!("{}:{}: answer has no final number", path.display(), i + 1)
+        })?;
+        items.push((q, a, n));
+    }
+    let shots = if chat {
+        0
+    } else {
+        shots.min(items.len().saturating_sub(1))
+    };
+    let prefix: String = items[..shots]
+        .iter()
+        .map(|(q, a, n)| {
+            if cot {
+                format!("Question: {q}\nAnswer: {a}\n\n")
+            } else {
+                format!("Question: {q}\nAnswer: #### {n}\n\n")
+            }
+        })
+        .collect();
+    let eval = &items[shots..];
+    let eval = &eval[..limit.unwrap_or(eval.len()).min(eval.len())];
+    let prompts: Vec<Prompt> = eval
+        .iter()
+        .map(|(q, _, _)| {
+            if chat {
+                let ask = if cot {
+                    format!("{q} Think step by step.")
+                } else {
+                    q.clone()
+                };
+                Prompt::Chat(vec![Message::new(Role::User, ask)])
+            } else {
+                Prompt::Text(format!("{prefix}Question: {q}\nAnswer:"))
+            }
+        })
+        .collect();
+    let outs = m.generate(&prompts, max_tokens)?;
+    let correct = outs
+        .iter()
+        .zip(eval)
+        .filter(|(o, (_, _, n))| {
+            let text = if chat {
+                o.text.as_str()
+            } else {
+                o.text.split("\n\nQuestion:").next().unwrap_or("")
+            };
+            final_number(text).is_some_and(|x| (x - n).abs() < 1e-6)
+        })
+        .count();
+    Ok(BTreeMap::from([
+        ("n".into(), eval.len() as f64),
+        ("accuracy".into(), correct as f64 / eval.len().max(1) as f64),
+    ]))
+}
+
+fn language_of(text: &str) -> Option<Lang> {
+    let cjk = text
+        .chars()
+        .filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c))
+        .count();
+    let latin = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
+    match (cjk, latin) {
+        (0, 0) => None,
+        (c, l) if c >= l => Some(Lang::Zh),
+        _ => Some(Lang::En),
+    }
+}
+
+/// The curriculum's RL/held-out prompts with their checkers: accuracy per family, and the
+/// chat-level checks (stops at end of turn, refusal on harmful, false refusal on benign, language).
+pub fn score_curriculum(
+    m: &mut dyn Evaluatee,
+    path: &Path,
+    limit: Option<usize>,
+    max_tokens: usize,
+) -> Result<BTreeMap<String, f64>> {
+    let rows = read_jsonl(path)?;
+    let rows = &rows[..limit.unwrap_or(rows.len()).min(rows.len())];
+    let mut items = Vec::new();
+    for (i, v) in rows.iter().enumerate() {
+        let family: Family = serde_json::from_value(field(v, path, i + 1, "family")?.clone())
+            .with_context(|| format!("{}:{}: unknown family", path.display(), i + 1))?;
+        let lang: Lang = serde_json::from_value(field(v, path, i + 1, "lang")?.clone())?;
+        let messages: Vec<Message> =
+            serde_json::from_value(field(v, path, i + 1, "messages")?.clone())
+                .with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?;
+        let answer: Answer = serde_json::from_value(field(v, path, i + 1, "answer")?.clone())
+            .with_context(|| format!("{}:{}: bad answer", path.display(), i + 1))?;
+        items.push((family, lang, messages, answer));
+    }
+    let prompts: Vec<Prompt> = items
+        .iter()
+        .map(|(_, _, m, _)| Prompt::Chat(m.clone()))
+        .collect();
+    let outs = m.generate(&prompts, max_tokens)?;
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (mut stopped, mut lang_ok, mut lang_n) = (0usize, 0usize, 0usize);
+    let (mut refused_harmful, mut harmful, mut refused_benign, mut benign) = (0, 0, 0, 0);
+    for ((family, lang, _, answer), o) in items.iter().zip(&outs) {
+        let e = per
+            .entry(
+                serde_json::to_value(family)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_default();
+        e.0 += 1;
+        e.1 += usize::from(check(answer, &o.text));
+        stopped += usize::from(o.stopped);
+        if !matches!(family, Family::Email | Family::Translation) {
+            lang_n += 1;
+            lang_ok += usize::from(language_of(&o.text) == Some(*lang));
+        }
+        match family {
+            Family::Harmful => {
+                harmful += 1;
+                refused_harmful += usize::from(is_refusal(&o.text));
+            }
+            Family::Benign => {
+                benign += 1;
+                refused_benign += usize::from(is_refusal(&o.text));
+            }
+            _ => {}
+        }
+    }
+    let frac = |a: usize, b: usize| {
+        if b == 0 {
+            f64::NAN
+        } else {
+            a as f64 / b as f64
+        }
+    };
+    let mut out = BTreeMap::new();
+    out.insert("n".into(), items.len() as f64);
+    let (all_ok, all_n) = per.values().fold((0, 0), |(a, b), (n, ok)| (a + ok, b + n));
+    out.insert("accuracy".into(), frac(all_ok, all_n));
+    for (k, (n, ok)) in &per {
+        out.insert(format!("accuracy/{k}"), frac(*ok, *n));
+    }
+    out.insert("stops_at_end_of_turn".into(), frac(stopped, items.len()));
+    out.insert("language_match".into(), frac(lang_ok, lang_n));
+    out.insert(
+        "refusal_rate_harmful".into(),
+        frac(refused_harmful, harmful),
+    );
+    out.insert(
+        "false_refusal_rate_benign".into(),
+        frac(refused_benign, benign),
+    );
+    Ok(out)
+}
+
+/// Few-shot probes (`probe`, `k`, `prompt`, `answer`): exact match of the first line of the
+/// completion, per probe and k.
+pub fn score_probes(
+    m: &mut dyn Evaluatee,
+    path: &Path,
+    limit: Option<usize>,
+) -> Result<BTreeMap<String, f64>> {
+    let rows = read_jsonl(path)?;
+    let rows = &rows[..limit.unwrap_or(rows.len()).min(rows.len())];
+    let prompts: Vec<Prompt> = rows
+        .iter()
+        .map(|v| Prompt::Text(v["prompt"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    let outs = m.generate(&prompts, 8)?;
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (v, o) in rows.iter().zip(&outs) {
+        let key = format!(
+            "{}/k={}",
+            v["probe"].as_str().unwrap_or("?"),
+            v["k"].as_u64().unwrap_or(0)
+        );
+        let got = o.text.lines().next().unwrap_or("").trim();
+        let e = per.entry(key).or_default();
+        e.0 += 1;
+        e.1 += usize::from(got == v["answer"].as_str().unwrap_or_default());
+    }
+    Ok(per
+        .into_iter()
+        .map(|(k, (n, ok))| (format!("accuracy/{k}"), ok as f64 / n as f64))
+        .collect())
+}
+
+/// Options of a `chatforge eval` run.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// `kind:path` pairs: arc, hellaswag, mmlu, gsm8k, curriculum, probes, bpb (a shard directory).
+    pub tasks: Vec<String>,
+    pub shots: usize,
+    pub limit: Option<usize>,
+    /// Ask chat models through the chat template (GSM8K); default: when the tokenizer has one.
+    pub chat: Option<bool>,
+    pub cot: bool,
+    pub max_tokens: usize,
+    pub batch_size: usize,
+}
+
+/// Runs every task against a loaded model; results keyed by task spec.
+pub fn run(
+    lm: &crate::model::LoadedModel,
+    opts: &EvalOptions,
+) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let mut m = model::ModelEvaluatee {
+        lm,
+        template: None,
+        batch_size: opts.batch_size,
+        truncated_prompts: 0,
+    };
+    let chat = opts
+        .chat
+        .unwrap_or_else(|| crate::tokenizer::chat::ChatTemplate::detect(&lm.tokenizer).is_ok());
+    let mut results = BTreeMap::new();
+    let pb = indicatif::ProgressBar::new(opts.tasks.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("eval {bar:25} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    for spec in &opts.tasks {
+        pb.set_message(spec.clone());
+        let (kind, path) = spec.split_once(':').ok_or_else(|| {
+            anyhow::anyhow!("--task {spec:?}: expected KIND:FILE, e.g. arc:ARC-Easy-test.jsonl")
+        })?;
+        let path = Path::new(path);
+        let r = match kind {
+            "arc" => score_choices(&mut m, &load_arc(path)?, opts.shots, opts.limit)?,
+            "hellaswag" => score_choices(&mut m, &load_hellaswag(path)?, opts.shots, opts.limit)?,
+            "mmlu" => score_choices(&mut m, &load_mmlu(path)?, opts.shots, opts.limit)?,
+            "gsm8k" => score_gsm8k(&mut m, path, chat, opts.cot, opts.shots, opts.limit, opts.max_tokens)?,
+            "curriculum" => score_curriculum(&mut m, path, opts.limit, opts.max_tokens)?,
+            "probes" => score_probes(&mut m, path, opts.limit)?,
+            "bpb" => {
+                let shards = crate::data::shards::ShardSet::open(path)?;
+                let seq = lm.model.config.max_position_embeddings.min(256);
+                let (loss, bpb) = crate::train::pretrain::evaluate(
+                    &lm.model,
+                    &shards.val,
+                    lm.tokenizer.token_bytes(),
+                    opts.batch_size,
+                    seq,
+                    // --limit counts windows here, like items elsewhere.
+                    opts.limit.map_or(32_768, |n| n * seq),
+                )?;
+                BTreeMap::from([("loss".into(), loss), ("bits_per_byte".into(), bpb)])
+            }
+            other => bail!("unknown task kind {other:?}: use arc, hellaswag, mmlu, gsm8k, curriculum, probes or bpb"),
+        };
+        let mut r = r;
+        r.insert("truncated_prompts".into(), m.truncated_prompts as f64);
+        m.truncated_prompts = 0;
+        results.insert(spec.clone(), r);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(results)
+}
+
+/// Results as a Markdown table: one row per task and metric.
+pub fn markdown(results: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
+    let mut s = String::from("| task | metric | value |\n|---|---|---|\n");
+    for (task, metrics) in results {
+        for (k, v) in metrics {
+            s.push_str(&format!("| {task} | {k} | {v:.4} |\n"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model::Completion;
+    use super::*;
+
+    /// Prefers the option " A" (or the first option) and answers every question with "A".
+    struct AlwaysA;
+
+    impl Evaluatee for AlwaysA {
+        fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<f64>> {
+            Ok(requests
+                .iter()
+                .map(|(_, c)| if c == " A" { -1.0 } else { -5.0 })
+                .collect())
+        }
+        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+            Ok(prompts
+                .iter()
+                .map(|_| Completion {
+                    text: "A".into(),
+                    stopped: true,
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn always_a_scores_exactly_the_fraction_of_a_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mmlu.csv");
+        std::fs::write(
+            &p,
+            "question,A,B,C,D,answer\n1+1?,2,3,4,5,A\n2+2?,3,4,5,6,B\n\"Pick, one\",x,y,z,w,A\n3+3?,5,6,7,8,B\n",
+        )
+        .unwrap();
+        let items = load_mmlu(&p).unwrap();
+        assert_eq!(items.len(), 4);
+        let r = score_choices(&mut AlwaysA, &items, 0, None).unwrap();
+        assert_eq!(r["acc"], 0.5);
+        assert_eq!(r["n"], 4.0);
+    }
+
+    /// Knows the right answer only for ARC items with an even index.
+    struct Oracle(Vec<usize>);
+
+    impl Evaluatee for Oracle {
+        fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<f64>> {
+            // 3 options per question.
+            Ok(requests
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if self.0[i / 3] == i % 3 { -1.0 } else { -2.0 })
+                .collect())
+        }
+        fn generate(&mut self, _: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn arc_and_hellaswag_fixtures_load_and_score() {
+        let dir = tempfile::tempdir().unwrap();
+        let arc = dir.path().join("arc.jsonl");
+        let mut lines = String::new();
+        for (i, key) in ["A", "B", "C", "A"].iter().enumerate() {
+            lines.push_str(&serde_json::json!({"question": {"stem": format!("q{i}"), "choices": [
+                {"text": "x", "label": "A"}, {"text": "y", "label": "B"}, {"text": "z", "label": "C"}]}, "answerKey": key}).to_string());
+            lines.push('\n');
+        }
+        std::fs::write(&arc, lines).unwrap();
+        let items = load_arc(&arc).unwrap();
+        assert_eq!(
+            items.iter().map(|c| c.answer).collect::<Vec<_>>(),
+            vec![0, 1, 2, 0]
+        );
+        // The oracle picks the right option for items 0 and 2 only.
+        let r = score_choices(&mut Oracle(vec![0, 0, 2, 1]), &items, 0, None).unwrap();
+        assert_eq!(r["acc"], 0.5);
+        let hs = dir.path().join("hs.jsonl");
+        std::fs::write(
+            &hs,
+            "{\"ctx\": \"A man\", \"endings\": [\"a\", \"b\"], \"label\": \"1\"}\n",
+        )
+        .unwrap();
+        assert_eq!(load_hellaswag(&hs).unwrap()[0].answer, 1);
+        std::fs::write(
+            &hs,
+            "{\"ctx\": \"A man\", \"endings\": [\"a\"], \"label\": 3}\n",
+        )
+        .unwrap();
+        assert!(load_hellaswag(&hs)
+            .unwrap_err()
+            .to_string()
+            .contains("hs.jsonl:1"));
+    }
+
+    #[test]
+    fn final_numbers_follow_gsm8k_conventions() {
+        assert_eq!(final_number("so 3 + 4 = 7 apples"), Some(7.0));
+        assert_eq!(final_number("work... #### 1,200"), Some(1200.0));
+        assert_eq!(final_number("It costs $18."), Some(18.0));
+        assert_eq!(final_number("none"), None);
+    }
+
+    /// Answers curriculum prompts with the ideal reply for even items and rudely for odd ones.
+    struct HalfRight(Vec<String>);
+
+    impl Evaluatee for HalfRight {
+        fn loglikelihood(&mut self, _: &[(String, String)]) -> Result<Vec<f64>> {
+            unreachable!()
+        }
+        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+            Ok((0..prompts.len())
+                .map(|i| Completion {
+                    text: if i % 2 == 0 {
+                        self.0[i].clone()
+                    } else {
+                        "no idea".into()
+                    },
+                    stopped: i % 2 == 0,
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn curriculum_scoring_counts_checker_passes_and_chat_checks() {
+        use crate::data::curriculum::tasks::{make, Split};
+        let mut rng = crate::util::Rng::new(5);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rl.jsonl");
+        let mut lines = String::new();
+        let mut best = Vec::new();
+        for i in 0..20 {
+            let t = make(
+                Family::Arithmetic,
+                if i < 10 { Lang::En } else { Lang::Zh },
+                Split::Heldout,
+                &mut rng,
+            );
+            lines.push_str(&serde_json::json!({"family": t.family, "lang": t.lang, "messages": t.prompt, "answer": t.answer}).to_string());
+            lines.push('\n');
+            best.push(t.replies[0].clone());
+        }
+        std::fs::write(&p, lines).unwrap();
+        let r = score_curriculum(&mut HalfRight(best), &p, None, 50).unwrap();
+        assert_eq!(r["accuracy"], 0.5);
+        assert_eq!(r["stops_at_end_of_turn"], 0.5);
+        assert!(
+            r["language_match"] > 0.2 && r["language_match"] <= 0.5,
+            "{r:?}"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! What the evaluation harness needs from a model, and its implementation for loaded models.
+
+use crate::infer::batch::generate_batch;
+use crate::infer::sampler::SamplingParams;
+use crate::model::LoadedModel;
+use crate::tokenizer::chat::{render, ChatTemplate, Message};
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// A prompt for generation: raw text (base models, few-shot) or a conversation (chat models).
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub text: String,
+    /// Ended by the end-of-turn/end-of-text token rather than the length limit.
+    pub stopped: bool,
+}
+
+/// The two questions every task asks a model.
+pub trait Evaluatee {
+    /// Log-probability (natural log) of each continuation after its context.
+    fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<f64>>;
+    /// Greedy completions.
+    fn generate(&mut self, prompts: &[Prompt], max_tokens: usize) -> Result<Vec<Completion>>;
+}
+
+/// A chatforge model evaluated in batches.
+pub struct ModelEvaluatee<'a> {
+    pub lm: &'a LoadedModel,
+    pub template: Option<ChatTemplate>,
+    pub batch_size: usize,
+    /// Prompts cut from the left to leave room for the answer (as lm-evaluation-harness does).
+    pub truncated_prompts: usize,
+}
+
+impl ModelEvaluatee<'_> {
+    fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.lm.tokenizer.bos_id().into_iter().collect();
+        ids.extend(self.lm.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+}
+
+impl Evaluatee for ModelEvaluatee<'_> {
+    fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<f64>> {
+        let context = self.lm.model.config.max_position_embeddings;
+        let mut seqs = Vec::with_capacity(requests.len());
+        for (ctx, cont) in requests {
+            let mut ids = self.text_ids(ctx)?;
+            let cont_ids = self.lm.tokenizer.encode(cont)?;
+            let n = cont_ids.len().max(1);
+            ids.extend(cont_ids);
+            // Keep the end: the continuation and as much context as fits.
+            if ids.len() > context + 1 {
+                ids.drain(..ids.len() - context - 1);
+            }
+            seqs.push((ids, n));
+        }
+        let device = self.lm.model.device().clone();
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(self.batch_size.max(1)) {
+            let len = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(2).max(2);
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            for (s, _) in chunk {
+                for t in 0..len - 1 {
+                    x.push(s.get(t).copied().unwrap_or(0));
+                    y.push(s.get(t + 1).copied().unwrap_or(0));
+                }
+            }
+            let b = chunk.len();
+            let nll: Vec<Vec<f32>> = self
+                .lm
+                .model
+                .token_nll(
+                    &Tensor::from_vec(x, (b, len - 1), &device)?,
+                    &Tensor::from_vec(y, (b, len - 1), &device)?,
+                )?
+                .to_vec2()?;
+            for ((s, n), row) in chunk.iter().zip(nll) {
+                let end = s.len() - 1;
+                let start = end.saturating_sub(*n);
+                out.push(-row[start..end].iter().map(|&v| v as f64).sum::<f64>());
+            }
+        }
+        Ok(out)
+    }
+
+    fn generate(&mut self, prompts: &[Prompt], max_tokens: usize) -> Result<Vec<Completion>> {
+        let mut ids = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            ids.push(match p {
+                Prompt::Text(t) => self.text_ids(t)?,
+                Prompt::Chat(m) => {
+                    let template = match &self.template {
+                        Some(t) => t.clone(),
+                        None => ChatTemplate::detect(&self.lm.tokenizer)?,
+                    };
+                    render(&self.lm.tokenizer, &template, m, true)?.ids
+                }
+            });
+        }
+        // Leave room for the answer: cut long prompts from the left, keeping their first token.
+        let context = self.lm.model.config.max_position_embeddings;
+        let keep = context.saturating_sub(max_tokens.min(context / 2)).max(2);
+        for p in ids.iter_mut() {
+            if p.len() > keep {
+                let first = p[0];
+                p.drain(..p.len() - keep + 1);
+                p.insert(0, first);
+                self.truncated_prompts += 1;
+            }
+        }
+        let mut stops = crate::infer::generate::stop_ids(self.lm);
+        if let Ok(t) = ChatTemplate::detect(&self.lm.tokenizer) {
+            stops.extend(t.stop_ids(&self.lm.tokenizer));
+        }
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in ids.chunks(self.batch_size.max(1)) {
+            for o in generate_batch(self.lm, chunk, max_tokens, &greedy, &stops)? {
+                out.push(Completion {
+                    stopped: o.finish_reason == crate::infer::generate::FinishReason::Stop,
+                    text: o.text,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
