@@ -123,11 +123,29 @@ impl Evaluatee for ModelEvaluatee<'_> {
             temperature: 0.0,
             ..Default::default()
         };
+        // A chat reply only counts as stopped at the template's end-of-turn token (a base model
+        // that starts a new document has not learned the format).
+        let end_of_turn = match &self.template {
+            Some(t) => t.stop_ids(&self.lm.tokenizer),
+            None => ChatTemplate::detect(&self.lm.tokenizer)
+                .map(|t| t.stop_ids(&self.lm.tokenizer))
+                .unwrap_or_default(),
+        };
         let mut out = Vec::with_capacity(prompts.len());
-        for chunk in ids.chunks(self.batch_size.max(1)) {
-            for o in generate_batch(self.lm, chunk, max_tokens, &greedy, &stops)? {
+        for (chunk, kinds) in ids
+            .chunks(self.batch_size.max(1))
+            .zip(prompts.chunks(self.batch_size.max(1)))
+        {
+            for (o, p) in generate_batch(self.lm, chunk, max_tokens, &greedy, &stops)?
+                .into_iter()
+                .zip(kinds)
+            {
+                let stopped = match p {
+                    Prompt::Chat(_) => o.stop_token.is_some_and(|t| end_of_turn.contains(&t)),
+                    Prompt::Text(_) => o.stop_token.is_some(),
+                };
                 out.push(Completion {
-                    stopped: o.finish_reason == crate::infer::generate::FinishReason::Stop,
+                    stopped,
                     text: o.text,
                 });
             }

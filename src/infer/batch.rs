@@ -12,6 +12,8 @@ pub struct BatchOutput {
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The stop token that ended the row, if one did.
+    pub stop_token: Option<u32>,
 }
 
 /// Generates up to `max_tokens` after each prompt; row `i` samples with seed `sampling.seed + i`.
@@ -54,7 +56,7 @@ pub fn generate_batch(
         })
         .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done: Vec<Option<FinishReason>> = vec![None; b];
+    let mut done: Vec<Option<u32>> = vec![None; b];
     for _ in 0..steps {
         let logits: Vec<Vec<f32>> = lm.model.forward_last(&input, Some(&mut cache))?.to_vec2()?;
         let mut next = Vec::with_capacity(b);
@@ -65,7 +67,7 @@ pub fn generate_batch(
             }
             let t = samplers[i].sample(&logits[i]);
             if stops.contains(&t) {
-                done[i] = Some(FinishReason::Stop);
+                done[i] = Some(t);
             } else {
                 out[i].push(t);
             }
@@ -82,7 +84,12 @@ pub fn generate_batch(
             Ok(BatchOutput {
                 text: lm.tokenizer.decode(&tokens)?,
                 tokens,
-                finish_reason: d.unwrap_or(FinishReason::Length),
+                finish_reason: if d.is_some() {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                },
+                stop_token: d,
             })
         })
         .collect()
