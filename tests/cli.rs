@@ -31,6 +31,32 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A finished three-step run of the tiny model, made through the command line.
+fn pretrain_three_steps(shards: &Path, cfg: &Path, run: &Path) {
+    let out = chatforge(&[
+        "pretrain",
+        "--data",
+        s(shards),
+        "--out",
+        s(run),
+        "--config",
+        s(cfg),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn missing_and_empty_inputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,28 +155,7 @@ fn pipeline_errors_name_the_problem() {
 
     // A real run, then generation errors.
     let run = dir.path().join("run");
-    let out = chatforge(&[
-        "pretrain",
-        "--data",
-        s(&shards),
-        "--out",
-        s(&run),
-        "--config",
-        s(&cfg),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--eval-every",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pretrain_three_steps(&shards, &cfg, &run);
     let long = "word ".repeat(300);
     fails_with(
         &["generate", "--model", s(&run), "--prompt", &long],
@@ -254,28 +259,7 @@ fn eval_scores_curriculum_files_and_names_bad_task_specs() {
     let dir = tempfile::tempdir().unwrap();
     let (shards, cfg) = common::tiny_shards(dir.path());
     let run = dir.path().join("run");
-    let out = chatforge(&[
-        "pretrain",
-        "--data",
-        s(&shards),
-        "--out",
-        s(&run),
-        "--config",
-        s(&cfg),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--eval-every",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pretrain_three_steps(&shards, &cfg, &run);
     let cur = dir.path().join("cur");
     let o = chatforge(&[
         "curriculum",
