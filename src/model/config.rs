@@ -143,8 +143,31 @@ impl LlamaConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: LlamaConfig = crate::util::read_json(path)?;
-        cfg.validate(&path.display().to_string())?;
+        let raw: serde_json::Value = crate::util::read_json(path)?;
+        let source = path.display().to_string();
+        let mut cfg: LlamaConfig = serde_json::from_value(raw.clone())
+            .map_err(|e| anyhow::anyhow!("{source}: not a Llama config ({e})"))?;
+        // transformers 5 writes the rotary settings under `rope_parameters`; older files use
+        // `rope_theta` and `rope_scaling`.
+        let rope = raw
+            .get("rope_parameters")
+            .or_else(|| raw.get("rope_scaling"));
+        if let Some(r) = rope.filter(|r| r.is_object()) {
+            if raw.get("rope_theta").is_none() {
+                if let Some(t) = r.get("rope_theta").and_then(|t| t.as_f64()) {
+                    cfg.rope_theta = t;
+                }
+            }
+            let kind = r
+                .get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                bail!("{source}: rotary scaling \"{kind}\" is not supported yet (only the default rotary embedding)");
+            }
+        }
+        cfg.validate(&source)?;
         Ok(cfg)
     }
 
@@ -184,6 +207,31 @@ mod tests {
         c.num_key_value_heads = Some(4);
         assert!(c.validate("m").is_err());
         assert!(LlamaConfig::small(300, 64).validate("m").is_ok());
+    }
+
+    #[test]
+    fn reads_rope_parameters_and_refuses_unknown_scaling() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        let base = r#""hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":64,"max_position_embeddings":64"#;
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{{base},"rope_parameters":{{"rope_theta":500000.0,"rope_type":"default"}}}}"#
+            ),
+        )
+        .unwrap();
+        assert_eq!(LlamaConfig::load(&p).unwrap().rope_theta, 500000.0);
+        std::fs::write(
+            &p,
+            format!(r#"{{{base},"rope_scaling":{{"rope_type":"llama3","factor":8.0}}}}"#),
+        )
+        .unwrap();
+        let err = LlamaConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("llama3") && err.contains("config.json"),
+            "{err}"
+        );
     }
 
     #[test]
