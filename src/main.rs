@@ -46,6 +46,11 @@ enum Command {
     Chat(ChatArgs),
     /// Score a model on benchmark files and the curriculum (JSON and a Markdown table).
     Eval(EvalArgs),
+    /// Write RUN/report.md: every stage's numbers, loss curves (PNG), evaluations and samples.
+    Report {
+        /// The last run of the chain (its parents are followed through chatforge.json).
+        run: PathBuf,
+    },
     /// Write the built-in bilingual synthetic curriculum (pretraining text, conversations,
     /// preference rankings, RL prompts with checkers, few-shot probes).
     Curriculum(CurriculumArgs),
@@ -541,6 +546,10 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(out) = a.out {
                 chatforge::util::write_json_atomic(&out, &results)?;
             }
+        }
+        Command::Report { run } => {
+            let path = chatforge::eval::report::report(&run)?;
+            println!("{}", path.display());
         }
         Command::Curriculum(a) => {
             if !(a.scale > 0.0 && a.scale.is_finite()) {

@@ -3,6 +3,7 @@
 //! Every task runs against an [`Evaluatee`], so tests can score scripted models with known answers.
 
 pub mod model;
+pub mod report;
 
 use crate::data::curriculum::tasks::{check, is_refusal, Answer, Family, Lang};
 use crate::tokenizer::chat::{Message, Role};
@@ -159,20 +160,27 @@ pub fn load_mmlu(path: &Path) -> Result<Vec<Choice>> {
     Ok(out)
 }
 
-/// Accuracy by summed log-likelihood and by log-likelihood per byte of the option (acc_norm),
-/// with the first `shots` items as in-context examples for the rest.
+/// Accuracy by summed log-likelihood and by log-likelihood per byte of the option (acc_norm).
+/// The `shots` in-context examples come from `dev` when given, else from the start of `items`
+/// (which are then not scored).
 pub fn score_choices(
     m: &mut dyn Evaluatee,
     items: &[Choice],
+    dev: Option<&[Choice]>,
     shots: usize,
     limit: Option<usize>,
 ) -> Result<BTreeMap<String, f64>> {
-    let shots = shots.min(items.len().saturating_sub(1));
-    let prefix: String = items[..shots]
+    let (examples, eval) = match dev {
+        Some(d) => (&d[..shots.min(d.len())], items),
+        None => {
+            let k = shots.min(items.len().saturating_sub(1));
+            (&items[..k], &items[k..])
+        }
+    };
+    let prefix: String = examples
         .iter()
         .map(|c| format!("{}{}\n\n", c.context, c.options[c.answer]))
         .collect();
-    let eval = &items[shots..];
     let eval = &eval[..limit.unwrap_or(eval.len()).min(eval.len())];
     let requests: Vec<(String, String)> = eval
         .iter()
@@ -484,26 +492,39 @@ pub fn run(
         let (kind, path) = spec.split_once(':').ok_or_else(|| {
             anyhow::anyhow!("--task {spec:?}: expected KIND:FILE, e.g. arc:ARC-Easy-test.jsonl")
         })?;
-        let path = Path::new(path);
+        // KIND:TEST@DEV draws the few-shot examples from a dev file.
+        let (path, dev) = match path.split_once('@') {
+            Some((t, d)) => (Path::new(t), Some(Path::new(d))),
+            None => (Path::new(path), None),
+        };
+        let choices =
+            |load: fn(&Path) -> Result<Vec<Choice>>| -> Result<(Vec<Choice>, Option<Vec<Choice>>)> {
+                Ok((load(path)?, dev.map(load).transpose()?))
+            };
         let r = match kind {
-            "arc" => score_choices(&mut m, &load_arc(path)?, opts.shots, opts.limit)?,
-            "hellaswag" => score_choices(&mut m, &load_hellaswag(path)?, opts.shots, opts.limit)?,
-            "mmlu" => score_choices(&mut m, &load_mmlu(path)?, opts.shots, opts.limit)?,
+            "arc" | "hellaswag" | "mmlu" => {
+                let load = match kind {
+                    "arc" => load_arc,
+                    "hellaswag" => load_hellaswag,
+                    _ => load_mmlu,
+                };
+                let (items, dev_items) = choices(load)?;
+                score_choices(&mut m, &items, dev_items.as_deref(), opts.shots, opts.limit)?
+            }
             "gsm8k" => score_gsm8k(&mut m, path, chat, opts.cot, opts.shots, opts.limit, opts.max_tokens)?,
             "curriculum" => score_curriculum(&mut m, path, opts.limit, opts.max_tokens)?,
             "probes" => score_probes(&mut m, path, opts.limit)?,
             "bpb" => {
-                let shards = crate::data::shards::ShardSet::open(path)?;
                 let seq = lm.model.config.max_position_embeddings.min(256);
-                let (loss, bpb) = crate::train::pretrain::evaluate(
-                    &lm.model,
-                    &shards.val,
-                    lm.tokenizer.token_bytes(),
-                    opts.batch_size,
-                    seq,
-                    // --limit counts windows here, like items elsewhere.
-                    opts.limit.map_or(32_768, |n| n * seq),
-                )?;
+                // --limit counts windows here, like items elsewhere.
+                let max_tokens = opts.limit.map_or(32_768, |n| n * seq);
+                let (loss, bpb) = if path.is_dir() {
+                    let shards = crate::data::shards::ShardSet::open(path)?;
+                    crate::train::pretrain::evaluate(&lm.model, &shards.val, lm.tokenizer.token_bytes(), opts.batch_size, seq, max_tokens)?
+                } else {
+                    let windows = text_windows(lm, path, seq, max_tokens)?;
+                    crate::train::pretrain::evaluate_windows(&lm.model, &windows, lm.tokenizer.token_bytes(), opts.batch_size)?
+                };
                 BTreeMap::from([("loss".into(), loss), ("bits_per_byte".into(), bpb)])
             }
             other => bail!("unknown task kind {other:?}: use arc, hellaswag, mmlu, gsm8k, curriculum, probes or bpb"),
@@ -516,6 +537,43 @@ pub fn run(
     }
     pb.finish_and_clear();
     Ok(results)
+}
+
+/// Consecutive windows of `seq + 1` tokens over a text or JSONL file, each document starting
+/// with `<|bos|>` as in training.
+fn text_windows(
+    lm: &crate::model::LoadedModel,
+    path: &Path,
+    seq: usize,
+    max_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut stream: Vec<u32> = Vec::new();
+    crate::data::text::read_documents(
+        path,
+        crate::data::text::DocFormat::Auto,
+        "text",
+        |doc, _| {
+            if stream.len() <= max_tokens + seq {
+                stream.extend(lm.tokenizer.bos_id());
+                stream.extend(lm.tokenizer.encode(&doc)?);
+            }
+            Ok(())
+        },
+    )?;
+    let windows: Vec<Vec<u32>> = stream
+        .windows(seq + 1)
+        .step_by(seq)
+        .take(max_tokens.div_ceil(seq).max(1))
+        .map(|w| w.to_vec())
+        .collect();
+    if windows.is_empty() {
+        bail!(
+            "{} has fewer than {} tokens: too short to measure bits per byte",
+            path.display(),
+            seq + 1
+        );
+    }
+    Ok(windows)
 }
 
 /// Results as a Markdown table: one row per task and metric.
@@ -566,9 +624,16 @@ mod tests {
         .unwrap();
         let items = load_mmlu(&p).unwrap();
         assert_eq!(items.len(), 4);
-        let r = score_choices(&mut AlwaysA, &items, 0, None).unwrap();
+        let r = score_choices(&mut AlwaysA, &items, None, 0, None).unwrap();
         assert_eq!(r["acc"], 0.5);
         assert_eq!(r["n"], 4.0);
+        // Shots from a dev split leave every test item scored; without one they use up the first.
+        assert_eq!(
+            score_choices(&mut AlwaysA, &items, Some(&items[..2]), 2, None).unwrap()["n"],
+            4.0
+        );
+        let r = score_choices(&mut AlwaysA, &items, None, 1, None).unwrap();
+        assert_eq!((r["n"], r["acc"]), (3.0, 1.0 / 3.0));
     }
 
     /// Knows the right answer only for ARC items with an even index.
@@ -605,7 +670,7 @@ mod tests {
             vec![0, 1, 2, 0]
         );
         // The oracle picks the right option for items 0 and 2 only.
-        let r = score_choices(&mut Oracle(vec![0, 0, 2, 1]), &items, 0, None).unwrap();
+        let r = score_choices(&mut Oracle(vec![0, 0, 2, 1]), &items, None, 0, None).unwrap();
         assert_eq!(r["acc"], 0.5);
         let hs = dir.path().join("hs.jsonl");
         std::fs::write(

@@ -114,7 +114,6 @@ pub fn evaluate(
     seq_len: usize,
     max_tokens: usize,
 ) -> Result<(f64, f64)> {
-    let device = model.device().clone();
     let mut windows: Vec<Vec<u32>> = Vec::new();
     'outer: for shard in &split.shards {
         let mut start = 0;
@@ -134,8 +133,21 @@ pub fn evaluate(
             seq_len + 1
         );
     }
+    evaluate_windows(model, &windows, token_bytes, batch)
+}
+
+/// Mean loss (nats/token) and bits per byte over windows of equal length (inputs then the last
+/// target); special-token targets count in the loss but carry no bytes.
+pub fn evaluate_windows(
+    model: &Llama,
+    windows: &[Vec<u32>],
+    token_bytes: &[u32],
+    batch: usize,
+) -> Result<(f64, f64)> {
+    let device = model.device().clone();
+    let seq_len = windows.first().map_or(1, |w| w.len() - 1);
     let (mut nll_sum, mut count, mut nll_bytes, mut bytes) = (0.0f64, 0usize, 0.0f64, 0u64);
-    for chunk in windows.chunks(batch) {
+    for chunk in windows.chunks(batch.max(1)) {
         let b = chunk.len();
         let inputs: Vec<u32> = chunk
             .iter()
