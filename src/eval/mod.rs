@@ -698,6 +698,69 @@ mod tests {
         assert_eq!(final_number("none"), None);
     }
 
+    /// Answers GSM8K with the right number for even items and a wrong one for odd items; records
+    /// the prompts it saw.
+    struct Arithmetic {
+        answers: Vec<i64>,
+        seen: Vec<Prompt>,
+    }
+
+    impl Evaluatee for Arithmetic {
+        fn loglikelihood(&mut self, _: &[(String, String)]) -> Result<Vec<f64>> {
+            unreachable!()
+        }
+        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+            self.seen.extend(prompts.iter().cloned());
+            Ok((0..prompts.len())
+                .map(|i| {
+                    let n = self.answers[self.answers.len() - prompts.len() + i];
+                    let n = if i % 2 == 0 { n } else { n + 1 };
+                    // A base model runs on into the next few-shot question; that part must not count.
+                    Completion {
+                        text: format!(" so #### {n}\n\nQuestion: what is 2+2?\nAnswer: 4"),
+                        stopped: false,
+                    }
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn gsm8k_scores_final_numbers_in_chat_and_few_shot_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gsm8k.jsonl");
+        let answers: Vec<i64> = (1..=5).map(|i| i * 11).collect();
+        let lines: String = answers
+            .iter()
+            .map(|a| format!("{}\n", serde_json::json!({"question": format!("What is {a}?"), "answer": format!("It is {a}.\n#### {a}")})))
+            .collect();
+        std::fs::write(&p, lines).unwrap();
+        let mut chat = Arithmetic {
+            answers: answers.clone(),
+            seen: Vec::new(),
+        };
+        let r = score_gsm8k(&mut chat, &p, true, true, 0, None, 64).unwrap();
+        assert_eq!((r["n"], r["accuracy"]), (5.0, 3.0 / 5.0));
+        assert!(
+            matches!(&chat.seen[0], Prompt::Chat(m) if m[0].content.ends_with("Think step by step."))
+        );
+        // Base model, two shots from the start of the file: three items scored, two right.
+        let mut base = Arithmetic {
+            answers: answers[2..].to_vec(),
+            seen: Vec::new(),
+        };
+        let r = score_gsm8k(&mut base, &p, false, false, 2, None, 64).unwrap();
+        assert_eq!((r["n"], r["accuracy"]), (3.0, 2.0 / 3.0));
+        let Prompt::Text(t) = &base.seen[0] else {
+            panic!("base prompts are text")
+        };
+        assert!(
+            t.starts_with("Question: What is 11?\nAnswer: #### 11\n\nQuestion: What is 22?"),
+            "{t}"
+        );
+        assert!(t.ends_with("Question: What is 33?\nAnswer:"), "{t}");
+    }
+
     /// Answers curriculum prompts with the ideal reply for even items and rudely for odd ones.
     struct HalfRight(Vec<String>);
 
