@@ -478,17 +478,14 @@ pub fn run(
         template: None,
         batch_size: opts.batch_size,
         truncated_prompts: 0,
+        progress: indicatif::ProgressBar::hidden(),
     };
     let chat = opts
         .chat
         .unwrap_or_else(|| crate::tokenizer::chat::ChatTemplate::detect(&lm.tokenizer).is_ok());
     let mut results = BTreeMap::new();
-    let pb = indicatif::ProgressBar::new(opts.tasks.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("eval {bar:25} {pos}/{len} {msg}")
-            .expect("valid template"),
-    );
     for spec in &opts.tasks {
-        pb.set_message(spec.clone());
+        m.progress = model::task_progress(spec);
         let (kind, path) = spec.split_once(':').ok_or_else(|| {
             anyhow::anyhow!("--task {spec:?}: expected KIND:FILE, e.g. arc:ARC-Easy-test.jsonl")
         })?;
@@ -533,9 +530,8 @@ pub fn run(
         r.insert("truncated_prompts".into(), m.truncated_prompts as f64);
         m.truncated_prompts = 0;
         results.insert(spec.clone(), r);
-        pb.inc(1);
+        m.progress.finish_and_clear();
     }
-    pb.finish_and_clear();
     Ok(results)
 }
 

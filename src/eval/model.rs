@@ -36,6 +36,20 @@ pub struct ModelEvaluatee<'a> {
     pub batch_size: usize,
     /// Prompts cut from the left to leave room for the answer (as lm-evaluation-harness does).
     pub truncated_prompts: usize,
+    /// Shows items done, rate and ETA for the task being scored.
+    pub progress: indicatif::ProgressBar,
+}
+
+/// A progress bar for one task's items (hidden when stderr is not a terminal).
+pub fn task_progress(name: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{name} {{bar:25}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{per_sec}}"
+        ))
+        .expect("valid template"),
+    );
+    pb
 }
 
 impl ModelEvaluatee<'_> {
@@ -63,6 +77,7 @@ impl Evaluatee for ModelEvaluatee<'_> {
         }
         let device = self.lm.model.device().clone();
         let mut out = Vec::with_capacity(seqs.len());
+        self.progress.inc_length(seqs.len() as u64);
         for chunk in seqs.chunks(self.batch_size.max(1)) {
             let len = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(2).max(2);
             let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -81,6 +96,7 @@ impl Evaluatee for ModelEvaluatee<'_> {
                     &Tensor::from_vec(y, (b, len - 1), &device)?,
                 )?
                 .to_vec2()?;
+            self.progress.inc(chunk.len() as u64);
             for ((s, n), row) in chunk.iter().zip(nll) {
                 let end = s.len() - 1;
                 let start = end.saturating_sub(*n);
@@ -132,6 +148,7 @@ impl Evaluatee for ModelEvaluatee<'_> {
                 .unwrap_or_default(),
         };
         let mut out = Vec::with_capacity(prompts.len());
+        self.progress.inc_length(prompts.len() as u64);
         for (chunk, kinds) in ids
             .chunks(self.batch_size.max(1))
             .zip(prompts.chunks(self.batch_size.max(1)))
@@ -149,6 +166,7 @@ impl Evaluatee for ModelEvaluatee<'_> {
                     text: o.text,
                 });
             }
+            self.progress.inc(chunk.len() as u64);
         }
         Ok(out)
     }
