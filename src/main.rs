@@ -3,7 +3,7 @@
 use anyhow::Result;
 use chatforge::data::chat::ChatFormat;
 use chatforge::data::shards::{self, TokenizeOptions};
-use chatforge::data::text::{self, DocFormat};
+use chatforge::data::text::DocFormat;
 use chatforge::infer::chat::{run_terminal, ChatSession};
 use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
@@ -154,6 +154,12 @@ struct TrainArgs {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
+    /// Continue from the run's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop right after this step's checkpoint, as if killed (for testing resume).
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
 }
 
 impl TrainArgs {
@@ -172,7 +178,9 @@ impl TrainArgs {
             log_every: 10,
             checkpoint_every: self.checkpoint_every.max(1),
             keep_checkpoints: self.keep_checkpoints,
-            ..Default::default()
+            resume: self.resume,
+            halt_after: self.halt_after,
+            quiet: false,
         }
     }
 }
@@ -204,12 +212,6 @@ struct PretrainArgs {
     shape: ShapeArgs,
     #[command(flatten)]
     train: TrainArgs,
-    /// Continue from the run's last checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// Stop right after this step's checkpoint, as if killed (for testing resume).
-    #[arg(long, hide = true)]
-    halt_after: Option<usize>,
 }
 
 #[derive(Args)]
@@ -301,10 +303,6 @@ struct SftArgs {
     mix_fraction: f64,
     #[command(flatten)]
     train: TrainArgs,
-    #[arg(long)]
-    resume: bool,
-    #[arg(long, hide = true)]
-    halt_after: Option<usize>,
 }
 
 #[derive(Args)]
@@ -402,9 +400,6 @@ fn pretrain_options(
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Tokenizer(TokenizerCommand::Train(a)) => {
-            let docs =
-                text::read_all_documents(&a.input.input, a.input.format, &a.input.text_field)?;
-            let chunks: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
             let opts = TrainOptions {
                 vocab_size: a.vocab_size,
                 pattern: a.pattern,
@@ -412,7 +407,12 @@ fn run(cli: Cli) -> Result<()> {
                     .special_tokens
                     .unwrap_or_else(|| CHAT_SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect()),
             };
-            let (tok, report) = Tokenizer::train(&chunks, &opts)?;
+            let (tok, report) = Tokenizer::train_on_files(
+                &a.input.input,
+                a.input.format,
+                &a.input.text_field,
+                &opts,
+            )?;
             let file = tok.save(&a.out)?;
             println!("{}", serde_json::to_string(&report)?);
             if tok.vocab_size() < a.vocab_size {
@@ -462,9 +462,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&meta)?);
         }
         Command::Pretrain(a) => {
-            let mut opts = pretrain_options(&a.shape, &a.train, a.data, a.out);
-            opts.train.resume = a.resume;
-            opts.train.halt_after = a.halt_after;
+            let opts = pretrain_options(&a.shape, &a.train, a.data, a.out);
             let mut report = serde_json::to_value(pretrain(&opts)?)?;
             report.as_object_mut().map(|o| o.remove("losses"));
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -493,13 +491,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sft(a) => {
             let defaults = SftOptions::default();
-            let mut train = a.train.loop_options(
+            let train = a.train.loop_options(
                 defaults.train.steps,
                 defaults.train.lr,
                 defaults.train.warmup_steps,
             );
-            train.resume = a.resume;
-            train.halt_after = a.halt_after;
             let opts = SftOptions {
                 base: a.base,
                 data: a.data,

@@ -2,7 +2,7 @@
 //! a sample), with every stage's numbers printed.
 
 use crate::data::shards::{self, TokenizeOptions};
-use crate::data::text::{self, DocFormat};
+use crate::data::text::DocFormat;
 use crate::infer::generate::{generate, GenerateOptions};
 use crate::model;
 use crate::tokenizer::{Tokenizer, TrainOptions};
@@ -27,16 +27,15 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PretrainReport> {
     let run_dir = opts.out.join("base");
 
     eprintln!("[1/4] training the tokenizer (vocab {})", opts.vocab_size);
-    let docs = text::read_all_documents(&opts.inputs, opts.format, "text")?;
-    let chunks: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
-    let (tokenizer, report) = Tokenizer::train(
-        &chunks,
+    let (tokenizer, report) = Tokenizer::train_on_files(
+        &opts.inputs,
+        opts.format,
+        "text",
         &TrainOptions {
             vocab_size: opts.vocab_size,
             ..Default::default()
         },
     )?;
-    drop(docs);
     tokenizer.save(&tok_dir)?;
     eprintln!(
         "      {} merges from {} distinct words in {:.1}s -> {}",

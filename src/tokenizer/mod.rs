@@ -139,6 +139,18 @@ impl Tokenizer {
         Ok((tok, report))
     }
 
+    /// Trains on the documents of text or JSONL files (each document is a chunk merges never cross).
+    pub fn train_on_files(
+        paths: &[PathBuf],
+        format: crate::data::text::DocFormat,
+        text_field: &str,
+        opts: &TrainOptions,
+    ) -> Result<(Tokenizer, TrainReport)> {
+        let docs = crate::data::text::read_all_documents(paths, format, text_field)?;
+        let chunks: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
+        Self::train(&chunks, opts)
+    }
+
     /// Assembles the `tokenizers` pipeline: regex split, byte-level mapping, BPE with our merges.
     fn build(merges: &[(String, String)], pattern: &str, specials: &[String]) -> Result<Tokenizer> {
         let table = byte_level::bytes_to_unicode();
