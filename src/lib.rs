@@ -5,6 +5,7 @@ pub mod data;
 pub mod eval;
 pub mod infer;
 pub mod model;
+pub mod rlhf;
 pub mod speedrun;
 pub mod tokenizer;
 pub mod train;

@@ -7,9 +7,11 @@ use chatforge::data::text::DocFormat;
 use chatforge::infer::chat::{run_terminal, ChatSession};
 use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
+use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
 use chatforge::tokenizer::chat::ChatTemplate;
 use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_TOKENS};
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::reward::{train_reward, RewardOptions};
 use chatforge::train::sft::{sft, OnError, SftOptions};
 use chatforge::train::trainer::LoopOptions;
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +44,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
     Sft(SftArgs),
+    /// Train a reward model on ranked or paired answers (Bradley-Terry, scalar head).
+    Reward(RewardArgs),
+    /// Tune a policy with human-feedback RL: PPO (default), DPO or GRPO.
+    Rlhf(RlhfArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
     /// Score a model on benchmark files and the curriculum (JSON and a Markdown table).
@@ -306,6 +312,122 @@ struct SftArgs {
 }
 
 #[derive(Args)]
+struct RewardArgs {
+    /// The run to start from (usually the SFT model).
+    #[arg(long)]
+    base: PathBuf,
+    /// Preference files: rankings, prompt/chosen/rejected pairs, ShareGPT DPO or Anthropic HH.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Reward-model directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Prompts (comparisons) per batch; each brings all its ranked responses.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Longest conversation in tokens (default: the model's context).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Fraction of comparisons held out.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Held-out preference files instead of a fraction of --data.
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "skip")]
+    on_error: OnError,
+    /// RL prompts: the base model's answers to them define reward 0 (default: held-out responses).
+    #[arg(long)]
+    norm_prompts: Option<PathBuf>,
+    /// How many of --norm-prompts to answer.
+    #[arg(long, default_value_t = 64)]
+    norm_samples: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct RlhfArgs {
+    /// The SFT run: the starting policy and the frozen KL reference.
+    #[arg(long)]
+    policy: PathBuf,
+    /// Reward model from `chatforge reward` (PPO; GRPO with --reward-source model; measuring).
+    #[arg(long)]
+    reward: Option<PathBuf>,
+    /// Training prompts: JSONL with "messages" or "prompt" (and optionally the curriculum's "answer").
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Held-out prompts for measuring (default: every tenth of --prompts).
+    #[arg(long)]
+    eval_prompts: Option<PathBuf>,
+    /// Preference files for DPO.
+    #[arg(long, num_args = 1..)]
+    prefs: Vec<PathBuf>,
+    /// Held-out preference files for DPO (default: every tenth pair).
+    #[arg(long, num_args = 1..)]
+    val_prefs: Vec<PathBuf>,
+    /// Run directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "ppo")]
+    algo: Algo,
+    /// Prompts per rollout batch.
+    #[arg(long, default_value_t = 16)]
+    rollout_prompts: usize,
+    /// Samples per prompt for GRPO.
+    #[arg(long, default_value_t = 4)]
+    group_size: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature of rollouts.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Passes over each rollout batch.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Sequences (or DPO pairs) per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    minibatch: usize,
+    /// PPO/GRPO ratio clip ε.
+    #[arg(long, default_value_t = 0.2)]
+    clip: f64,
+    #[arg(long, default_value_t = 0.2)]
+    value_clip: f64,
+    /// Weight of the value loss (the value head shares the policy's trunk).
+    #[arg(long, default_value_t = 0.1)]
+    vf_coef: f64,
+    #[arg(long, default_value_t = 1.0)]
+    gamma: f64,
+    /// GAE λ.
+    #[arg(long, default_value_t = 0.95)]
+    lambda: f64,
+    /// β: KL penalty to the SFT model.
+    #[arg(long, default_value_t = 0.05)]
+    kl_coef: f64,
+    /// Adapt β towards this KL per response (nats).
+    #[arg(long)]
+    target_kl: Option<f64>,
+    #[arg(long, default_value_t = 10000.0)]
+    kl_horizon: f64,
+    /// PPO-ptx: pretraining shards whose LM loss is mixed in.
+    #[arg(long)]
+    ptx_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.0)]
+    ptx_coef: f64,
+    /// PPO/GRPO reward: the reward model or the prompts' programmatic checker ("answer").
+    #[arg(long, value_enum, default_value = "model")]
+    reward_source: RewardSource,
+    /// DPO β.
+    #[arg(long, default_value_t = 0.1)]
+    dpo_beta: f64,
+    /// Held-out prompts answered at each evaluation.
+    #[arg(long, default_value_t = 64)]
+    eval_samples: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
 struct ChatArgs {
     /// A run directory (SFT or later) or one of its checkpoints.
     #[arg(long)]
@@ -512,6 +634,67 @@ fn run(cli: Cli) -> Result<()> {
                 train,
             };
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
+        }
+        Command::Reward(a) => {
+            let defaults = RewardOptions::default();
+            let train = a.train.loop_options(
+                defaults.train.steps,
+                defaults.train.lr,
+                defaults.train.warmup_steps,
+            );
+            let opts = RewardOptions {
+                base: a.base,
+                data: a.data,
+                val_data: a.val_data,
+                out: a.out,
+                batch_size: a.batch_size,
+                max_len: a.max_len,
+                val_fraction: a.val_fraction,
+                on_error: a.on_error,
+                norm_prompts: a.norm_prompts,
+                norm_samples: a.norm_samples,
+                train,
+            };
+            println!("{}", serde_json::to_string_pretty(&train_reward(&opts)?)?);
+        }
+        Command::Rlhf(a) => {
+            let defaults = RlhfOptions::default();
+            let train = a.train.loop_options(
+                defaults.train.steps,
+                defaults.train.lr,
+                defaults.train.warmup_steps,
+            );
+            let opts = RlhfOptions {
+                algo: a.algo,
+                policy: a.policy,
+                reward: a.reward,
+                prompts: a.prompts,
+                eval_prompts: a.eval_prompts,
+                prefs: a.prefs,
+                val_prefs: a.val_prefs,
+                out: a.out,
+                rollout_prompts: a.rollout_prompts,
+                group_size: a.group_size,
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                epochs: a.epochs,
+                minibatch: a.minibatch,
+                clip: a.clip,
+                value_clip: a.value_clip,
+                vf_coef: a.vf_coef,
+                gamma: a.gamma,
+                lambda: a.lambda,
+                kl_coef: a.kl_coef,
+                target_kl: a.target_kl,
+                kl_horizon: a.kl_horizon,
+                ptx_data: a.ptx_data,
+                ptx_coef: a.ptx_coef,
+                reward_source: a.reward_source,
+                dpo_beta: a.dpo_beta,
+                eval_samples: a.eval_samples,
+                train,
+            };
+            println!("{}", serde_json::to_string_pretty(&rlhf(&opts)?)?);
         }
         Command::Chat(a) => {
             let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;

@@ -142,7 +142,15 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
         })
         .collect();
     let stops = stop_ids(&lm);
-    let batch = generate_batch(&lm, &prompts, 15, &greedy.sampling, &stops).unwrap();
+    let batch = generate_batch(
+        &lm.model,
+        &lm.tokenizer,
+        &prompts,
+        15,
+        &greedy.sampling,
+        &stops,
+    )
+    .unwrap();
     for (p, o) in prompts.iter().zip(&batch) {
         let single = generate_from_ids(
             &lm,

@@ -58,6 +58,33 @@ fn parse_role(name: &str) -> Option<Role> {
     }
 }
 
+/// Converts a list of `{role_key, text_key}` objects to messages (OpenAI or ShareGPT style).
+pub fn parse_messages(
+    items: &[Value],
+    role_key: &str,
+    text_key: &str,
+) -> std::result::Result<Vec<Message>, String> {
+    let mut msgs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let role_name = item
+            .get(role_key)
+            .and_then(|r| r.as_str())
+            .ok_or_else(|| format!("message {}: no \"{role_key}\"", i + 1))?;
+        let role = parse_role(role_name).ok_or_else(|| {
+            format!(
+                "message {}: unknown role \"{role_name}\" (expected system, user or assistant)",
+                i + 1
+            )
+        })?;
+        let content = item
+            .get(text_key)
+            .and_then(text_of)
+            .ok_or_else(|| format!("message {}: no text in \"{text_key}\"", i + 1))?;
+        msgs.push(Message::new(role, content));
+    }
+    Ok(msgs)
+}
+
 /// Converts one record to a conversation, or says what is wrong with it.
 pub fn parse_record(v: &Value, format: ChatFormat) -> std::result::Result<Vec<Message>, String> {
     let format = match format {
@@ -89,23 +116,7 @@ pub fn parse_record(v: &Value, format: ChatFormat) -> std::result::Result<Vec<Me
                 .get(list)
                 .and_then(|m| m.as_array())
                 .ok_or_else(|| format!("\"{list}\" is missing or not a list"))?;
-            for (i, item) in items.iter().enumerate() {
-                let role_name = item
-                    .get(role_key)
-                    .and_then(|r| r.as_str())
-                    .ok_or_else(|| format!("message {}: no \"{role_key}\"", i + 1))?;
-                let role = parse_role(role_name).ok_or_else(|| {
-                    format!(
-                        "message {}: unknown role \"{role_name}\" (expected system, user or assistant)",
-                        i + 1
-                    )
-                })?;
-                let content = item
-                    .get(text_key)
-                    .and_then(text_of)
-                    .ok_or_else(|| format!("message {}: no text in \"{text_key}\"", i + 1))?;
-                msgs.push(Message::new(role, content));
-            }
+            msgs = parse_messages(items, role_key, text_key)?;
         }
         ChatFormat::Alpaca => {
             let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
@@ -149,26 +160,19 @@ pub fn parse_record(v: &Value, format: ChatFormat) -> std::result::Result<Vec<Me
     Ok(msgs)
 }
 
-/// Reads a `.jsonl` file (one record per line) or a `.json` file (an array of records).
-pub fn read_chat_file(path: &Path, format: ChatFormat) -> Result<ChatFile> {
+/// Calls `take(location, record)` for each record of a `.jsonl` file (one per line) or a `.json`
+/// file (an array). `what` names the records in errors ("conversations").
+pub fn for_each_record(
+    path: &Path,
+    what: &str,
+    mut take: impl FnMut(String, &Value),
+) -> Result<()> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read conversation file {}", path.display()))?;
+        .with_context(|| format!("cannot read {what} file {}", path.display()))?;
     if text.trim().is_empty() {
-        bail!("{} is empty: it holds no conversations", path.display());
+        bail!("{} is empty: it holds no {what}", path.display());
     }
-    let mut out = ChatFile {
-        conversations: Vec::new(),
-        bad: Vec::new(),
-    };
-    let mut take = |loc: String, v: &Value| match parse_record(v, format) {
-        Ok(c) => out.conversations.push(c),
-        Err(reason) => out.bad.push(BadRecord {
-            location: loc,
-            reason,
-        }),
-    };
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') {
+    if text.trim_start().starts_with('[') {
         let records: Vec<Value> = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid JSON array of records", path.display()))?;
         for (i, r) in records.iter().enumerate() {
@@ -185,6 +189,24 @@ pub fn read_chat_file(path: &Path, format: ChatFormat) -> Result<ChatFile> {
             take(format!("{}:{}", path.display(), i + 1), &v);
         }
     }
+    Ok(())
+}
+
+/// Reads a `.jsonl` file (one record per line) or a `.json` file (an array of records).
+pub fn read_chat_file(path: &Path, format: ChatFormat) -> Result<ChatFile> {
+    let mut out = ChatFile {
+        conversations: Vec::new(),
+        bad: Vec::new(),
+    };
+    for_each_record(path, "conversations", |loc, v| {
+        match parse_record(v, format) {
+            Ok(c) => out.conversations.push(c),
+            Err(reason) => out.bad.push(BadRecord {
+                location: loc,
+                reason,
+            }),
+        }
+    })?;
     if out.conversations.is_empty() && out.bad.is_empty() {
         bail!("{} holds no conversations", path.display());
     }

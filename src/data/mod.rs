@@ -2,5 +2,6 @@
 
 pub mod chat;
 pub mod curriculum;
+pub mod prefs;
 pub mod shards;
 pub mod text;

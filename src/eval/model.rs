@@ -153,9 +153,16 @@ impl Evaluatee for ModelEvaluatee<'_> {
             .chunks(self.batch_size.max(1))
             .zip(prompts.chunks(self.batch_size.max(1)))
         {
-            for (o, p) in generate_batch(self.lm, chunk, max_tokens, &greedy, &stops)?
-                .into_iter()
-                .zip(kinds)
+            for (o, p) in generate_batch(
+                &self.lm.model,
+                &self.lm.tokenizer,
+                chunk,
+                max_tokens,
+                &greedy,
+                &stops,
+            )?
+            .into_iter()
+            .zip(kinds)
             {
                 let stopped = match p {
                     Prompt::Chat(_) => o.stop_token.is_some_and(|t| end_of_turn.contains(&t)),

@@ -3,7 +3,8 @@
 
 use super::generate::FinishReason;
 use super::sampler::{Sampler, SamplingParams};
-use crate::model::LoadedModel;
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -18,7 +19,8 @@ pub struct BatchOutput {
 
 /// Generates up to `max_tokens` after each prompt; row `i` samples with seed `sampling.seed + i`.
 pub fn generate_batch(
-    lm: &LoadedModel,
+    model: &Llama,
+    tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     max_tokens: usize,
     sampling: &SamplingParams,
@@ -31,23 +33,23 @@ pub fn generate_batch(
     if prompts.iter().any(|p| p.is_empty()) {
         bail!("empty prompt in batch");
     }
-    let context = lm.model.config.max_position_embeddings;
+    let context = model.config.max_position_embeddings;
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if longest >= context {
         bail!("a prompt is {longest} tokens but the model's context is {context}");
     }
     let steps = max_tokens.min(context - longest);
-    let pad_id = lm.tokenizer.special_id("<|pad|>").unwrap_or(0);
+    let pad_id = tokenizer.special_id("<|pad|>").unwrap_or(0);
     let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
     let mut rows = Vec::with_capacity(prompts.len() * longest);
     for (p, &n) in prompts.iter().zip(&pads) {
         rows.extend(std::iter::repeat_n(pad_id, n));
         rows.extend_from_slice(p);
     }
-    let device = lm.model.device().clone();
+    let device = model.device().clone();
     let b = prompts.len();
     let mut input = Tensor::from_vec(rows, (b, longest), &device)?;
-    let mut cache = lm.model.new_padded_cache(pads);
+    let mut cache = model.new_padded_cache(pads);
     let mut samplers: Vec<Sampler> = (0..b)
         .map(|i| {
             let mut p = sampling.clone();
@@ -58,7 +60,7 @@ pub fn generate_batch(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done: Vec<Option<u32>> = vec![None; b];
     for _ in 0..steps {
-        let logits: Vec<Vec<f32>> = lm.model.forward_last(&input, Some(&mut cache))?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = model.forward_last(&input, Some(&mut cache))?.to_vec2()?;
         let mut next = Vec::with_capacity(b);
         for i in 0..b {
             if done[i].is_some() {
@@ -82,7 +84,7 @@ pub fn generate_batch(
         .zip(done)
         .map(|(tokens, d)| {
             Ok(BatchOutput {
-                text: lm.tokenizer.decode(&tokens)?,
+                text: tokenizer.decode(&tokens)?,
                 tokens,
                 finish_reason: if d.is_some() {
                     FinishReason::Stop

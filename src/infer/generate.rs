@@ -47,16 +47,24 @@ pub struct Generation {
 
 /// Ids that end generation: the config's EOS ids and `<|bos|>` (a new document).
 pub fn stop_ids(lm: &LoadedModel) -> Vec<u32> {
+    stop_ids_of(&lm.model, &lm.tokenizer)
+}
+
+/// [`stop_ids`] for a model and tokenizer held apart (as in training).
+pub fn stop_ids_of(
+    model: &crate::model::Llama,
+    tokenizer: &crate::tokenizer::Tokenizer,
+) -> Vec<u32> {
     let mut ids = Vec::new();
-    match &lm.model.config.eos_token_id {
+    match &model.config.eos_token_id {
         Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
         Some(serde_json::Value::Array(a)) => {
             ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|x| x as u32))
         }
         _ => {}
     }
-    ids.extend(lm.tokenizer.bos_id());
-    ids.extend(lm.tokenizer.special_id("<|assistant_end|>"));
+    ids.extend(tokenizer.bos_id());
+    ids.extend(tokenizer.special_id("<|assistant_end|>"));
     ids
 }
 

@@ -359,9 +359,15 @@ impl Llama {
 
     /// Per-token negative log-likelihood of `targets` given `ids`, [B, T].
     pub fn token_nll(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        self.hidden_token_nll(&self.hidden(ids, None)?, targets)
+    }
+
+    /// Per-token negative log-likelihood of `targets` [B, T] from hidden states [B, T, hidden]
+    /// (for callers that also read the hidden states, such as a value head).
+    pub fn hidden_token_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t) = targets.dims2()?;
         let logits = self
-            .forward(ids, None)?
+            .logits(hidden)?
             .reshape((b * t, self.config.vocab_size))?;
         token_nll(&logits, &targets.flatten_all()?)?.reshape((b, t))
     }

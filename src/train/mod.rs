@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod pretrain;
+pub mod reward;
 pub mod sft;
 pub mod trainer;

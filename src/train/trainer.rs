@@ -69,6 +69,15 @@ pub trait Stage {
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)>;
     /// Held-out metrics; the first is the headline (lower is better).
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>>;
+    /// Creates trainable tensors beyond the language model (a reward or value head) in the run's
+    /// VarMap and returns their names: these may be missing from the starting weights.
+    fn build_heads(&mut self, _vb: VarBuilder) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss.
+    fn step_metrics(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// Where the weights of a new run come from.
@@ -178,15 +187,14 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let mut rng = Rng::new(opts.seed);
-    let model = Llama::new(spec.config, vb)?;
+    let model = Llama::new(spec.config, vb.clone())?;
+    let heads = stage.build_heads(vb)?;
     match &spec.start {
         Start::Fresh => seeded_init(spec.config, &varmap, &mut rng)?,
-        Start::From(weights) => varmap.load(weights).with_context(|| {
-            format!(
-                "cannot load {} into the model of its config.json (an incompatible checkpoint?)",
-                weights.display()
-            )
-        })?,
+        Start::From(weights) => {
+            seeded_init(spec.config, &varmap, &mut rng)?;
+            load_weights(&varmap, weights, &heads)?
+        }
     }
     let mut optimizer = AdamW::new(
         &varmap,
@@ -278,12 +286,14 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             "loss {last_loss:.4} | {} tok/s | lr {lr:.2e}",
             util::human_count(tps)
         ));
+        let extra = stage.step_metrics();
         if step % opts.log_every.max(1) == 0 || step == opts.steps {
-            append_metrics(
-                &metrics_path,
-                &serde_json::json!({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": tokens_seen, "tokens_per_s": tps, "elapsed_s": elapsed_before + secs}),
-            )?;
+            let mut line = serde_json::json!({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": tokens_seen, "tokens_per_s": tps, "elapsed_s": elapsed_before + secs});
+            for (k, v) in &extra {
+                line[k] = serde_json::json!(v);
+            }
+            append_metrics(&metrics_path, &line)?;
         }
         if step % opts.eval_every.max(1) == 0 || step == opts.steps {
             last_eval = stage.evaluate(&model)?;
@@ -341,6 +351,35 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         write_run(&spec, opts, &varmap, &report)?;
     }
     Ok(report)
+}
+
+/// Loads starting weights into `varmap`; tensors named in `optional` (new heads) may be absent and
+/// keep their initial values, any other missing tensor is an error naming it.
+fn load_weights(varmap: &VarMap, path: &Path, optional: &[String]) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read weights {}", path.display()))?;
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        match tensors.get(name) {
+            Some(t) => {
+                if t.dims() != var.dims() {
+                    bail!(
+                        "{}: tensor {name} has shape {:?} but the model of its config.json needs {:?} (an incompatible checkpoint?)",
+                        path.display(),
+                        t.dims(),
+                        var.dims()
+                    );
+                }
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+            None if optional.contains(name) => {}
+            None => bail!(
+                "{} has no tensor {name} (an incompatible checkpoint?)",
+                path.display()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The finished run directory: the model files at the top level plus provenance and the report.

@@ -1,0 +1,272 @@
+//! DPO: raise the policy's log-probability of chosen over rejected responses relative to the
+//! frozen start model, with no reward model and no sampling during training.
+
+use super::losses::dpo_loss;
+use super::rollout::{pack, response_logprobs, Row};
+use super::{PolicyEval, RlhfOptions};
+use crate::data::prefs::{read_pref_file, Comparison};
+use crate::model::Llama;
+use crate::tokenizer::chat::{render, ChatTemplate};
+use crate::tokenizer::Tokenizer;
+use crate::train::reward::conversation_ids;
+use crate::train::trainer::Stage;
+use crate::util::Rng;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+struct Pair {
+    chosen: Row,
+    rejected: Row,
+    /// Summed reference log-probabilities (chosen, rejected), computed once.
+    reference: Option<(f32, f32)>,
+}
+
+pub struct DpoStage {
+    train: Vec<Pair>,
+    val: Vec<Pair>,
+    beta: f64,
+    batch_size: usize,
+    pad: u32,
+    eval: PolicyEval,
+    stats: Vec<(String, f64)>,
+}
+
+/// The rows of prompt+response, with the response starting after the assistant header.
+fn rows_of(
+    c: &Comparison,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+) -> Result<Option<Vec<Row>>> {
+    let prompt = render(tok, template, &c.prompt, true)?.ids;
+    let mut rows = Vec::new();
+    for r in &c.responses {
+        let full = conversation_ids(tok, template, &c.prompt, r)?;
+        if full.len() > max_len || !full.starts_with(&prompt) || full.len() == prompt.len() {
+            return Ok(None);
+        }
+        rows.push(Row::new(&prompt, &full[prompt.len()..]));
+    }
+    Ok(Some(rows))
+}
+
+fn read_pairs(
+    files: &[std::path::PathBuf],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+) -> Result<(Vec<Pair>, usize)> {
+    let (mut pairs, mut skipped) = (Vec::new(), 0);
+    for f in files {
+        let file = read_pref_file(f)?;
+        skipped += file.bad.len();
+        for c in &file.comparisons {
+            match rows_of(c, tok, template, max_len)? {
+                Some(rows) => {
+                    for (i, j) in c.pairs() {
+                        pairs.push(Pair {
+                            chosen: rows[i].clone(),
+                            rejected: rows[j].clone(),
+                            reference: None,
+                        })
+                    }
+                }
+                None => skipped += 1,
+            }
+        }
+    }
+    Ok((pairs, skipped))
+}
+
+impl DpoStage {
+    pub fn new(
+        opts: &RlhfOptions,
+        tok: &Tokenizer,
+        template: &ChatTemplate,
+        eval: PolicyEval,
+    ) -> Result<DpoStage> {
+        if opts.prefs.is_empty() {
+            bail!("--algo dpo needs --prefs (preference pairs or rankings)");
+        }
+        let max_len = eval.reference.config.max_position_embeddings;
+        let (mut train, mut skipped) = read_pairs(&opts.prefs, tok, template, max_len)?;
+        let val = if opts.val_prefs.is_empty() {
+            let (mut t, mut v) = (Vec::new(), Vec::new());
+            for (i, p) in train.into_iter().enumerate() {
+                if i % 10 == 9 {
+                    v.push(p);
+                } else {
+                    t.push(p);
+                }
+            }
+            train = t;
+            v
+        } else {
+            let (v, s) = read_pairs(&opts.val_prefs, tok, template, max_len)?;
+            skipped += s;
+            v
+        };
+        if train.is_empty() || val.is_empty() {
+            bail!(
+                "DPO needs training and held-out pairs (have {} and {})",
+                train.len(),
+                val.len()
+            );
+        }
+        if !opts.train.quiet {
+            eprintln!(
+                "dpo: {} train / {} held-out pairs ({skipped} records skipped: unusable or over the context)",
+                train.len(),
+                val.len()
+            );
+        }
+        let mut stage = DpoStage {
+            train,
+            val,
+            beta: opts.dpo_beta,
+            batch_size: opts.minibatch,
+            pad: tok.special_id("<|pad|>").unwrap_or(0),
+            eval,
+            stats: Vec::new(),
+        };
+        // Held-out pairs keep 256 at most: evaluation runs many times.
+        stage.val.truncate(256);
+        Ok(stage)
+    }
+
+    fn fill_reference(&self, pairs: &mut [&mut Pair]) -> Result<()> {
+        let missing: Vec<usize> = (0..pairs.len())
+            .filter(|&i| pairs[i].reference.is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&Row> = missing
+            .iter()
+            .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
+            .collect();
+        let lp = response_logprobs(&self.eval.reference, &rows, self.pad)?;
+        let sums: Vec<f32> = lp.iter().map(|v| v.iter().sum()).collect();
+        for (k, &i) in missing.iter().enumerate() {
+            pairs[i].reference = Some((sums[2 * k], sums[2 * k + 1]));
+        }
+        Ok(())
+    }
+
+    /// Loss, implicit rewards of chosen and rejected, for `pairs` (reference values filled).
+    fn losses(&self, model: &Llama, pairs: &[&mut Pair]) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = pairs.len();
+        let rows: Vec<&Row> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .collect();
+        let device = model.device();
+        let p = pack(&rows, self.pad, device)?;
+        let sums = (model.token_nll(&p.x, &p.y)?.neg()? * &p.mask)?.sum(1)?;
+        let refs: Vec<(f32, f32)> = pairs.iter().map(|p| p.reference.expect("filled")).collect();
+        let rc = Tensor::new(refs.iter().map(|r| r.0).collect::<Vec<_>>(), device)?;
+        let rr = Tensor::new(refs.iter().map(|r| r.1).collect::<Vec<_>>(), device)?;
+        Ok(dpo_loss(
+            &sums.narrow(0, 0, n)?,
+            &sums.narrow(0, n, n)?,
+            &rc,
+            &rr,
+            self.beta,
+        )?)
+    }
+}
+
+impl Stage for DpoStage {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+        let mut idx: Vec<usize> = (0..self.batch_size)
+            .map(|_| rng.below(self.train.len() as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut taken = std::mem::take(&mut self.train);
+        let mut picked: Vec<&mut Pair> = taken
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| idx.binary_search(i).is_ok())
+            .map(|(_, p)| p)
+            .collect();
+        let result = self
+            .fill_reference(&mut picked)
+            .and_then(|_| self.losses(model, &picked));
+        let tokens: usize = picked
+            .iter()
+            .map(|p| p.chosen.ids.len() + p.rejected.ids.len())
+            .sum();
+        drop(picked);
+        self.train = taken;
+        let (loss, c, r) = result?;
+        let margin = (&c - &r)?;
+        self.stats = vec![
+            (
+                "reward_chosen".into(),
+                c.mean_all()?.to_scalar::<f32>()? as f64,
+            ),
+            (
+                "reward_rejected".into(),
+                r.mean_all()?.to_scalar::<f32>()? as f64,
+            ),
+            (
+                "reward_margin".into(),
+                margin.mean_all()?.to_scalar::<f32>()? as f64,
+            ),
+            (
+                "reward_accuracy".into(),
+                margin
+                    .gt(0.0)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .mean_all()?
+                    .to_scalar::<f32>()? as f64,
+            ),
+        ];
+        Ok((loss.mean_all()?, tokens))
+    }
+
+    fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
+        let mut val = std::mem::take(&mut self.val);
+        let (mut loss, mut correct, mut margin, mut n) = (0.0, 0usize, 0.0, 0usize);
+        let mut failed = None;
+        for chunk in val.chunks_mut(self.batch_size.max(1)) {
+            let mut refs: Vec<&mut Pair> = chunk.iter_mut().collect();
+            match self
+                .fill_reference(&mut refs)
+                .and_then(|_| self.losses(model, &refs))
+            {
+                Ok((l, c, r)) => {
+                    let d: Vec<f32> = (c - r)?.to_vec1()?;
+                    loss += l.sum_all()?.to_scalar::<f32>()? as f64;
+                    correct += d.iter().filter(|&&x| x > 0.0).count();
+                    margin += d.iter().map(|&x| x as f64).sum::<f64>();
+                    n += d.len();
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.val = val;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let n = n.max(1) as f64;
+        let mut m = vec![
+            ("dpo_val_loss".to_string(), loss / n),
+            ("dpo_val_accuracy".to_string(), correct as f64 / n),
+            ("dpo_val_margin".to_string(), margin / n),
+        ];
+        if !self.eval.prompts.is_empty() {
+            m.extend(self.eval.measure(model)?);
+        }
+        Ok(m)
+    }
+
+    fn step_metrics(&mut self) -> Vec<(String, f64)> {
+        self.stats.clone()
+    }
+}

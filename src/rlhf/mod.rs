@@ -1,0 +1,359 @@
+//! RLHF (InstructGPT step 3): PPO against a reward model with a KL penalty to the SFT model, and
+//! the two common alternatives, DPO (from preference pairs, no sampling) and GRPO (group-normalised
+//! rewards, no value head). All three run in the shared training loop and are measured the same
+//! way on held-out prompts: reward, the curriculum's checker, refusals and KL to the start model.
+
+pub mod dpo;
+pub mod losses;
+pub mod onpolicy;
+pub mod rollout;
+
+use crate::data::curriculum::tasks::{check, is_refusal};
+use crate::data::prefs::{read_prompt_file, RlPrompt};
+use crate::model::Llama;
+use crate::tokenizer::chat::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+use crate::train::reward::RewardModel;
+use crate::train::trainer::{train, LoopOptions, LoopReport, RunSpec, Stage, Start};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use rollout::{response_logprobs, Sampling};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Proximal policy optimisation with a value head and a KL-penalised reward (InstructGPT).
+    Ppo,
+    /// Direct preference optimisation on chosen/rejected pairs against the frozen start model.
+    Dpo,
+    /// Group relative policy optimisation: several samples per prompt, advantages normalised in
+    /// the group, KL as a loss term.
+    Grpo,
+}
+
+/// Where PPO's and GRPO's reward comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardSource {
+    /// The reward model's score.
+    Model,
+    /// The curriculum's programmatic checker: 1 if correct, else 0.
+    Checker,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RlhfOptions {
+    pub algo: Algo,
+    /// The SFT run: the starting policy and the frozen reference.
+    pub policy: PathBuf,
+    pub reward: Option<PathBuf>,
+    /// Training prompts (PPO, GRPO).
+    pub prompts: Option<PathBuf>,
+    /// Held-out prompts for measuring; default: every tenth of --prompts.
+    pub eval_prompts: Option<PathBuf>,
+    /// Preference files (DPO).
+    pub prefs: Vec<PathBuf>,
+    pub val_prefs: Vec<PathBuf>,
+    pub out: PathBuf,
+    /// Prompts sampled per rollout batch.
+    pub rollout_prompts: usize,
+    /// Samples per prompt (GRPO's group).
+    pub group_size: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    /// Passes over each rollout batch.
+    pub epochs: usize,
+    /// Sequences per optimizer step (PPO/GRPO) or pairs per step (DPO).
+    pub minibatch: usize,
+    pub clip: f64,
+    pub value_clip: f64,
+    pub vf_coef: f64,
+    pub gamma: f64,
+    pub lambda: f64,
+    /// β: the KL penalty (PPO: in the reward; GRPO: in the loss).
+    pub kl_coef: f64,
+    /// Adaptive KL controller target (per response, nats); off when unset.
+    pub target_kl: Option<f64>,
+    pub kl_horizon: f64,
+    /// PPO-ptx: pretraining shards whose LM loss is mixed in with weight `ptx_coef`.
+    pub ptx_data: Option<PathBuf>,
+    pub ptx_coef: f64,
+    pub reward_source: RewardSource,
+    pub dpo_beta: f64,
+    /// Held-out prompts answered at each evaluation.
+    pub eval_samples: usize,
+    #[serde(skip)]
+    pub train: LoopOptions,
+}
+
+impl Default for RlhfOptions {
+    fn default() -> Self {
+        RlhfOptions {
+            algo: Algo::Ppo,
+            policy: PathBuf::new(),
+            reward: None,
+            prompts: None,
+            eval_prompts: None,
+            prefs: Vec::new(),
+            val_prefs: Vec::new(),
+            out: PathBuf::new(),
+            rollout_prompts: 16,
+            group_size: 4,
+            max_new_tokens: 64,
+            temperature: 1.0,
+            epochs: 2,
+            minibatch: 8,
+            clip: 0.2,
+            value_clip: 0.2,
+            vf_coef: 0.1,
+            gamma: 1.0,
+            lambda: 0.95,
+            kl_coef: 0.05,
+            target_kl: None,
+            kl_horizon: 10_000.0,
+            ptx_data: None,
+            ptx_coef: 0.0,
+            reward_source: RewardSource::Model,
+            dpo_beta: 0.1,
+            eval_samples: 64,
+            train: LoopOptions {
+                steps: 100,
+                lr: 1e-4,
+                warmup_steps: 5,
+                eval_every: 25,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Held-out measurement of a policy: greedy answers scored by the reward model and the checker,
+/// refusal rates, and KL to the reference on sampled answers.
+pub struct PolicyEval {
+    pub prompts: Vec<RlPrompt>,
+    pub reference: Llama,
+    pub reward: Option<RewardModel>,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub stops: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl PolicyEval {
+    pub fn sampling(&self) -> Sampling<'_> {
+        Sampling {
+            tokenizer: &self.tokenizer,
+            template: &self.template,
+            stops: &self.stops,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+
+    pub fn measure(&self, model: &Llama) -> Result<Vec<(String, f64)>> {
+        let prompts: Vec<&RlPrompt> = self.prompts.iter().collect();
+        let s = self.sampling();
+        let greedy = s.sample(model, &prompts, 1, 0.0, self.seed)?;
+        let mut m = Vec::new();
+        if let Some(rm) = &self.reward {
+            let items: Vec<_> = greedy
+                .iter()
+                .map(|g| (prompts[g.prompt].messages.as_slice(), g.text.as_str()))
+                .collect();
+            let r = rm.score(&items)?;
+            m.push(("reward".into(), mean(&r)));
+        }
+        let (mut correct, mut checked) = (0usize, 0usize);
+        let (mut harmful, mut refused, mut benign, mut false_ref) = (0, 0, 0, 0);
+        for g in &greedy {
+            let p = prompts[g.prompt];
+            if let Some(a) = &p.answer {
+                checked += 1;
+                correct += check(a, &g.text) as usize;
+            }
+            match p.family.as_deref() {
+                Some("harmful") => {
+                    harmful += 1;
+                    refused += is_refusal(&g.text) as usize;
+                }
+                Some("benign") => {
+                    benign += 1;
+                    false_ref += is_refusal(&g.text) as usize;
+                }
+                _ => {}
+            }
+        }
+        if checked > 0 {
+            m.push(("accuracy".into(), correct as f64 / checked as f64));
+        }
+        if harmful > 0 {
+            m.push(("refusal_harmful".into(), refused as f64 / harmful as f64));
+        }
+        if benign > 0 {
+            m.push((
+                "false_refusal_benign".into(),
+                false_ref as f64 / benign as f64,
+            ));
+        }
+        let n = greedy.len().max(1) as f64;
+        m.push((
+            "stop_rate".into(),
+            greedy.iter().filter(|g| g.stopped).count() as f64 / n,
+        ));
+        m.push((
+            "length".into(),
+            greedy.iter().map(|g| g.row.len as f64).sum::<f64>() / n,
+        ));
+        // KL(policy‖reference) per response, estimated on the policy's own samples.
+        let sampled = s.sample(model, &prompts, 1, 1.0, self.seed ^ 0x5eed)?;
+        let rows: Vec<_> = sampled.iter().map(|x| &x.row).collect();
+        let pad = self.tokenizer.special_id("<|pad|>").unwrap_or(0);
+        let lp = response_logprobs(model, &rows, pad)?;
+        let rl = response_logprobs(&self.reference, &rows, pad)?;
+        let kl: Vec<f64> = lp
+            .iter()
+            .zip(&rl)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+            .collect();
+        m.push(("kl".into(), mean(&kl)));
+        Ok(m)
+    }
+}
+
+pub fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RlhfReport {
+    pub algo: Algo,
+    pub steps: usize,
+    pub eval_before: BTreeMap<String, f64>,
+    pub eval_after: BTreeMap<String, f64>,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub losses: Vec<(usize, f64)>,
+}
+
+/// Splits prompts into training and held-out sets (every tenth held out) unless given apart.
+fn prompt_sets(opts: &RlhfOptions) -> Result<(Vec<RlPrompt>, Vec<RlPrompt>)> {
+    let train = match &opts.prompts {
+        Some(p) => read_prompt_file(p)?,
+        None => Vec::new(),
+    };
+    let (train, mut held) = match &opts.eval_prompts {
+        Some(p) => (train, read_prompt_file(p)?),
+        None => {
+            let (mut t, mut h) = (Vec::new(), Vec::new());
+            for (i, p) in train.into_iter().enumerate() {
+                if i % 10 == 9 {
+                    h.push(p);
+                } else {
+                    t.push(p);
+                }
+            }
+            (t, h)
+        }
+    };
+    // Spread the measured prompts over the file (it is grouped by task family).
+    if held.len() > opts.eval_samples {
+        let step = held.len() as f64 / opts.eval_samples as f64;
+        held = (0..opts.eval_samples)
+            .map(|i| held[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    Ok((train, held))
+}
+
+/// Runs the chosen algorithm from the SFT policy and writes the tuned policy.
+pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
+    let (config, tok) = crate::model::load_config_and_tokenizer(&opts.policy)
+        .map_err(|e| anyhow::anyhow!("--policy: {e:#}"))?;
+    let template = ChatTemplate::detect(&tok)
+        .map_err(|e| anyhow::anyhow!("policy {}: {e}", opts.policy.display()))?;
+    let reference = crate::model::load(&opts.policy, &Device::Cpu)?;
+    let reward = match &opts.reward {
+        Some(dir) => {
+            let rm = RewardModel::load(dir).map_err(|e| anyhow::anyhow!("--reward: {e:#}"))?;
+            if rm.tokenizer.vocab_size() != tok.vocab_size() {
+                bail!(
+                    "--reward {} has a different tokenizer ({} tokens) from the policy ({}); train the reward model from the same base",
+                    dir.display(),
+                    rm.tokenizer.vocab_size(),
+                    tok.vocab_size()
+                );
+            }
+            Some(rm)
+        }
+        None => None,
+    };
+    let needs_rm = opts.algo != Algo::Dpo && opts.reward_source == RewardSource::Model;
+    if needs_rm && reward.is_none() {
+        bail!(
+            "--algo {:?} needs --reward (a reward model from `chatforge reward`)",
+            opts.algo
+        );
+    }
+    let (train_prompts, eval_prompts) = prompt_sets(opts)?;
+    if opts.algo != Algo::Dpo && train_prompts.is_empty() {
+        bail!(
+            "--algo {:?} needs --prompts (JSONL with \"messages\" or \"prompt\")",
+            opts.algo
+        );
+    }
+    if opts.algo != Algo::Dpo
+        && opts.reward_source == RewardSource::Checker
+        && train_prompts.iter().any(|p| p.answer.is_none())
+    {
+        bail!("--reward-source checker needs an \"answer\" in every prompt record (the curriculum's rl_prompts files have one)");
+    }
+    let stops = crate::infer::generate::stop_ids_of(&reference.model, &tok);
+    let eval = PolicyEval {
+        prompts: eval_prompts,
+        reference: reference.model,
+        reward,
+        tokenizer: reference.tokenizer,
+        template: template.clone(),
+        stops,
+        max_new_tokens: opts.max_new_tokens,
+        seed: opts.train.seed,
+    };
+    let data = serde_json::json!({"prompts": opts.prompts, "eval_prompts": opts.eval_prompts,
+        "prefs": opts.prefs, "train_prompts": train_prompts.len(), "eval_prompt_count": eval.prompts.len()});
+    let mut parents = vec![opts.policy.display().to_string()];
+    parents.extend(opts.reward.iter().map(|r| r.display().to_string()));
+    let spec = RunSpec {
+        stage: "rlhf",
+        out: &opts.out,
+        config: &config,
+        tokenizer: &tok,
+        start: Start::From(opts.policy.join("model.safetensors")),
+        hyper: serde_json::to_value(opts)?,
+        parents,
+        data,
+    };
+    let mut stage: Box<dyn Stage> = match opts.algo {
+        Algo::Dpo => Box::new(dpo::DpoStage::new(opts, &tok, &template, eval)?),
+        Algo::Ppo | Algo::Grpo => Box::new(onpolicy::OnPolicy::new(
+            opts,
+            config.hidden_size,
+            train_prompts,
+            eval,
+        )?),
+    };
+    let r: LoopReport = train(&opts.train, spec, stage.as_mut())?;
+    Ok(RlhfReport {
+        algo: opts.algo,
+        steps: r.steps,
+        eval_before: r.eval_before.into_iter().collect(),
+        eval_after: r.eval.into_iter().collect(),
+        tokens_per_second: r.tokens_per_second,
+        seconds: r.seconds,
+        losses: r.losses,
+    })
+}

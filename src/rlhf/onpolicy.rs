@@ -1,0 +1,351 @@
+//! PPO and GRPO: sample a batch of responses with the current policy, score them, then take
+//! several optimizer steps over minibatches of that batch with the clipped objective.
+//!
+//! PPO's value head shares the policy's trunk (`v_head.weight` reads the final hidden state, as in
+//! TRL's value-head models): one forward pass gives both, at the cost of the value loss also
+//! shaping the trunk, which `vf_coef` keeps small. Each trainer step is one minibatch; a new
+//! rollout is sampled when the previous one is used up. A resumed run starts a fresh rollout.
+
+use super::losses::{
+    clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
+};
+use super::rollout::{pack, place, response_entropy, response_logprobs, Row, Sample};
+use super::{mean, Algo, PolicyEval, RewardSource, RlhfOptions};
+use crate::data::curriculum::tasks::check;
+use crate::data::prefs::RlPrompt;
+use crate::data::shards::ShardSet;
+use crate::model::Llama;
+use crate::train::trainer::Stage;
+use crate::util::Rng;
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use candle_nn::{Linear, Module, VarBuilder};
+
+/// One sampled response with what the update needs, per response token.
+#[derive(Clone)]
+struct Experience {
+    row: Row,
+    old_logp: Vec<f32>,
+    ref_logp: Vec<f32>,
+    advantages: Vec<f32>,
+    returns: Vec<f32>,
+    old_values: Vec<f32>,
+}
+
+pub struct OnPolicy {
+    opts: RlhfOptions,
+    hidden: usize,
+    prompts: Vec<RlPrompt>,
+    eval: PolicyEval,
+    value_head: Option<Linear>,
+    ptx: Option<ShardSet>,
+    pad: u32,
+    kl_coef: f64,
+    /// Minibatches of the current rollout still to train on, last first.
+    queue: Vec<Vec<Experience>>,
+    rollout_stats: Vec<(String, f64)>,
+    step_stats: Vec<(String, f64)>,
+}
+
+impl OnPolicy {
+    pub fn new(
+        opts: &RlhfOptions,
+        hidden: usize,
+        prompts: Vec<RlPrompt>,
+        eval: PolicyEval,
+    ) -> Result<OnPolicy> {
+        let ptx = match &opts.ptx_data {
+            Some(dir) if opts.ptx_coef > 0.0 => Some(ShardSet::open(dir)?),
+            _ => None,
+        };
+        if opts.minibatch == 0 || opts.rollout_prompts == 0 || opts.epochs == 0 {
+            anyhow::bail!("--minibatch, --rollout-prompts and --epochs must be positive");
+        }
+        if opts.algo == Algo::Grpo && opts.group_size < 2 {
+            anyhow::bail!("--group-size must be at least 2 for GRPO (advantages compare samples of one prompt)");
+        }
+        let pad = eval.tokenizer.special_id("<|pad|>").unwrap_or(0);
+        Ok(OnPolicy {
+            opts: opts.clone(),
+            hidden,
+            prompts,
+            eval,
+            value_head: None,
+            ptx,
+            pad,
+            kl_coef: opts.kl_coef,
+            queue: Vec::new(),
+            rollout_stats: Vec::new(),
+            step_stats: Vec::new(),
+        })
+    }
+
+    fn scores(&self, prompts: &[&RlPrompt], samples: &[Sample]) -> Result<Vec<f64>> {
+        if self.opts.reward_source == RewardSource::Checker {
+            return Ok(samples
+                .iter()
+                .map(|s| {
+                    let a = prompts[s.prompt].answer.as_ref().expect("checked at start");
+                    f64::from(u8::from(check(a, &s.text)))
+                })
+                .collect());
+        }
+        let rm = self.eval.reward.as_ref().expect("checked at start");
+        let items: Vec<_> = samples
+            .iter()
+            .map(|s| (prompts[s.prompt].messages.as_slice(), s.text.as_str()))
+            .collect();
+        rm.score(&items)
+    }
+
+    /// Per-token values of each row's response positions (no gradient).
+    fn values(&self, model: &Llama, rows: &[&Row]) -> Result<Vec<Vec<f32>>> {
+        let head = self.value_head.as_ref().expect("built");
+        let mut out = Vec::new();
+        for chunk in rows.chunks(16) {
+            let p = pack(chunk, self.pad, model.device())?;
+            let v = head
+                .forward(&model.hidden(&p.x, None)?)?
+                .squeeze(D::Minus1)?;
+            out.extend(super::rollout::gather(chunk, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Samples and scores a rollout batch and queues its minibatches.
+    fn rollout(&mut self, model: &Llama, rng: &mut Rng) -> Result<()> {
+        let o = &self.opts;
+        let picked: Vec<&RlPrompt> = (0..o.rollout_prompts)
+            .map(|_| &self.prompts[rng.below(self.prompts.len() as u64) as usize])
+            .collect();
+        let per_prompt = if o.algo == Algo::Grpo {
+            o.group_size
+        } else {
+            1
+        };
+        let samples = self.eval.sampling().sample(
+            model,
+            &picked,
+            per_prompt,
+            o.temperature,
+            rng.next_u64(),
+        )?;
+        if samples.is_empty() {
+            anyhow::bail!("no responses could be sampled: the prompts fill the whole context");
+        }
+        let rows: Vec<&Row> = samples.iter().map(|s| &s.row).collect();
+        let old_logp = response_logprobs(model, &rows, self.pad)?;
+        let ref_logp = response_logprobs(&self.eval.reference, &rows, self.pad)?;
+        let scores = self.scores(&picked, &samples)?;
+        let kl_seq: Vec<f64> = old_logp
+            .iter()
+            .zip(&ref_logp)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+            .collect();
+        let mut stats = vec![
+            ("rollout_reward".to_string(), mean(&scores)),
+            ("rollout_kl".to_string(), mean(&kl_seq)),
+            (
+                "rollout_length".to_string(),
+                mean(&rows.iter().map(|r| r.len as f64).collect::<Vec<_>>()),
+            ),
+            (
+                "rollout_entropy".to_string(),
+                response_entropy(model, &rows, self.pad)?,
+            ),
+        ];
+        let checked: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| {
+                picked[s.prompt]
+                    .answer
+                    .as_ref()
+                    .map(|a| f64::from(u8::from(check(a, &s.text))))
+            })
+            .collect();
+        if !checked.is_empty() {
+            stats.push(("rollout_accuracy".into(), mean(&checked)));
+        }
+        let mut experiences = Vec::with_capacity(samples.len());
+        match o.algo {
+            Algo::Ppo => {
+                let values = self.values(model, &rows)?;
+                let (mut all_adv, mut all_v, mut all_ret) = (Vec::new(), Vec::new(), Vec::new());
+                let mut per_row = Vec::new();
+                for i in 0..samples.len() {
+                    // Reward: −β·KL per token, the reward model's score added at the last token.
+                    let mut r: Vec<f64> = old_logp[i]
+                        .iter()
+                        .zip(&ref_logp[i])
+                        .map(|(a, b)| -self.kl_coef * (a - b) as f64)
+                        .collect();
+                    *r.last_mut().expect("responses are nonempty") += scores[i];
+                    let v: Vec<f64> = values[i].iter().map(|&x| x as f64).collect();
+                    let (adv, ret) = gae(&r, &v, o.gamma, o.lambda);
+                    all_adv.extend(&adv);
+                    all_v.extend(&v);
+                    all_ret.extend(&ret);
+                    per_row.push((adv.len(), ret));
+                }
+                stats.push((
+                    "explained_variance".into(),
+                    explained_variance(&all_v, &all_ret),
+                ));
+                stats.push(("kl_coef".into(), self.kl_coef));
+                whiten(&mut all_adv);
+                let mut at = 0;
+                for (i, (n, ret)) in per_row.into_iter().enumerate() {
+                    experiences.push(Experience {
+                        row: samples[i].row.clone(),
+                        old_logp: old_logp[i].clone(),
+                        ref_logp: ref_logp[i].clone(),
+                        advantages: all_adv[at..at + n].iter().map(|&x| x as f32).collect(),
+                        returns: ret.iter().map(|&x| x as f32).collect(),
+                        old_values: values[i].clone(),
+                    });
+                    at += n;
+                }
+                // Adaptive KL controller (Ziegler et al. 2019): move β towards the target KL.
+                if let Some(target) = o.target_kl {
+                    let err = (mean(&kl_seq) / target - 1.0).clamp(-0.2, 0.2);
+                    self.kl_coef *= 1.0 + err * samples.len() as f64 / o.kl_horizon;
+                }
+            }
+            Algo::Grpo => {
+                // Advantages: each sample's score against its group's mean and spread.
+                for group in samples.chunks(o.group_size) {
+                    let start = experiences.len();
+                    let s = &scores[start..start + group.len()];
+                    let m = mean(s);
+                    let sd = (s.iter().map(|x| (x - m).powi(2)).sum::<f64>()
+                        / s.len().max(1) as f64)
+                        .sqrt();
+                    for (j, sample) in group.iter().enumerate() {
+                        let a = ((s[j] - m) / (sd + 1e-4)) as f32;
+                        let i = start + j;
+                        experiences.push(Experience {
+                            row: sample.row.clone(),
+                            old_logp: old_logp[i].clone(),
+                            ref_logp: ref_logp[i].clone(),
+                            advantages: vec![a; sample.row.len],
+                            returns: Vec::new(),
+                            old_values: Vec::new(),
+                        });
+                    }
+                }
+            }
+            Algo::Dpo => unreachable!("DPO does not sample"),
+        }
+        // Epochs of shuffled minibatches, queued last first.
+        let mut batches = Vec::new();
+        for _ in 0..o.epochs {
+            let mut order: Vec<usize> = (0..experiences.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            for chunk in order.chunks(o.minibatch) {
+                batches.push(chunk.iter().map(|&i| experiences[i].clone()).collect());
+            }
+        }
+        batches.reverse();
+        self.queue = batches;
+        self.rollout_stats = stats;
+        Ok(())
+    }
+}
+
+impl Stage for OnPolicy {
+    fn build_heads(&mut self, vb: VarBuilder) -> Result<Vec<String>> {
+        if self.opts.algo != Algo::Ppo {
+            return Ok(Vec::new());
+        }
+        self.value_head = Some(candle_nn::linear(self.hidden, 1, vb.pp("v_head"))?);
+        Ok(vec!["v_head.weight".into(), "v_head.bias".into()])
+    }
+
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+        if self.queue.is_empty() {
+            self.rollout(model, rng)?;
+        }
+        let batch = self.queue.pop().expect("a rollout queues minibatches");
+        let o = &self.opts;
+        let device = model.device().clone();
+        let rows: Vec<&Row> = batch.iter().map(|e| &e.row).collect();
+        let p = pack(&rows, self.pad, &device)?;
+        let w = p.width;
+        let col = |f: &dyn Fn(&Experience) -> &[f32]| -> Result<Tensor> {
+            let v: Vec<&[f32]> = batch.iter().map(f).collect();
+            place(&rows, w, &v, &device)
+        };
+        let old_logp = col(&|e| &e.old_logp)?;
+        let adv = col(&|e| &e.advantages)?;
+        let hidden = model.hidden(&p.x, None)?;
+        let logp = model.hidden_token_nll(&hidden, &p.y)?.neg()?;
+        let count = p.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let masked_mean =
+            |t: &Tensor| -> Result<Tensor> { Ok(((t * &p.mask)?.sum_all()? / count)?) };
+        let (surrogate, ratio) = clipped_surrogate(&logp, &old_logp, &adv, o.clip)?;
+        let pg_loss = masked_mean(&surrogate)?;
+        let mut loss = pg_loss.clone();
+        let mut stats = vec![(
+            "policy_loss".to_string(),
+            pg_loss.to_scalar::<f32>()? as f64,
+        )];
+        match o.algo {
+            Algo::Ppo => {
+                let head = self.value_head.as_ref().expect("built");
+                let values = head.forward(&hidden)?.squeeze(D::Minus1)?;
+                let old_v = col(&|e| &e.old_values)?;
+                let ret = col(&|e| &e.returns)?;
+                let vf = masked_mean(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;
+                stats.push(("value_loss".into(), vf.to_scalar::<f32>()? as f64));
+                loss = (loss + (vf * o.vf_coef)?)?;
+            }
+            Algo::Grpo => {
+                if o.kl_coef > 0.0 {
+                    let ref_logp = col(&|e| &e.ref_logp)?;
+                    let kl = masked_mean(&kl_k3_tensor(&logp, &ref_logp)?)?;
+                    stats.push(("kl_loss".into(), kl.to_scalar::<f32>()? as f64));
+                    loss = (loss + (kl * o.kl_coef)?)?;
+                }
+            }
+            Algo::Dpo => unreachable!(),
+        }
+        let clipped = ((&ratio - 1.0)?
+            .abs()?
+            .gt(o.clip)?
+            .to_dtype(candle_core::DType::F32)?
+            * &p.mask)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64
+            / count;
+        let approx_kl =
+            masked_mean(&((&logp - &old_logp)?.sqr()? * 0.5)?)?.to_scalar::<f32>()? as f64;
+        stats.push(("clip_fraction".into(), clipped));
+        stats.push(("approx_kl".into(), approx_kl));
+        if let Some(shards) = &self.ptx {
+            let (x, y) = crate::train::pretrain::sample_batch(
+                &shards.train,
+                rng,
+                rows.len().max(1),
+                w.min(model.config.max_position_embeddings),
+                &device,
+            )?;
+            let lm = model.loss(&x, &y)?;
+            stats.push(("ptx_loss".into(), lm.to_scalar::<f32>()? as f64));
+            loss = (loss + (lm * o.ptx_coef)?)?;
+        }
+        self.step_stats = stats;
+        Ok((loss, p.x.elem_count()))
+    }
+
+    fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
+        self.eval.measure(model)
+    }
+
+    fn step_metrics(&mut self) -> Vec<(String, f64)> {
+        let mut m = self.rollout_stats.clone();
+        m.extend(self.step_stats.iter().cloned());
+        m
+    }
+}

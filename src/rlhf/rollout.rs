@@ -1,0 +1,238 @@
+//! Rollouts shared by the RLHF algorithms: sampling responses with the KV-cache sampler, packing
+//! prompt+response rows into right-padded batches, and per-token log-probabilities of responses.
+
+use crate::data::prefs::RlPrompt;
+use crate::infer::batch::generate_batch;
+use crate::infer::sampler::SamplingParams;
+use crate::model::Llama;
+use crate::tokenizer::chat::{render, ChatTemplate};
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+/// A prompt followed by a response. Target position `start + k` (the input at `start + k`
+/// predicts `ids[start + k + 1]`) is response token k.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub ids: Vec<u32>,
+    pub start: usize,
+    /// Response tokens (including the end-of-turn token when the response stopped).
+    pub len: usize,
+}
+
+impl Row {
+    pub fn new(prompt: &[u32], response: &[u32]) -> Row {
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(response);
+        Row {
+            ids,
+            start: prompt.len() - 1,
+            len: response.len(),
+        }
+    }
+
+    pub fn response(&self) -> &[u32] {
+        &self.ids[self.start + 1..]
+    }
+}
+
+/// Inputs, targets and response mask of right-padded rows, all [N, T].
+pub struct Packed {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub mask: Tensor,
+    pub width: usize,
+}
+
+pub fn pack(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
+    let width = rows
+        .iter()
+        .map(|r| r.ids.len() - 1)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let n = rows.len();
+    let (mut x, mut y, mut m) = (
+        Vec::with_capacity(n * width),
+        Vec::with_capacity(n * width),
+        Vec::with_capacity(n * width),
+    );
+    for r in rows {
+        for t in 0..width {
+            x.push(r.ids.get(t).copied().unwrap_or(pad));
+            y.push(r.ids.get(t + 1).copied().unwrap_or(pad));
+            let resp = t >= r.start && t < r.start + r.len;
+            m.push(if resp { 1f32 } else { 0.0 });
+        }
+    }
+    Ok(Packed {
+        x: Tensor::from_vec(x, (n, width), device)?,
+        y: Tensor::from_vec(y, (n, width), device)?,
+        mask: Tensor::from_vec(m, (n, width), device)?,
+        width,
+    })
+}
+
+/// Places per-response-token values of each row at their positions in a [N, width] tensor.
+pub fn place(rows: &[&Row], width: usize, values: &[&[f32]], device: &Device) -> Result<Tensor> {
+    let mut out = vec![0f32; rows.len() * width];
+    for (i, (r, v)) in rows.iter().zip(values).enumerate() {
+        for (k, &x) in v.iter().enumerate().take(r.len) {
+            out[i * width + r.start + k] = x;
+        }
+    }
+    Ok(Tensor::from_vec(out, (rows.len(), width), device)?)
+}
+
+/// Reads the response positions of each row out of a [N, width] tensor.
+pub fn gather(rows: &[&Row], t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let all: Vec<Vec<f32>> = t.to_vec2()?;
+    Ok(rows
+        .iter()
+        .zip(all)
+        .map(|(r, v)| v[r.start..r.start + r.len].to_vec())
+        .collect())
+}
+
+/// Per-token log-probabilities of each row's response under `model` (no gradient), in chunks.
+pub fn response_logprobs(model: &Llama, rows: &[&Row], pad: u32) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(16) {
+        let p = pack(chunk, pad, model.device())?;
+        let lp = model.token_nll(&p.x, &p.y)?.neg()?;
+        out.extend(gather(chunk, &lp)?);
+    }
+    Ok(out)
+}
+
+/// Mean entropy (nats) of the next-token distribution over response positions (no gradient).
+pub fn response_entropy(model: &Llama, rows: &[&Row], pad: u32) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for chunk in rows.chunks(8) {
+        let p = pack(chunk, pad, model.device())?;
+        let logits = model.forward(&p.x, None)?;
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        let ent = (logp.exp()? * &logp)?.sum(candle_core::D::Minus1)?.neg()?;
+        sum += (ent * &p.mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        count += p.mask.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / count.max(1.0))
+}
+
+/// One sampled response.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// Index into the prompts given.
+    pub prompt: usize,
+    pub row: Row,
+    pub text: String,
+    /// Ended with an end-of-turn token rather than at the length limit.
+    pub stopped: bool,
+}
+
+/// Everything needed to sample from a policy.
+pub struct Sampling<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub template: &'a ChatTemplate,
+    pub stops: &'a [u32],
+    pub max_new_tokens: usize,
+}
+
+impl Sampling<'_> {
+    /// The prompt's ids with the assistant header, cut from the left to leave room to answer.
+    pub fn prompt_ids(&self, model: &Llama, p: &RlPrompt) -> Result<Vec<u32>> {
+        let mut ids = render(self.tokenizer, self.template, &p.messages, true)?.ids;
+        let room = model
+            .config
+            .max_position_embeddings
+            .saturating_sub(self.max_new_tokens)
+            .max(1);
+        if ids.len() > room {
+            ids.drain(..ids.len() - room);
+        }
+        Ok(ids)
+    }
+
+    /// `per_prompt` responses to each prompt, sampled at `temperature` (0 = greedy) with `seed`.
+    pub fn sample(
+        &self,
+        model: &Llama,
+        prompts: &[&RlPrompt],
+        per_prompt: usize,
+        temperature: f64,
+        seed: u64,
+    ) -> Result<Vec<Sample>> {
+        let mut jobs = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let ids = self.prompt_ids(model, p)?;
+            for _ in 0..per_prompt {
+                jobs.push((i, ids.clone()));
+            }
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for (c, chunk) in jobs.chunks(32).enumerate() {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
+            let params = SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p: 1.0,
+                seed: seed.wrapping_add(1000 * c as u64),
+            };
+            let gen = generate_batch(
+                model,
+                self.tokenizer,
+                &ids,
+                self.max_new_tokens,
+                &params,
+                self.stops,
+            )?;
+            for ((prompt, ids), g) in chunk.iter().zip(gen) {
+                let mut response = g.tokens.clone();
+                response.extend(g.stop_token);
+                if response.is_empty() {
+                    // The context was full: nothing to learn from this prompt.
+                    continue;
+                }
+                out.push(Sample {
+                    prompt: *prompt,
+                    row: Row::new(ids, &response),
+                    text: g.text,
+                    stopped: g.stop_token.is_some(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_marks_exactly_the_response_targets() {
+        let a = Row::new(&[1, 2, 3], &[4, 5]);
+        let b = Row::new(&[1], &[6, 7, 8]);
+        assert_eq!(a.response(), &[4, 5]);
+        let p = pack(&[&a, &b], 0, &Device::Cpu).unwrap();
+        let x: Vec<Vec<u32>> = p.x.to_vec2().unwrap();
+        let y: Vec<Vec<u32>> = p.y.to_vec2().unwrap();
+        let m: Vec<Vec<f32>> = p.mask.to_vec2().unwrap();
+        assert_eq!(x[0], vec![1, 2, 3, 4]);
+        assert_eq!(y[0], vec![2, 3, 4, 5]);
+        assert_eq!(m[0], vec![0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(y[1], vec![6, 7, 8, 0]);
+        assert_eq!(m[1], vec![1.0, 1.0, 1.0, 0.0]);
+        let v = place(
+            &[&a, &b],
+            p.width,
+            &[&[9.0, 8.0], &[1.0, 2.0, 3.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            gather(&[&a, &b], &v).unwrap(),
+            vec![vec![9.0, 8.0], vec![1.0, 2.0, 3.0]]
+        );
+    }
+}

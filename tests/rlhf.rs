@@ -1,0 +1,262 @@
+//! Reward model and RLHF on a tiny model: the reward model learns a ranking, PPO raises a
+//! programmatic reward in a toy environment with bounded KL, DPO separates chosen from rejected,
+//! and GRPO raises the checker's reward.
+
+mod common;
+
+use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
+use chatforge::tokenizer::chat::{Message, Role};
+use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::reward::{train_reward, RewardModel, RewardOptions};
+use chatforge::train::trainer::LoopOptions;
+use std::path::{Path, PathBuf};
+
+const ANIMALS: [(&str, &str); 6] = [
+    ("cat", "meow"),
+    ("dog", "woof"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("sheep", "baa"),
+    ("owl", "hoot"),
+];
+
+fn quiet_loop(steps: usize, lr: f64) -> LoopOptions {
+    LoopOptions {
+        steps,
+        lr,
+        warmup_steps: 5,
+        eval_every: 1000,
+        checkpoint_every: 1000,
+        weight_decay: 0.0,
+        quiet: std::env::var("RLHF_DEBUG").is_err(),
+        ..Default::default()
+    }
+}
+
+fn base_run(dir: &Path) -> PathBuf {
+    let (shards, cfg) = common::tiny_shards(dir);
+    let out = dir.join("base");
+    pretrain(&PretrainOptions {
+        data: shards,
+        out: out.clone(),
+        config: Some(cfg),
+        batch_size: 8,
+        seq_len: 32,
+        eval_tokens: 1024,
+        train: quiet_loop(40, 1e-2),
+    })
+    .unwrap();
+    out
+}
+
+/// Rankings: a full sentence > a curt answer > a rude reply; train and held-out phrasings differ.
+fn write_prefs(dir: &Path) -> (PathBuf, PathBuf) {
+    let (mut train, mut held) = (String::new(), String::new());
+    for round in 0..8 {
+        for (animal, sound) in ANIMALS {
+            let (q, target) = if round < 6 {
+                (format!("What does the {animal} say?"), &mut train)
+            } else {
+                (format!("Which sound does a {animal} make?"), &mut held)
+            };
+            target.push_str(
+                &serde_json::json!({"prompt": q, "responses": [
+                    format!("The {animal} says {sound}."),
+                    format!("{sound}"),
+                    "Go away.",
+                ]})
+                .to_string(),
+            );
+            target.push('\n');
+        }
+    }
+    let (t, h) = (dir.join("prefs_train.jsonl"), dir.join("prefs_held.jsonl"));
+    std::fs::write(&t, train).unwrap();
+    std::fs::write(&h, held).unwrap();
+    (t, h)
+}
+
+#[test]
+fn reward_model_learns_rankings_and_is_normalised() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let (train, held) = write_prefs(dir.path());
+    let out = dir.path().join("rm");
+    let r = train_reward(&RewardOptions {
+        base: base.clone(),
+        data: vec![train],
+        val_data: vec![held.clone()],
+        out: out.clone(),
+        batch_size: 6,
+        train: quiet_loop(120, 3e-3),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(r.info.heldout_pairs, 12 * 3);
+    assert!(
+        r.info.heldout_accuracy >= 0.85 && r.info.heldout_accuracy > r.val_accuracy_before + 0.15,
+        "held-out pairwise accuracy {} (before {})",
+        r.info.heldout_accuracy,
+        r.val_accuracy_before
+    );
+    assert!(r.info.heldout_margin > 0.5, "{}", r.info.heldout_margin);
+    // The stored bias makes the held-out responses average 0.
+    let rm = RewardModel::load(&out).unwrap();
+    let prefs = chatforge::data::prefs::read_pref_file(&held).unwrap();
+    let items: Vec<(&[Message], &str)> = prefs
+        .comparisons
+        .iter()
+        .flat_map(|c| {
+            c.responses
+                .iter()
+                .map(|x| (c.prompt.as_slice(), x.as_str()))
+        })
+        .collect();
+    let scores = rm.score(&items).unwrap();
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    assert!(mean.abs() < 1e-3, "normalised mean {mean}");
+    let q = [Message::new(Role::User, "Which sound does a dog make?")];
+    let s = rm
+        .score(&[(&q, "The dog says woof."), (&q, "Go away.")])
+        .unwrap();
+    assert!(s[0] > s[1], "{s:?}");
+    // A model without a score head is refused by name.
+    let e = RewardModel::load(&base).err().unwrap().to_string();
+    assert!(e.contains("not a reward model"), "{e}");
+}
+
+/// Prompts whose "answer" (the checker) wants the reply to mention 猫 (cat), which the tiny base
+/// says in about a third of its samples.
+fn write_cat_prompts(dir: &Path) -> PathBuf {
+    let mut s = String::new();
+    for i in 0..40 {
+        s.push_str(
+            &serde_json::json!({"prompt": format!("Tell me story {i}."), "answer": {"contains": ["猫"]}})
+                .to_string(),
+        );
+        s.push('\n');
+    }
+    let p = dir.join("cat_prompts.jsonl");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfOptions {
+    RlhfOptions {
+        algo,
+        policy: base.to_path_buf(),
+        prompts: Some(prompts),
+        out,
+        reward_source: RewardSource::Checker,
+        rollout_prompts: 16,
+        group_size: 4,
+        max_new_tokens: 10,
+        minibatch: 16,
+        epochs: 2,
+        kl_coef: 0.02,
+        eval_samples: 32,
+        train: LoopOptions {
+            eval_every: 1000,
+            ..quiet_loop(60, 3e-3)
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let out = dir.path().join("ppo");
+    let r = rlhf(&toy_options(&base, prompts, out.clone(), Algo::Ppo)).unwrap();
+    // Rollout reward (the fraction of replies mentioning "cat") over the first and last rollouts.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("rollout_reward").is_some())
+        .collect();
+    let reward = |v: &[serde_json::Value]| {
+        v.iter()
+            .map(|x| x["rollout_reward"].as_f64().unwrap())
+            .sum::<f64>()
+            / v.len() as f64
+    };
+    let (first, last) = (reward(&lines[..2]), reward(&lines[lines.len() - 2..]));
+    assert!(last > first + 0.2, "rollout reward {first} -> {last}");
+    let acc = (r.eval_before["accuracy"], r.eval_after["accuracy"]);
+    assert!(acc.1 > acc.0, "held-out greedy accuracy {acc:?}");
+    assert!(r.eval_after["kl"] < 25.0, "KL {}", r.eval_after["kl"]);
+    for key in [
+        "rollout_kl",
+        "rollout_entropy",
+        "clip_fraction",
+        "approx_kl",
+        "policy_loss",
+        "value_loss",
+        "explained_variance",
+        "rollout_length",
+    ] {
+        assert!(lines[0].get(key).is_some(), "metrics lack {key}");
+    }
+    // The tuned policy still loads as a plain language model.
+    chatforge::model::load(&out, &candle_core::Device::Cpu).unwrap();
+}
+
+#[test]
+fn grpo_raises_the_checker_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let out = dir.path().join("grpo");
+    let mut o = toy_options(&base, prompts, out, Algo::Grpo);
+    o.rollout_prompts = 4;
+    let r = rlhf(&o).unwrap();
+    let acc = (r.eval_before["accuracy"], r.eval_after["accuracy"]);
+    assert!(acc.1 > acc.0 + 0.1, "held-out greedy accuracy {acc:?}");
+}
+
+#[test]
+fn dpo_prefers_chosen_over_rejected_on_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let (train, held) = write_prefs(dir.path());
+    let r = rlhf(&RlhfOptions {
+        algo: Algo::Dpo,
+        policy: base,
+        prefs: vec![train],
+        val_prefs: vec![held],
+        out: dir.path().join("dpo"),
+        minibatch: 8,
+        train: quiet_loop(60, 3e-3),
+        ..Default::default()
+    })
+    .unwrap();
+    let (b, a) = (
+        r.eval_before["dpo_val_accuracy"],
+        r.eval_after["dpo_val_accuracy"],
+    );
+    assert!(a >= 0.8 && a > b, "held-out DPO accuracy {b} -> {a}");
+    assert!(r.eval_after["dpo_val_margin"] > 0.0);
+}
+
+#[test]
+fn rlhf_refuses_missing_pieces_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let mut o = toy_options(&base, prompts, dir.path().join("x"), Algo::Ppo);
+    o.reward_source = RewardSource::Model;
+    let e = rlhf(&o).err().unwrap().to_string();
+    assert!(e.contains("needs --reward"), "{e}");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"hi\"}\n{\"text\": \"no prompt\"}\n").unwrap();
+    o.reward_source = RewardSource::Checker;
+    o.prompts = Some(bad);
+    let e = rlhf(&o).err().unwrap().to_string();
+    assert!(
+        e.contains("bad.jsonl:2") && e.contains("\"messages\""),
+        "{e}"
+    );
+}
