@@ -8,6 +8,7 @@ use chatforge::infer::chat::{run_terminal, ChatSession};
 use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
+use chatforge::speedrun::Preset;
 use chatforge::tokenizer::chat::ChatTemplate;
 use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_TOKENS};
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
@@ -60,7 +61,8 @@ enum Command {
     /// Write the built-in bilingual synthetic curriculum (pretraining text, conversations,
     /// preference rankings, RL prompts with checkers, few-shot probes).
     Curriculum(CurriculumArgs),
-    /// Tokenizer, shards, pretraining and a sample in one command.
+    /// The whole recipe on the built-in curriculum: tokenizer, pretraining, SFT, reward model,
+    /// PPO, evaluation of every stage and a report card.
     Speedrun(SpeedrunArgs),
 }
 
@@ -325,7 +327,7 @@ struct RewardArgs {
     /// Prompts (comparisons) per batch; each brings all its ranked responses.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Longest conversation in tokens (default: the model's context).
+    /// Longest conversation in tokens; longer ones lose the start of the prompt (default: the context).
     #[arg(long)]
     max_len: Option<usize>,
     /// Fraction of comparisons held out.
@@ -393,9 +395,12 @@ struct RlhfArgs {
     clip: f64,
     #[arg(long, default_value_t = 0.2)]
     value_clip: f64,
-    /// Weight of the value loss (the value head shares the policy's trunk).
+    /// Weight of the value loss (it trains the value head, which reads the policy's hidden state).
     #[arg(long, default_value_t = 0.1)]
     vf_coef: f64,
+    /// The value head's learning rate as a multiple of --lr (it starts from scratch).
+    #[arg(long, default_value_t = 30.0)]
+    value_lr_scale: f64,
     #[arg(long, default_value_t = 1.0)]
     gamma: f64,
     /// GAE λ.
@@ -484,20 +489,26 @@ struct CurriculumArgs {
 
 #[derive(Args)]
 struct SpeedrunArgs {
-    #[arg(long, num_args = 1.., required = true)]
+    /// Size of the curriculum run: tiny (under 3 minutes) or small (about 30 minutes).
+    #[arg(long, value_enum, default_value = "small")]
+    preset: Preset,
+    /// Output directory; rerunning with the same one resumes at the first unfinished stage.
+    #[arg(long, default_value = "runs/speedrun")]
+    out: PathBuf,
+    /// Pretrain on these text files instead of the built-in curriculum (tokenizer, shards,
+    /// pretraining and samples only; the --steps, --lr... flags apply).
+    #[arg(long, num_args = 1..)]
     input: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     format: DocFormat,
-    /// Output directory (tokenizer/, shards/, base/ inside).
-    #[arg(long, default_value = "runs/speedrun")]
-    out: PathBuf,
+    /// Vocabulary size in --input mode.
     #[arg(long, default_value_t = 2048)]
     vocab_size: usize,
     #[command(flatten)]
     shape: ShapeArgs,
     #[command(flatten)]
     train: TrainArgs,
-    /// Prompt for the closing sample (empty: the model starts a document of its own).
+    /// Prompt for the closing samples in --input mode.
     #[arg(long, default_value = "")]
     prompt: String,
 }
@@ -682,6 +693,7 @@ fn run(cli: Cli) -> Result<()> {
                 clip: a.clip,
                 value_clip: a.value_clip,
                 vf_coef: a.vf_coef,
+                value_lr_scale: a.value_lr_scale,
                 gamma: a.gamma,
                 lambda: a.lambda,
                 kl_coef: a.kl_coef,
@@ -741,12 +753,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Speedrun(a) => {
             let opts = chatforge::speedrun::SpeedrunOptions {
-                inputs: a.input,
                 out: a.out.clone(),
+                preset: a.preset,
+                seed: a.train.seed,
+                inputs: a.input,
                 vocab_size: a.vocab_size,
                 format: a.format,
                 pretrain: pretrain_options(&a.shape, &a.train, PathBuf::new(), PathBuf::new()),
                 prompt: a.prompt,
+                quiet: false,
             };
             chatforge::speedrun::speedrun(&opts)?;
         }

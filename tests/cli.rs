@@ -320,3 +320,80 @@ fn eval_scores_curriculum_files_and_names_bad_task_specs() {
         &["/no/gsm8k.jsonl"],
     );
 }
+
+#[test]
+fn reward_and_rlhf_refuse_bad_input_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let run = dir.path().join("base");
+    pretrain_three_steps(&shards, &cfg, &run);
+    let missing = dir.path().join("nope.jsonl");
+    fails_with(
+        &[
+            "reward",
+            "--base",
+            s(&run),
+            "--data",
+            s(&missing),
+            "--out",
+            s(&dir.path().join("rm")),
+        ],
+        &["nope.jsonl"],
+    );
+    let bad = dir.path().join("prefs.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"q\", \"chosen\": \"a\"}\n{not json\n").unwrap();
+    fails_with(
+        &[
+            "reward",
+            "--base",
+            s(&run),
+            "--data",
+            s(&bad),
+            "--out",
+            s(&dir.path().join("rm")),
+        ],
+        &["prefs.jsonl:2", "not valid JSON"],
+    );
+    std::fs::write(&bad, "{\"prompt\": \"q\", \"chosen\": \"a\"}\n").unwrap();
+    fails_with(
+        &[
+            "reward",
+            "--base",
+            s(&run),
+            "--data",
+            s(&bad),
+            "--out",
+            s(&dir.path().join("rm")),
+        ],
+        &["prefs.jsonl:1", "\"rejected\""],
+    );
+    // A policy used as a reward model: no score head.
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"hi\"}\n").unwrap();
+    fails_with(
+        &[
+            "rlhf",
+            "--policy",
+            s(&run),
+            "--reward",
+            s(&run),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&dir.path().join("rl")),
+        ],
+        &["not a reward model", "chatforge reward"],
+    );
+    fails_with(
+        &[
+            "rlhf",
+            "--algo",
+            "dpo",
+            "--policy",
+            s(&run),
+            "--out",
+            s(&dir.path().join("rl")),
+        ],
+        &["--prefs"],
+    );
+}

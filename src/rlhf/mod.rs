@@ -71,6 +71,8 @@ pub struct RlhfOptions {
     pub clip: f64,
     pub value_clip: f64,
     pub vf_coef: f64,
+    /// The value head's learning rate as a multiple of the policy's: it starts from scratch.
+    pub value_lr_scale: f64,
     pub gamma: f64,
     pub lambda: f64,
     /// β: the KL penalty (PPO: in the reward; GRPO: in the loss).
@@ -109,6 +111,7 @@ impl Default for RlhfOptions {
             clip: 0.2,
             value_clip: 0.2,
             vf_coef: 0.1,
+            value_lr_scale: 30.0,
             gamma: 1.0,
             lambda: 0.95,
             kl_coef: 0.05,

@@ -1,9 +1,10 @@
 //! PPO and GRPO: sample a batch of responses with the current policy, score them, then take
 //! several optimizer steps over minibatches of that batch with the clipped objective.
 //!
-//! PPO's value head shares the policy's trunk (`v_head.weight` reads the final hidden state, as in
-//! TRL's value-head models): one forward pass gives both, at the cost of the value loss also
-//! shaping the trunk, which `vf_coef` keeps small. Each trainer step is one minibatch; a new
+//! PPO's value head (`v_head`) reads the policy's final hidden state (as TRL's value-head models
+//! do), so one forward pass gives both; its loss does not flow back into the trunk (measured: with
+//! it, the value loss's gradient dominated and the policy drifted away from the reference without
+//! raising reward). Each trainer step is one minibatch; a new
 //! rollout is sampled when the previous one is used up. A resumed run starts a fresh rollout.
 
 use super::losses::{
@@ -263,6 +264,10 @@ impl Stage for OnPolicy {
         Ok(vec!["v_head.weight".into(), "v_head.bias".into()])
     }
 
+    fn head_lr_scale(&self) -> f64 {
+        self.opts.value_lr_scale
+    }
+
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
         if self.queue.is_empty() {
             self.rollout(model, rng)?;
@@ -294,7 +299,9 @@ impl Stage for OnPolicy {
         match o.algo {
             Algo::Ppo => {
                 let head = self.value_head.as_ref().expect("built");
-                let values = head.forward(&hidden)?.squeeze(D::Minus1)?;
+                // The value loss trains the head only: its gradient through the shared trunk
+                // moved the policy as much as the policy gradient did.
+                let values = head.forward(&hidden.detach())?.squeeze(D::Minus1)?;
                 let old_v = col(&|e| &e.old_values)?;
                 let ret = col(&|e| &e.returns)?;
                 let vf = masked_mean(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;

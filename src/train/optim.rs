@@ -29,6 +29,8 @@ pub struct Param {
     pub var: Var,
     /// Matrices decay; norms and biases (vectors) do not.
     pub decay: bool,
+    /// Multiplies the schedule's learning rate (new heads learn faster than a tuned trunk).
+    pub lr_scale: f64,
 }
 
 pub struct AdamW {
@@ -56,7 +58,12 @@ impl AdamW {
             m.push(var.zeros_like()?);
             v.push(var.zeros_like()?);
             let decay = var.rank() >= 2;
-            params.push(Param { name, var, decay });
+            params.push(Param {
+                name,
+                var,
+                decay,
+                lr_scale: 1.0,
+            });
         }
         Ok(AdamW {
             params,
@@ -74,6 +81,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, p) in self.params.iter().enumerate() {
+            let lr = lr * p.lr_scale;
             let g = &grads[i];
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

@@ -157,6 +157,7 @@ pub struct RewardOptions {
     pub out: PathBuf,
     /// Comparisons (prompts) per batch; each contributes all its responses.
     pub batch_size: usize,
+    /// Longest conversation; longer ones lose the start of the prompt. Default: the context.
     pub max_len: Option<usize>,
     pub val_fraction: f64,
     pub on_error: OnError,
@@ -198,6 +199,8 @@ pub struct RewardReport {
     pub train_comparisons: usize,
     pub val_comparisons: usize,
     pub skipped: usize,
+    /// Comparisons whose prompts were cut from the left to fit `max_len`.
+    pub truncated: usize,
     pub val_accuracy_before: f64,
     pub info: RewardInfo,
     pub tokens_per_second: f64,
@@ -342,34 +345,38 @@ impl Stage for RewardStage {
     }
 }
 
+/// Reads and renders comparisons; those longer than `max_len` lose the start of their prompt
+/// (counted in `truncated`).
 fn encode_files(
     files: &[PathBuf],
     opts: &RewardOptions,
     tok: &Tokenizer,
     template: &ChatTemplate,
     max_len: usize,
+    truncated: &mut usize,
 ) -> Result<(Vec<Encoded>, Vec<Comparison>, usize)> {
     let (mut out, mut raw, mut skipped) = (Vec::new(), Vec::new(), 0usize);
     for file in files {
         let f = read_pref_file(file)?;
-        let mut reasons = f
+        let reasons = f
             .bad
             .iter()
             .map(|b| (b.location.clone(), b.reason.clone()))
             .collect::<Vec<_>>();
-        for (i, c) in f.comparisons.into_iter().enumerate() {
-            let seqs = c
+        for c in f.comparisons {
+            let mut seqs = c
                 .responses
                 .iter()
                 .map(|r| conversation_ids(tok, template, &c.prompt, r))
                 .collect::<Result<Vec<_>>>()?;
-            let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-            if longest > max_len {
-                reasons.push((
-                    format!("{} record {}", file.display(), i + 1),
-                    format!("{longest} tokens, longer than the {max_len}-token limit (--max-len)"),
-                ));
-                continue;
+            if seqs.iter().any(|s| s.len() > max_len) {
+                // Keep the end, where the score is read; the start of the prompt goes.
+                for s in &mut seqs {
+                    if s.len() > max_len {
+                        s.drain(..s.len() - max_len);
+                    }
+                }
+                *truncated += 1;
             }
             out.push(Encoded {
                 seqs,
@@ -406,7 +413,9 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         .max_len
         .unwrap_or(config.max_position_embeddings)
         .min(config.max_position_embeddings);
-    let (mut train_set, _, mut skipped) = encode_files(&opts.data, opts, &tok, &template, max_len)?;
+    let mut truncated = 0;
+    let (mut train_set, _, mut skipped) =
+        encode_files(&opts.data, opts, &tok, &template, max_len, &mut truncated)?;
     let (val_set, val_raw) = if opts.val_data.is_empty() {
         let k = (1.0 / opts.val_fraction.clamp(1e-6, 0.5)).round() as usize;
         let (mut val, mut rest) = (Vec::new(), Vec::new());
@@ -420,7 +429,14 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         train_set = rest;
         (val, Vec::new())
     } else {
-        let (v, raw, s) = encode_files(&opts.val_data, opts, &tok, &template, max_len)?;
+        let (v, raw, s) = encode_files(
+            &opts.val_data,
+            opts,
+            &tok,
+            &template,
+            max_len,
+            &mut truncated,
+        )?;
         skipped += s;
         (v, raw)
     };
@@ -433,10 +449,11 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
     }
     if !opts.train.quiet {
         eprintln!(
-            "reward: {} train / {} held-out comparisons ({} skipped), {} training pairs",
+            "reward: {} train / {} held-out comparisons ({} skipped, {} cut to the last {max_len} tokens), {} training pairs",
             train_set.len(),
             val_set.len(),
             skipped,
+            truncated,
             train_set
                 .iter()
                 .map(|e| e.seqs.len() * (e.seqs.len() - 1) / 2)
@@ -462,7 +479,7 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         hyper: serde_json::to_value(opts)?,
         parents: vec![opts.base.display().to_string()],
         data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
-            "train_comparisons": n_train, "val_comparisons": n_val, "skipped": skipped}),
+            "train_comparisons": n_train, "val_comparisons": n_val, "skipped": skipped, "truncated": truncated}),
     };
     let r = train(&opts.train, spec, &mut stage)?;
     let before = r
@@ -490,6 +507,7 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         train_comparisons: n_train,
         val_comparisons: n_val,
         skipped,
+        truncated,
         val_accuracy_before: before,
         info,
         tokens_per_second: r.tokens_per_second,

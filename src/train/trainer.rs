@@ -74,6 +74,10 @@ pub trait Stage {
     fn build_heads(&mut self, _vb: VarBuilder) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Learning-rate multiplier for the heads of [`Stage::build_heads`].
+    fn head_lr_scale(&self) -> f64 {
+        1.0
+    }
     /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss.
     fn step_metrics(&mut self) -> Vec<(String, f64)> {
         Vec::new()
@@ -203,6 +207,11 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             ..Default::default()
         },
     )?;
+    for p in optimizer.params.iter_mut() {
+        if heads.contains(&p.name) {
+            p.lr_scale = stage.head_lr_scale();
+        }
+    }
     let metrics_path = run.join("metrics.jsonl");
     let (mut step, mut tokens_seen, mut elapsed_before) = (0usize, 0u64, 0.0f64);
     let resumed = match existing.last() {
