@@ -148,8 +148,10 @@ struct TrainArgs {
     min_lr_ratio: f64,
     #[arg(long)]
     warmup_steps: Option<usize>,
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f64,
+    /// AdamW weight decay on matrices (default: the stage's, 0.1 for pretraining and SFT, 0 for
+    /// reward and RLHF).
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Global gradient-norm clip (0 = off).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
@@ -173,13 +175,23 @@ struct TrainArgs {
 impl TrainArgs {
     /// Loop options with this stage's defaults for the unset values.
     fn loop_options(&self, steps: usize, lr: f64, warmup: usize) -> LoopOptions {
+        self.loop_options_from(&LoopOptions {
+            steps,
+            lr,
+            warmup_steps: warmup,
+            ..Default::default()
+        })
+    }
+
+    /// Loop options with a stage's defaults (`d`) for the unset values.
+    fn loop_options_from(&self, d: &LoopOptions) -> LoopOptions {
         LoopOptions {
-            steps: self.steps.unwrap_or(steps),
+            steps: self.steps.unwrap_or(d.steps),
             grad_accum: self.grad_accum,
-            lr: self.lr.unwrap_or(lr),
+            lr: self.lr.unwrap_or(d.lr),
             min_lr_ratio: self.min_lr_ratio,
-            warmup_steps: self.warmup_steps.unwrap_or(warmup),
-            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps.unwrap_or(d.warmup_steps),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             grad_clip: self.grad_clip,
             seed: self.seed,
             eval_every: self.eval_every.max(1),
@@ -623,12 +635,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Sft(a) => {
-            let defaults = SftOptions::default();
-            let train = a.train.loop_options(
-                defaults.train.steps,
-                defaults.train.lr,
-                defaults.train.warmup_steps,
-            );
+            let train = a.train.loop_options_from(&SftOptions::default().train);
             let opts = SftOptions {
                 base: a.base,
                 data: a.data,
@@ -647,12 +654,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
         }
         Command::Reward(a) => {
-            let defaults = RewardOptions::default();
-            let train = a.train.loop_options(
-                defaults.train.steps,
-                defaults.train.lr,
-                defaults.train.warmup_steps,
-            );
+            let train = a.train.loop_options_from(&RewardOptions::default().train);
             let opts = RewardOptions {
                 base: a.base,
                 data: a.data,
@@ -669,12 +671,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&train_reward(&opts)?)?);
         }
         Command::Rlhf(a) => {
-            let defaults = RlhfOptions::default();
-            let train = a.train.loop_options(
-                defaults.train.steps,
-                defaults.train.lr,
-                defaults.train.warmup_steps,
-            );
+            let train = a.train.loop_options_from(&RlhfOptions::default().train);
             let opts = RlhfOptions {
                 algo: a.algo,
                 policy: a.policy,

@@ -112,6 +112,26 @@ impl Rng {
     }
 }
 
+/// Splits items into (kept, held out), holding out every `k`-th one: deterministic and spread over
+/// the input (which is often grouped by file or task).
+pub fn hold_out_every<T>(items: Vec<T>, k: usize) -> (Vec<T>, Vec<T>) {
+    let k = k.max(2);
+    let (mut kept, mut held) = (Vec::new(), Vec::new());
+    for (i, x) in items.into_iter().enumerate() {
+        if i % k == k - 1 {
+            held.push(x);
+        } else {
+            kept.push(x);
+        }
+    }
+    (kept, held)
+}
+
+/// Held-out stride for a validation fraction (every k-th item).
+pub fn stride_for(fraction: f64) -> usize {
+    (1.0 / fraction.clamp(1e-6, 0.5)).round() as usize
+}
+
 /// Human-readable count: 1234567 -> "1.23M".
 pub fn human_count(n: f64) -> String {
     if n >= 1e9 {

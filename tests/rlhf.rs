@@ -6,7 +6,6 @@ mod common;
 
 use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
 use chatforge::tokenizer::chat::{Message, Role};
-use chatforge::train::pretrain::{pretrain, PretrainOptions};
 use chatforge::train::reward::{train_reward, RewardModel, RewardOptions};
 use chatforge::train::trainer::LoopOptions;
 use std::path::{Path, PathBuf};
@@ -19,35 +18,6 @@ const ANIMALS: [(&str, &str); 6] = [
     ("sheep", "baa"),
     ("owl", "hoot"),
 ];
-
-fn quiet_loop(steps: usize, lr: f64) -> LoopOptions {
-    LoopOptions {
-        steps,
-        lr,
-        warmup_steps: 5,
-        eval_every: 1000,
-        checkpoint_every: 1000,
-        weight_decay: 0.0,
-        quiet: std::env::var("RLHF_DEBUG").is_err(),
-        ..Default::default()
-    }
-}
-
-fn base_run(dir: &Path) -> PathBuf {
-    let (shards, cfg) = common::tiny_shards(dir);
-    let out = dir.join("base");
-    pretrain(&PretrainOptions {
-        data: shards,
-        out: out.clone(),
-        config: Some(cfg),
-        batch_size: 8,
-        seq_len: 32,
-        eval_tokens: 1024,
-        train: quiet_loop(40, 1e-2),
-    })
-    .unwrap();
-    out
-}
 
 /// Rankings: a full sentence > a curt answer > a rude reply; train and held-out phrasings differ.
 fn write_prefs(dir: &Path) -> (PathBuf, PathBuf) {
@@ -79,7 +49,7 @@ fn write_prefs(dir: &Path) -> (PathBuf, PathBuf) {
 #[test]
 fn reward_model_learns_rankings_and_is_normalised() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let (train, held) = write_prefs(dir.path());
     let out = dir.path().join("rm");
     let r = train_reward(&RewardOptions {
@@ -88,7 +58,10 @@ fn reward_model_learns_rankings_and_is_normalised() {
         val_data: vec![held.clone()],
         out: out.clone(),
         batch_size: 6,
-        train: quiet_loop(120, 3e-3),
+        train: LoopOptions {
+            weight_decay: 0.0,
+            ..common::quiet_loop(120, 3e-3)
+        },
         ..Default::default()
     })
     .unwrap();
@@ -156,8 +129,8 @@ fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfO
         kl_coef: 0.02,
         eval_samples: 32,
         train: LoopOptions {
-            eval_every: 1000,
-            ..quiet_loop(60, 3e-3)
+            weight_decay: 0.0,
+            ..common::quiet_loop(60, 3e-3)
         },
         ..Default::default()
     }
@@ -166,7 +139,7 @@ fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfO
 #[test]
 fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let prompts = write_cat_prompts(dir.path());
     let out = dir.path().join("ppo");
     let r = rlhf(&toy_options(&base, prompts, out.clone(), Algo::Ppo)).unwrap();
@@ -207,7 +180,7 @@ fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
 #[test]
 fn grpo_raises_the_checker_reward() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let prompts = write_cat_prompts(dir.path());
     let out = dir.path().join("grpo");
     let mut o = toy_options(&base, prompts, out, Algo::Grpo);
@@ -220,7 +193,7 @@ fn grpo_raises_the_checker_reward() {
 #[test]
 fn dpo_prefers_chosen_over_rejected_on_held_out_pairs() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let (train, held) = write_prefs(dir.path());
     let r = rlhf(&RlhfOptions {
         algo: Algo::Dpo,
@@ -229,7 +202,10 @@ fn dpo_prefers_chosen_over_rejected_on_held_out_pairs() {
         val_prefs: vec![held],
         out: dir.path().join("dpo"),
         minibatch: 8,
-        train: quiet_loop(60, 3e-3),
+        train: LoopOptions {
+            weight_decay: 0.0,
+            ..common::quiet_loop(60, 3e-3)
+        },
         ..Default::default()
     })
     .unwrap();
@@ -244,7 +220,7 @@ fn dpo_prefers_chosen_over_rejected_on_held_out_pairs() {
 #[test]
 fn rlhf_refuses_missing_pieces_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let prompts = write_cat_prompts(dir.path());
     let mut o = toy_options(&base, prompts, dir.path().join("x"), Algo::Ppo);
     o.reward_source = RewardSource::Model;

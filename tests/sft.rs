@@ -8,7 +8,6 @@ use chatforge::infer::generate::{FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
 use chatforge::train::sft::{sft, OnError, SftOptions};
-use chatforge::train::trainer::LoopOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -20,34 +19,6 @@ const ANIMALS: [(&str, &str); 6] = [
     ("sheep", "baa"),
     ("owl", "hoot"),
 ];
-
-fn quiet_loop(steps: usize, lr: f64) -> LoopOptions {
-    LoopOptions {
-        steps,
-        lr,
-        warmup_steps: 5,
-        eval_every: 1000,
-        checkpoint_every: 1000,
-        quiet: true,
-        ..Default::default()
-    }
-}
-
-fn base_run(dir: &Path) -> PathBuf {
-    let (shards, cfg) = common::tiny_shards(dir);
-    let out = dir.join("base");
-    pretrain(&PretrainOptions {
-        data: shards,
-        out: out.clone(),
-        config: Some(cfg),
-        batch_size: 8,
-        seq_len: 32,
-        eval_tokens: 1024,
-        train: quiet_loop(40, 1e-2),
-    })
-    .unwrap();
-    out
-}
 
 /// "What does the cat say?" -> "The cat says meow." in three formats across two files.
 fn write_conversations(dir: &Path) -> Vec<PathBuf> {
@@ -82,7 +53,7 @@ fn sft_options(base: &Path, data: Vec<PathBuf>, out: &Path) -> SftOptions {
         out: out.to_path_buf(),
         batch_size: 8,
         val_fraction: 0.1,
-        train: quiet_loop(200, 1e-2),
+        train: common::quiet_loop(200, 1e-2),
         ..Default::default()
     }
 }
@@ -90,7 +61,7 @@ fn sft_options(base: &Path, data: Vec<PathBuf>, out: &Path) -> SftOptions {
 #[test]
 fn sft_lowers_assistant_loss_and_the_chat_answers_and_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let data = write_conversations(dir.path());
     let out = dir.path().join("sft");
     let report = sft(&sft_options(&base, data, &out)).unwrap();
@@ -150,7 +121,7 @@ fn sft_lowers_assistant_loss_and_the_chat_answers_and_stops() {
 #[test]
 fn long_histories_drop_the_oldest_turns() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let lm = chatforge::model::load(&base, &candle_core::Device::Cpu).unwrap();
     let opts = GenerateOptions {
         max_tokens: 8,
@@ -180,7 +151,7 @@ fn long_histories_drop_the_oldest_turns() {
 #[test]
 fn bad_conversations_are_skipped_with_a_count_or_fail_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let mut data = write_conversations(dir.path());
     let bad = dir.path().join("bad.jsonl");
     let long = "the cat ".repeat(100);
@@ -233,7 +204,7 @@ fn a_base_without_chat_tokens_is_refused_with_the_fix() {
         batch_size: 2,
         seq_len: 16,
         eval_tokens: 64,
-        train: quiet_loop(2, 1e-3),
+        train: common::quiet_loop(2, 1e-3),
     })
     .unwrap();
     let data = write_conversations(dir.path());
@@ -249,7 +220,7 @@ fn a_base_without_chat_tokens_is_refused_with_the_fix() {
 #[test]
 fn piped_chat_prints_one_reply_per_message() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let data = write_conversations(dir.path());
     let out = dir.path().join("sft");
     sft(&sft_options(&base, data, &out)).unwrap();
@@ -286,7 +257,7 @@ fn piped_chat_prints_one_reply_per_message() {
 #[test]
 fn sft_resumes_exactly_and_mixes_pretraining_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_run(dir.path());
+    let base = common::base_run(dir.path());
     let data = write_conversations(dir.path());
     let shards = dir.path().join("shards");
     let opts = |out: &str| {

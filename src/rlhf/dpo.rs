@@ -91,16 +91,9 @@ impl DpoStage {
         let max_len = eval.reference.config.max_position_embeddings;
         let (mut train, mut skipped) = read_pairs(&opts.prefs, tok, template, max_len)?;
         let val = if opts.val_prefs.is_empty() {
-            let (mut t, mut v) = (Vec::new(), Vec::new());
-            for (i, p) in train.into_iter().enumerate() {
-                if i % 10 == 9 {
-                    v.push(p);
-                } else {
-                    t.push(p);
-                }
-            }
-            train = t;
-            v
+            let (kept, held) = crate::util::hold_out_every(train, 10);
+            train = kept;
+            held
         } else {
             let (v, s) = read_pairs(&opts.val_prefs, tok, template, max_len)?;
             skipped += s;

@@ -251,17 +251,7 @@ fn prompt_sets(opts: &RlhfOptions) -> Result<(Vec<RlPrompt>, Vec<RlPrompt>)> {
     };
     let (train, mut held) = match &opts.eval_prompts {
         Some(p) => (train, read_prompt_file(p)?),
-        None => {
-            let (mut t, mut h) = (Vec::new(), Vec::new());
-            for (i, p) in train.into_iter().enumerate() {
-                if i % 10 == 9 {
-                    h.push(p);
-                } else {
-                    t.push(p);
-                }
-            }
-            (t, h)
-        }
+        None => crate::util::hold_out_every(train, 10),
     };
     // Spread the measured prompts over the file (it is grouped by task family).
     if held.len() > opts.eval_samples {

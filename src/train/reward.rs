@@ -417,17 +417,9 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
     let (mut train_set, _, mut skipped) =
         encode_files(&opts.data, opts, &tok, &template, max_len, &mut truncated)?;
     let (val_set, val_raw) = if opts.val_data.is_empty() {
-        let k = (1.0 / opts.val_fraction.clamp(1e-6, 0.5)).round() as usize;
-        let (mut val, mut rest) = (Vec::new(), Vec::new());
-        for (i, e) in train_set.into_iter().enumerate() {
-            if i % k == k - 1 {
-                val.push(e);
-            } else {
-                rest.push(e);
-            }
-        }
-        train_set = rest;
-        (val, Vec::new())
+        let (kept, held) = util::hold_out_every(train_set, util::stride_for(opts.val_fraction));
+        train_set = kept;
+        (held, Vec::new())
     } else {
         let (v, raw, s) = encode_files(
             &opts.val_data,

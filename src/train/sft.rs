@@ -6,7 +6,7 @@ use crate::data::shards::ShardSet;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
 use crate::tokenizer::Tokenizer;
-use crate::util::Rng;
+use crate::util::{self, Rng};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -242,19 +242,9 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
         .min(config.max_position_embeddings);
     let (mut train_set, mut skipped) = load_examples(&opts.data, opts, &tok, &template, max_len)?;
     let val_set = if opts.val_data.is_empty() {
-        // Every k-th example is held out: deterministic and spread over the files.
-        let k = (1.0 / opts.val_fraction.clamp(1e-6, 0.5)).round() as usize;
-        let mut val = Vec::new();
-        let mut rest = Vec::new();
-        for (i, e) in train_set.into_iter().enumerate() {
-            if i % k == k - 1 {
-                val.push(e);
-            } else {
-                rest.push(e);
-            }
-        }
-        train_set = rest;
-        val
+        let (kept, held) = util::hold_out_every(train_set, util::stride_for(opts.val_fraction));
+        train_set = kept;
+        held
     } else {
         let (v, s) = load_examples(&opts.val_data, opts, &tok, &template, max_len)?;
         skipped += s;

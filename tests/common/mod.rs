@@ -90,3 +90,33 @@ pub fn tiny_shards_with(dir: &Path, special_tokens: Vec<String>) -> (PathBuf, Pa
     .unwrap();
     (shards, cfg)
 }
+
+/// Training-loop options for quick, silent test runs.
+pub fn quiet_loop(steps: usize, lr: f64) -> chatforge::train::trainer::LoopOptions {
+    chatforge::train::trainer::LoopOptions {
+        steps,
+        lr,
+        warmup_steps: 5,
+        eval_every: 1000,
+        checkpoint_every: 1000,
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// A tiny base model pretrained for 40 steps on [`mixed_corpus`], at `dir/base`.
+pub fn base_run(dir: &Path) -> PathBuf {
+    let (shards, cfg) = tiny_shards(dir);
+    let out = dir.join("base");
+    chatforge::train::pretrain::pretrain(&chatforge::train::pretrain::PretrainOptions {
+        data: shards,
+        out: out.clone(),
+        config: Some(cfg),
+        batch_size: 8,
+        seq_len: 32,
+        eval_tokens: 1024,
+        train: quiet_loop(40, 1e-2),
+    })
+    .unwrap();
+    out
+}
