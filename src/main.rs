@@ -388,9 +388,12 @@ struct RlhfArgs {
     /// Prompts per rollout batch.
     #[arg(long, default_value_t = 16)]
     rollout_prompts: usize,
-    /// Samples per prompt for GRPO.
+    /// Samples per prompt for GRPO (and PPO with --prompt-baseline).
     #[arg(long, default_value_t = 4)]
     group_size: usize,
+    /// PPO: sample --group-size answers per prompt and score each against the mean of the others.
+    #[arg(long)]
+    prompt_baseline: bool,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature of rollouts.
@@ -683,6 +686,7 @@ fn run(cli: Cli) -> Result<()> {
                 out: a.out,
                 rollout_prompts: a.rollout_prompts,
                 group_size: a.group_size,
+                prompt_baseline: a.prompt_baseline,
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
                 epochs: a.epochs,

@@ -60,8 +60,10 @@ pub struct RlhfOptions {
     pub out: PathBuf,
     /// Prompts sampled per rollout batch.
     pub rollout_prompts: usize,
-    /// Samples per prompt (GRPO's group).
+    /// Samples per prompt (GRPO's group; PPO's with `prompt_baseline`).
     pub group_size: usize,
+    /// PPO: sample `group_size` answers per prompt and score each against the others' mean.
+    pub prompt_baseline: bool,
     pub max_new_tokens: usize,
     pub temperature: f64,
     /// Passes over each rollout batch.
@@ -104,6 +106,7 @@ impl Default for RlhfOptions {
             out: PathBuf::new(),
             rollout_prompts: 16,
             group_size: 4,
+            prompt_baseline: false,
             max_new_tokens: 64,
             temperature: 1.0,
             epochs: 2,

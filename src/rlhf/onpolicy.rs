@@ -119,7 +119,7 @@ impl OnPolicy {
         let picked: Vec<&RlPrompt> = (0..o.rollout_prompts)
             .map(|_| &self.prompts[rng.below(self.prompts.len() as u64) as usize])
             .collect();
-        let per_prompt = if o.algo == Algo::Grpo {
+        let per_prompt = if o.algo == Algo::Grpo || o.prompt_baseline {
             o.group_size
         } else {
             1
@@ -171,6 +171,13 @@ impl OnPolicy {
         match o.algo {
             Algo::Ppo => {
                 let values = self.values(model, &rows)?;
+                // With --prompt-baseline each score is taken relative to the mean of the other
+                // answers to the same prompt (leave-one-out), removing how easy the prompt is.
+                let shaped = if o.prompt_baseline {
+                    leave_one_out(&samples, &scores)
+                } else {
+                    scores.clone()
+                };
                 let (mut all_adv, mut all_v, mut all_ret) = (Vec::new(), Vec::new(), Vec::new());
                 let mut per_row = Vec::new();
                 for i in 0..samples.len() {
@@ -180,7 +187,7 @@ impl OnPolicy {
                         .zip(&ref_logp[i])
                         .map(|(a, b)| -self.kl_coef * (a - b) as f64)
                         .collect();
-                    *r.last_mut().expect("responses are nonempty") += scores[i];
+                    *r.last_mut().expect("responses are nonempty") += shaped[i];
                     let v: Vec<f64> = values[i].iter().map(|&x| x as f64).collect();
                     let (adv, ret) = gae(&r, &v, o.gamma, o.lambda);
                     all_adv.extend(&adv);
@@ -253,6 +260,28 @@ impl OnPolicy {
         self.rollout_stats = stats;
         Ok(())
     }
+}
+
+/// Each score minus the mean score of the other samples of its prompt (unchanged when alone).
+fn leave_one_out(samples: &[Sample], scores: &[f64]) -> Vec<f64> {
+    let mut sums: std::collections::HashMap<usize, (f64, usize)> = Default::default();
+    for (s, x) in samples.iter().zip(scores) {
+        let e = sums.entry(s.prompt).or_default();
+        e.0 += x;
+        e.1 += 1;
+    }
+    samples
+        .iter()
+        .zip(scores)
+        .map(|(s, x)| {
+            let (sum, n) = sums[&s.prompt];
+            if n > 1 {
+                x - (sum - x) / (n - 1) as f64
+            } else {
+                *x
+            }
+        })
+        .collect()
 }
 
 impl Stage for OnPolicy {
@@ -354,5 +383,27 @@ impl Stage for OnPolicy {
         let mut m = self.rollout_stats.clone();
         m.extend(self.step_stats.iter().cloned());
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(prompt: usize) -> Sample {
+        Sample {
+            prompt,
+            row: Row::new(&[1], &[2]),
+            text: String::new(),
+            stopped: true,
+        }
+    }
+
+    #[test]
+    fn leave_one_out_scores_against_the_other_answers_of_the_prompt() {
+        let samples = [sample(0), sample(0), sample(0), sample(1)];
+        let got = leave_one_out(&samples, &[1.0, 2.0, 6.0, 5.0]);
+        // 1 − (2+6)/2, 2 − (1+6)/2, 6 − (1+2)/2; a lone answer keeps its score.
+        assert_eq!(got, vec![-3.0, -1.5, 4.5, 5.0]);
     }
 }
