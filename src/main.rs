@@ -45,6 +45,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
     Sft(SftArgs),
+    /// Data preparation: duplicate removal (more stages to come).
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Train a reward model on ranked or paired answers (Bradley-Terry, scalar head).
     Reward(RewardArgs),
     /// Tune a policy with human-feedback RL: PPO (default), DPO or GRPO.
@@ -323,6 +326,27 @@ struct SftArgs {
     mix_fraction: f64,
     #[command(flatten)]
     train: TrainArgs,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Remove exact and near-duplicate documents (MinHash + LSH over character 5-grams); writes
+    /// the kept documents as JSONL and OUT.report.json with the counts.
+    Dedup {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Output JSONL file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: DocFormat,
+        /// JSONL field holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Estimated Jaccard similarity at which two documents count as duplicates.
+        #[arg(long, default_value_t = 0.8)]
+        threshold: f64,
+    },
 }
 
 #[derive(Args)]
@@ -655,6 +679,21 @@ fn run(cli: Cli) -> Result<()> {
                 train,
             };
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
+        }
+        Command::Data(DataCommand::Dedup {
+            input,
+            out,
+            format,
+            text_field,
+            threshold,
+        }) => {
+            let opts = chatforge::data::dedup::DedupOptions {
+                threshold,
+                ..Default::default()
+            };
+            let run =
+                chatforge::data::dedup::dedup_files(&input, format, &text_field, &out, &opts)?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
         }
         Command::Reward(a) => {
             let train = a.train.loop_options_from(&RewardOptions::default().train);

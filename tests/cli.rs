@@ -397,3 +397,52 @@ fn reward_and_rlhf_refuse_bad_input_by_name() {
         &["--prefs"],
     );
 }
+
+#[test]
+fn data_dedup_drops_copies_and_reports_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.txt");
+    let story = "Lily had a red kite. On Monday, Lily took the kite to the park. The wind was strong, so the kite flew into a tree.";
+    let other = "The cow said moo and looked hungry. Tom knew that a cow eats grass, so Tom brought some grass for it.";
+    std::fs::write(
+        &input,
+        format!(
+            "{story}\n\n{other}\n\n{}\n\n{}\n",
+            story.to_uppercase(),
+            story.replace("Monday", "Sunday")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("kept.jsonl");
+    let o = chatforge(&[
+        "data",
+        "dedup",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+        "--threshold",
+        "0.7",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("kept.jsonl.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["exact_duplicates"], 1);
+    assert_eq!(report["near_duplicates"], 1);
+    fails_with(
+        &[
+            "data",
+            "dedup",
+            "--input",
+            s(&input),
+            "--out",
+            s(&out),
+            "--threshold",
+            "1.5",
+        ],
+        &["--threshold"],
+    );
+}

@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod curriculum;
+pub mod dedup;
 pub mod prefs;
 pub mod shards;
 pub mod text;
