@@ -45,7 +45,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
     Sft(SftArgs),
-    /// Data preparation: duplicate removal (more stages to come).
+    /// Data preparation: cleaning and duplicate removal (more stages to come).
     #[command(subcommand)]
     Data(DataCommand),
     /// Train a reward model on ranked or paired answers (Bradley-Terry, scalar head).
@@ -330,6 +330,27 @@ struct SftArgs {
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// Clean documents: NFC, control characters, navigation/footer, timestamp and symbol lines,
+    /// lines repeated across documents, a minimum length; tags each with its language. Writes
+    /// JSONL ({"text", "lang"}) and OUT.report.json.
+    Clean {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Output JSONL file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: DocFormat,
+        /// JSONL field holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Drop documents shorter than this many characters after cleaning.
+        #[arg(long, default_value_t = 100)]
+        min_chars: usize,
+        /// A line found in at least this many documents is boilerplate.
+        #[arg(long, default_value_t = 3)]
+        repeated_line_documents: usize,
+    },
     /// Remove exact and near-duplicate documents (MinHash + LSH over character 5-grams); writes
     /// the kept documents as JSONL and OUT.report.json with the counts.
     Dedup {
@@ -679,6 +700,22 @@ fn run(cli: Cli) -> Result<()> {
                 train,
             };
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
+        }
+        Command::Data(DataCommand::Clean {
+            input,
+            out,
+            format,
+            text_field,
+            min_chars,
+            repeated_line_documents,
+        }) => {
+            let opts = chatforge::data::clean::CleanOptions {
+                min_chars,
+                repeated_line_documents: repeated_line_documents.max(2),
+            };
+            let run =
+                chatforge::data::clean::clean_files(&input, format, &text_field, &out, &opts)?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
         }
         Command::Data(DataCommand::Dedup {
             input,
