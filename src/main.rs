@@ -45,7 +45,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
     Sft(SftArgs),
-    /// Data preparation: cleaning and duplicate removal (more stages to come).
+    /// Data preparation: cleaning, quality classifier and filter, duplicate removal.
     #[command(subcommand)]
     Data(DataCommand),
     /// Train a reward model on ranked or paired answers (Bradley-Terry, scalar head).
@@ -330,6 +330,47 @@ struct SftArgs {
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// Train the GPT-3-style quality classifier (hashed n-grams, logistic regression) on a
+    /// reference corpus (--good) against raw web text (--bad); reports held-out accuracy and AUC.
+    QualityTrain {
+        #[arg(long, num_args = 1.., required = true)]
+        good: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., required = true)]
+        bad: Vec<PathBuf>,
+        /// Model JSON to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: DocFormat,
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Keep documents the quality model scores well: GPT-3's Pareto rule, or --threshold.
+    QualityFilter {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Output JSONL file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: DocFormat,
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Keep documents scoring above this instead of the Pareto rule.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// α of the Pareto rule (GPT-3 used 9).
+        #[arg(long, default_value_t = 9.0)]
+        alpha: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Clean documents: NFC, control characters, navigation/footer, timestamp and symbol lines,
     /// lines repeated across documents, a minimum length; tags each with its language. Writes
     /// JSONL ({"text", "lang"}) and OUT.report.json.
@@ -716,6 +757,55 @@ fn run(cli: Cli) -> Result<()> {
             let run =
                 chatforge::data::clean::clean_files(&input, format, &text_field, &out, &opts)?;
             println!("{}", serde_json::to_string_pretty(&run)?);
+        }
+        Command::Data(DataCommand::QualityTrain {
+            good,
+            bad,
+            out,
+            format,
+            text_field,
+            epochs,
+            seed,
+        }) => {
+            let m = chatforge::data::quality::train_files(
+                &good,
+                &bad,
+                format,
+                &text_field,
+                &out,
+                epochs,
+                seed,
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({"heldout_accuracy": m.heldout_accuracy, "heldout_auc": m.heldout_auc,
+                    "train_documents": m.train_documents, "heldout_documents": m.heldout_documents,
+                    "model": out})
+            );
+        }
+        Command::Data(DataCommand::QualityFilter {
+            model,
+            input,
+            out,
+            format,
+            text_field,
+            threshold,
+            alpha,
+            seed,
+        }) => {
+            let r = chatforge::data::quality::filter_files(
+                &model,
+                &input,
+                format,
+                &text_field,
+                &out,
+                chatforge::data::quality::KeepRule {
+                    threshold,
+                    alpha,
+                    seed,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Command::Data(DataCommand::Dedup {
             input,

@@ -5,5 +5,6 @@ pub mod clean;
 pub mod curriculum;
 pub mod dedup;
 pub mod prefs;
+pub mod quality;
 pub mod shards;
 pub mod text;
