@@ -40,8 +40,13 @@ pub fn features(text: &str) -> Vec<(usize, f32)> {
             word.to_lowercase().bytes().map(u64::from).chain([0xff]),
         ));
     }
-    let norm = counts.values().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
-    counts.into_iter().map(|(k, v)| (k, v / norm)).collect()
+    let mut squares: Vec<(usize, f32)> = counts.iter().map(|(k, v)| (*k, v * v)).collect();
+    squares.sort_unstable_by_key(|x| x.0);
+    let norm = squares.iter().map(|x| x.1).sum::<f32>().sqrt().max(1e-6);
+    // Sorted, so sums (and scores) do not depend on hash-map order.
+    let mut f: Vec<(usize, f32)> = counts.into_iter().map(|(k, v)| (k, v / norm)).collect();
+    f.sort_unstable_by_key(|x| x.0);
+    f
 }
 
 impl QualityModel {
