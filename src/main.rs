@@ -328,6 +328,18 @@ struct SftArgs {
     train: TrainArgs,
 }
 
+/// Documents a data stage reads.
+#[derive(Args)]
+struct DocArgs {
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    format: DocFormat,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Train the GPT-3-style quality classifier (hashed n-grams, logistic regression) on a
@@ -353,15 +365,11 @@ enum DataCommand {
     QualityFilter {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, num_args = 1.., required = true)]
-        input: Vec<PathBuf>,
+        #[command(flatten)]
+        docs: DocArgs,
         /// Output JSONL file.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: DocFormat,
-        #[arg(long, default_value = "text")]
-        text_field: String,
         /// Keep documents scoring above this instead of the Pareto rule.
         #[arg(long)]
         threshold: Option<f64>,
@@ -375,16 +383,11 @@ enum DataCommand {
     /// lines repeated across documents, a minimum length; tags each with its language. Writes
     /// JSONL ({"text", "lang"}) and OUT.report.json.
     Clean {
-        #[arg(long, num_args = 1.., required = true)]
-        input: Vec<PathBuf>,
+        #[command(flatten)]
+        docs: DocArgs,
         /// Output JSONL file.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: DocFormat,
-        /// JSONL field holding the text.
-        #[arg(long, default_value = "text")]
-        text_field: String,
         /// Drop documents shorter than this many characters after cleaning.
         #[arg(long, default_value_t = 100)]
         min_chars: usize,
@@ -395,16 +398,11 @@ enum DataCommand {
     /// Remove exact and near-duplicate documents (MinHash + LSH over character 5-grams); writes
     /// the kept documents as JSONL and OUT.report.json with the counts.
     Dedup {
-        #[arg(long, num_args = 1.., required = true)]
-        input: Vec<PathBuf>,
+        #[command(flatten)]
+        docs: DocArgs,
         /// Output JSONL file.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: DocFormat,
-        /// JSONL field holding the text.
-        #[arg(long, default_value = "text")]
-        text_field: String,
         /// Estimated Jaccard similarity at which two documents count as duplicates.
         #[arg(long, default_value_t = 0.8)]
         threshold: f64,
@@ -743,10 +741,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
         }
         Command::Data(DataCommand::Clean {
-            input,
+            docs,
             out,
-            format,
-            text_field,
             min_chars,
             repeated_line_documents,
         }) => {
@@ -754,8 +750,13 @@ fn run(cli: Cli) -> Result<()> {
                 min_chars,
                 repeated_line_documents: repeated_line_documents.max(2),
             };
-            let run =
-                chatforge::data::clean::clean_files(&input, format, &text_field, &out, &opts)?;
+            let run = chatforge::data::clean::clean_files(
+                &docs.input,
+                docs.format,
+                &docs.text_field,
+                &out,
+                &opts,
+            )?;
             println!("{}", serde_json::to_string_pretty(&run)?);
         }
         Command::Data(DataCommand::QualityTrain {
@@ -785,19 +786,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Data(DataCommand::QualityFilter {
             model,
-            input,
+            docs,
             out,
-            format,
-            text_field,
             threshold,
             alpha,
             seed,
         }) => {
             let r = chatforge::data::quality::filter_files(
                 &model,
-                &input,
-                format,
-                &text_field,
+                &docs.input,
+                docs.format,
+                &docs.text_field,
                 &out,
                 chatforge::data::quality::KeepRule {
                     threshold,
@@ -808,18 +807,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Command::Data(DataCommand::Dedup {
-            input,
+            docs,
             out,
-            format,
-            text_field,
             threshold,
         }) => {
             let opts = chatforge::data::dedup::DedupOptions {
                 threshold,
                 ..Default::default()
             };
-            let run =
-                chatforge::data::dedup::dedup_files(&input, format, &text_field, &out, &opts)?;
+            let run = chatforge::data::dedup::dedup_files(
+                &docs.input,
+                docs.format,
+                &docs.text_field,
+                &out,
+                &opts,
+            )?;
             println!("{}", serde_json::to_string_pretty(&run)?);
         }
         Command::Reward(a) => {

@@ -255,9 +255,7 @@ pub fn clean_files(
     })?;
     run.seconds = start.elapsed().as_secs_f64();
     run.megabytes_per_second = run.bytes_in as f64 / 1e6 / run.seconds.max(1e-9);
-    let mut report_path = out.as_os_str().to_owned();
-    report_path.push(".report.json");
-    crate::util::write_json_atomic(std::path::Path::new(&report_path), &run)?;
+    super::write_sidecar_report(out, &run)?;
     Ok(run)
 }
 

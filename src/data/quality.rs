@@ -203,7 +203,12 @@ pub fn filter_files(
         alpha,
         seed,
     } = rule;
-    let m: QualityModel = util::read_json(model)?;
+    let m: QualityModel = util::read_json(model).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a quality model (make one with `chatforge data quality-train`): {e:#}",
+            model.display()
+        )
+    })?;
     if m.weights.len() != m.buckets || m.buckets != BUCKETS {
         bail!(
             "{} is not a quality model of this version ({} weights for {} buckets); retrain it with `chatforge data quality-train`",
@@ -245,9 +250,7 @@ pub fn filter_files(
         mean_score_kept: mean(&kept),
         mean_score_dropped: mean(&dropped),
     };
-    let mut report_path = out.as_os_str().to_owned();
-    report_path.push(".report.json");
-    util::write_json_atomic(std::path::Path::new(&report_path), &run)?;
+    super::write_sidecar_report(out, &run)?;
     Ok(run)
 }
 
