@@ -446,3 +446,23 @@ fn data_dedup_drops_copies_and_reports_why() {
         &["--threshold"],
     );
 }
+
+#[test]
+fn quality_filter_refuses_a_file_that_is_not_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs.jsonl");
+    std::fs::write(&docs, "{\"text\": \"hello there\"}\n").unwrap();
+    fails_with(
+        &[
+            "data",
+            "quality-filter",
+            "--model",
+            s(&docs),
+            "--input",
+            s(&docs),
+            "--out",
+            s(&dir.path().join("q.jsonl")),
+        ],
+        &["docs.jsonl", "not a quality model", "quality-train"],
+    );
+}
