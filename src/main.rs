@@ -84,13 +84,13 @@ enum TokenizerCommand {
 
 #[derive(Args)]
 struct InputArgs {
-    /// Input files (plain text or JSONL).
+    /// Input files (plain text, JSONL or Parquet).
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     /// How files are cut into documents.
     #[arg(long, value_enum, default_value = "auto")]
     format: DocFormat,
-    /// JSONL field holding the text.
+    /// JSONL field or Parquet column holding the text.
     #[arg(long, default_value = "text")]
     text_field: String,
 }
@@ -331,17 +331,65 @@ struct SftArgs {
 /// Documents a data stage reads.
 #[derive(Args)]
 struct DocArgs {
+    /// Input files (plain text, JSONL or Parquet).
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     format: DocFormat,
-    /// JSONL field holding the text.
+    /// JSONL field or Parquet column holding the text.
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// A record that cannot be read (bad JSON or UTF-8, missing field, corrupt Parquet): stop with
+    /// an error naming it, or skip it and count it in the report.
+    #[arg(long, value_enum, default_value = "fail")]
+    on_error: OnError,
+}
+
+impl DocArgs {
+    fn read_options(&self) -> chatforge::data::text::ReadOptions {
+        chatforge::data::text::ReadOptions {
+            format: self.format,
+            text_field: self.text_field.clone(),
+            on_error: self.on_error,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// The whole pipeline from a TOML config: clean, quality-filter and deduplicate each source in
+    /// one pass, train or load a tokenizer, and write the weighted mixture as token shards
+    /// (see docs/DATA.md for the config).
+    Prepare {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mix sources by weight into token shards with a manifest; sources below their natural share
+    /// are subsampled, sources above it repeated.
+    Mix {
+        /// NAME:WEIGHT:PATH[,PATH...], e.g. web:0.6:web.jsonl (repeat for each source).
+        #[arg(long = "source", num_args = 1.., required = true)]
+        sources: Vec<String>,
+        /// Tokenizer (tokenizer.json or a directory holding one).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Output shard directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training tokens to write; default: the sources' training tokens added up.
+        #[arg(long)]
+        total_tokens: Option<u64>,
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: DocFormat,
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        #[arg(long, value_enum, default_value = "fail")]
+        on_error: OnError,
+    },
     /// Train the GPT-3-style quality classifier (hashed n-grams, logistic regression) on a
     /// reference corpus (--good) against raw web text (--bad); reports held-out accuracy and AUC.
     QualityTrain {
@@ -356,6 +404,8 @@ enum DataCommand {
         format: DocFormat,
         #[arg(long, default_value = "text")]
         text_field: String,
+        #[arg(long, value_enum, default_value = "fail")]
+        on_error: OnError,
         #[arg(long, default_value_t = 3)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
@@ -752,11 +802,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             let run = chatforge::data::clean::clean_files(
                 &docs.input,
-                docs.format,
-                &docs.text_field,
+                &docs.read_options(),
                 &out,
                 &opts,
             )?;
+            warn_skipped(&run.skipped);
             println!("{}", serde_json::to_string_pretty(&run)?);
         }
         Command::Data(DataCommand::QualityTrain {
@@ -765,14 +815,18 @@ fn run(cli: Cli) -> Result<()> {
             out,
             format,
             text_field,
+            on_error,
             epochs,
             seed,
         }) => {
             let m = chatforge::data::quality::train_files(
                 &good,
                 &bad,
-                format,
-                &text_field,
+                &chatforge::data::text::ReadOptions {
+                    format,
+                    text_field,
+                    on_error,
+                },
                 &out,
                 epochs,
                 seed,
@@ -795,8 +849,7 @@ fn run(cli: Cli) -> Result<()> {
             let r = chatforge::data::quality::filter_files(
                 &model,
                 &docs.input,
-                docs.format,
-                &docs.text_field,
+                &docs.read_options(),
                 &out,
                 chatforge::data::quality::KeepRule {
                     threshold,
@@ -804,6 +857,7 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                 },
             )?;
+            warn_skipped(&r.skipped);
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Command::Data(DataCommand::Dedup {
@@ -817,12 +871,48 @@ fn run(cli: Cli) -> Result<()> {
             };
             let run = chatforge::data::dedup::dedup_files(
                 &docs.input,
-                docs.format,
-                &docs.text_field,
+                &docs.read_options(),
                 &out,
                 &opts,
             )?;
+            warn_skipped(&run.skipped);
             println!("{}", serde_json::to_string_pretty(&run)?);
+        }
+        Command::Data(DataCommand::Prepare { config }) => {
+            let config = chatforge::data::prepare::PrepareConfig::load(&config)?;
+            let report = chatforge::data::prepare::prepare(&config)?;
+            print!("{}", chatforge::data::prepare::render_report(&report));
+        }
+        Command::Data(DataCommand::Mix {
+            sources,
+            tokenizer,
+            out,
+            total_tokens,
+            val_fraction,
+            seed,
+            format,
+            text_field,
+            on_error,
+        }) => {
+            let sources = sources
+                .iter()
+                .map(|s| {
+                    let mut src = chatforge::data::mix::Source::parse(s)?;
+                    src.format = format;
+                    src.text_field = text_field.clone();
+                    Ok(src)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let tok = chatforge::tokenizer::Tokenizer::load(&tokenizer)?;
+            let opts = chatforge::data::mix::MixOptions {
+                total_tokens,
+                val_fraction,
+                seed,
+                on_error,
+                ..Default::default()
+            };
+            let manifest = chatforge::data::mix::mix(&tok, &sources, &out, &opts, None)?;
+            print!("{}", chatforge::data::mix::render_manifest(&manifest));
         }
         Command::Reward(a) => {
             let train = a.train.loop_options_from(&RewardOptions::default().train);
@@ -953,3 +1043,15 @@ fn main() -> ExitCode {
 // page faults to get them back. mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tells the user, on stderr, that records were left out and why.
+fn warn_skipped(skipped: &chatforge::data::text::Skipped) {
+    if skipped.records > 0 {
+        eprintln!(
+            "warning: skipped {} unreadable records ({:?}); first: {}",
+            skipped.records,
+            skipped.reasons,
+            skipped.examples.first().map(String::as_str).unwrap_or("")
+        );
+    }
+}

@@ -24,7 +24,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Runs `write` against a temporary path next to `path`, then renames it into place.
 /// On error the temporary file is removed and `path` is left untouched.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub fn write_atomic_with<T>(path: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
@@ -32,12 +32,13 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         }
     }
     let tmp = temp_path(path);
-    let result = write(&tmp).and_then(|_| {
+    let result = write(&tmp).and_then(|value| {
         if let Ok(f) = std::fs::File::open(&tmp) {
             let _ = f.sync_all();
         }
         std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(value)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -105,6 +106,13 @@ impl Rng {
     }
 
     /// Standard normal sample (Box-Muller).
+    /// Fisher–Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+
     pub fn normal(&mut self) -> f64 {
         let u1 = self.next_f64().max(1e-300);
         let u2 = self.next_f64();
@@ -145,6 +153,54 @@ pub fn human_count(n: f64) -> String {
     }
 }
 
+/// A plain-text table with columns padded to their widest cell (first column left-aligned, the
+/// rest right-aligned, as numbers read best).
+pub fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let cols = headers.len();
+    use unicode_width::UnicodeWidthStr;
+    // Display width, so Chinese (two columns a character) lines up too.
+    let mut width: Vec<usize> = headers.iter().map(|h| h.width()).collect();
+    for r in rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.width());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&width).enumerate() {
+            let pad = w - cell.width();
+            if i == 0 {
+                s.push_str(cell);
+                s.push_str(&" ".repeat(pad));
+            } else {
+                s.push_str("  ");
+                s.push_str(&" ".repeat(pad));
+                s.push_str(cell);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&rule.join("  "));
+    out.push('\n');
+    for r in rows {
+        let cells: Vec<&str> = (0..cols)
+            .map(|i| r.get(i).map_or("", |c| c.as_str()))
+            .collect();
+        out.push_str(&line(cells));
+    }
+    out
+}
+
+/// A stable 64-bit FNV-1a hash of `text` in hex: names a configuration across runs and versions.
+pub fn fingerprint(text: &str) -> String {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,8 +235,30 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         // A failing writer leaves the old file intact.
-        let err = write_atomic_with(&p, |_| anyhow::bail!("boom"));
+        let err = write_atomic_with::<()>(&p, |_| anyhow::bail!("boom"));
         assert!(err.is_err());
         assert_eq!(read_json::<serde_json::Value>(&p).unwrap()["a"], 1);
+    }
+
+    #[test]
+    fn tables_align_columns_and_fingerprints_are_fnv() {
+        let t = text_table(
+            &["source", "docs"],
+            &[
+                vec!["web".into(), "12345".into()],
+                vec!["中文".into(), "7".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "source   docs");
+        assert_eq!(lines[1], "------  -----");
+        assert_eq!(lines[2], "web     12345");
+        // Two columns per Chinese character: the row is as wide on screen as the others.
+        assert_eq!(lines[3], "中文        7");
+        use unicode_width::UnicodeWidthStr;
+        assert_eq!(lines[3].width(), lines[2].width());
+        // FNV-1a's offset basis and its published value for "a".
+        assert_eq!(fingerprint(""), "cbf29ce484222325");
+        assert_eq!(fingerprint("a"), "af63dc4c8601ec8c");
     }
 }

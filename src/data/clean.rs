@@ -42,6 +42,16 @@ pub enum Language {
     Other,
 }
 
+impl Language {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Language::En => "en",
+            Language::Zh => "zh",
+            Language::Other => "other",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Cleaned {
     /// None when the document was dropped as too short.
@@ -109,21 +119,179 @@ fn is_timestamp(line: &str) -> bool {
 
 /// NFC, control characters other than newline and tab removed, trailing spaces trimmed.
 pub fn normalise_text(text: &str) -> String {
-    text.nfc()
-        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-        .collect::<String>()
-        .lines()
-        .map(|l| l.trim_end())
-        .collect::<Vec<_>>()
-        .join("\n")
+    // Most text is already NFC; the quick check skips the costly recomposition.
+    if unicode_normalization::is_nfc_quick(text.chars()) == unicode_normalization::IsNormalized::Yes
+    {
+        strip_controls(text)
+    } else {
+        strip_controls(&text.nfc().collect::<String>())
+    }
 }
 
+/// Control characters other than tab removed, lines joined by `\n` with trailing spaces trimmed.
+fn strip_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.lines().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let start = out.len();
+        out.extend(line.chars().filter(|c| !c.is_control() || *c == '\t'));
+        let kept = out[start..].trim_end().len();
+        out.truncate(start + kept);
+    }
+    out
+}
+
+/// English, Chinese or other. The script is counted first (cheap); only text written mostly in
+/// Latin letters needs whatlang's trigram model, and its first 600 bytes decide.
 pub fn language_of(text: &str) -> Language {
-    match whatlang::detect(text).map(|i| i.lang()) {
+    let (mut latin, mut han, mut kana, mut other) = (0usize, 0usize, 0usize, 0usize);
+    for c in text.chars().filter(|c| c.is_alphabetic()).take(1000) {
+        match c {
+            'a'..='z' | 'A'..='Z' | '\u{c0}'..='\u{24f}' => latin += 1,
+            '\u{4e00}'..='\u{9fff}' | '\u{3400}'..='\u{4dbf}' | '\u{f900}'..='\u{faff}' => han += 1,
+            '\u{3040}'..='\u{30ff}' => kana += 1,
+            _ => other += 1,
+        }
+    }
+    let letters = latin + han + kana + other;
+    if letters == 0 {
+        return Language::Other;
+    }
+    if han * 2 > letters {
+        // Japanese mixes kana into its Han characters; Chinese has none.
+        return if kana * 20 < han {
+            Language::Zh
+        } else {
+            Language::Other
+        };
+    }
+    if latin * 2 <= letters {
+        return Language::Other;
+    }
+    // English function words make up about half of running English text and almost none of
+    // other languages' text; only unclear cases pay for whatlang (a fixed cost per call).
+    let (mut words, mut common) = (0usize, 0usize);
+    for w in text.split_whitespace().take(200) {
+        words += 1;
+        let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+        if w.len() <= 5 && is_english_function_word(&w.to_ascii_lowercase()) {
+            common += 1;
+        }
+    }
+    if words >= 20 {
+        if common * 4 >= words {
+            return Language::En;
+        }
+        if common * 20 <= words {
+            return Language::Other;
+        }
+    }
+    let mut cut = text.len().min(600);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    match whatlang::detect(&text[..cut]).map(|i| i.lang()) {
         Some(whatlang::Lang::Eng) => Language::En,
-        Some(whatlang::Lang::Cmn) => Language::Zh,
         _ => Language::Other,
     }
+}
+
+fn is_english_function_word(w: &str) -> bool {
+    matches!(
+        w,
+        "the"
+            | "of"
+            | "and"
+            | "to"
+            | "a"
+            | "in"
+            | "is"
+            | "it"
+            | "you"
+            | "that"
+            | "he"
+            | "was"
+            | "for"
+            | "on"
+            | "are"
+            | "with"
+            | "as"
+            | "i"
+            | "his"
+            | "they"
+            | "be"
+            | "at"
+            | "one"
+            | "have"
+            | "this"
+            | "from"
+            | "or"
+            | "had"
+            | "by"
+            | "but"
+            | "not"
+            | "what"
+            | "all"
+            | "were"
+            | "we"
+            | "when"
+            | "your"
+            | "can"
+            | "said"
+            | "there"
+            | "use"
+            | "an"
+            | "each"
+            | "which"
+            | "she"
+            | "do"
+            | "how"
+            | "their"
+            | "if"
+            | "will"
+            | "up"
+            | "other"
+            | "about"
+            | "out"
+            | "many"
+            | "then"
+            | "them"
+            | "these"
+            | "so"
+            | "some"
+            | "her"
+            | "would"
+            | "make"
+            | "like"
+            | "him"
+            | "into"
+            | "time"
+            | "has"
+            | "look"
+            | "two"
+            | "more"
+            | "go"
+            | "see"
+            | "no"
+            | "way"
+            | "could"
+            | "my"
+            | "than"
+            | "been"
+            | "who"
+            | "its"
+            | "now"
+            | "did"
+            | "get"
+            | "made"
+            | "may"
+            | "very"
+            | "after"
+            | "our"
+            | "me"
+    )
 }
 
 /// Cleans a batch of documents; lines repeated across documents are counted over the batch.
@@ -184,11 +352,8 @@ pub fn clean_documents(docs: &[String], opts: &CleanOptions) -> Vec<Cleaned> {
 }
 
 /// What `chatforge data clean` reports.
-#[derive(Clone, Debug, Serialize)]
-pub struct CleanRun {
-    pub inputs: Vec<std::path::PathBuf>,
-    pub output: std::path::PathBuf,
-    pub options: CleanOptions,
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CleanStats {
     pub documents_in: usize,
     pub documents_out: usize,
     pub too_short: usize,
@@ -196,65 +361,84 @@ pub struct CleanRun {
     pub languages: BTreeMap<String, usize>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+impl CleanStats {
+    /// Counts one cleaned document; returns its text when it is kept.
+    pub fn count<'a>(&mut self, original_bytes: usize, c: &'a Cleaned) -> Option<&'a str> {
+        self.documents_in += 1;
+        self.bytes_in += original_bytes as u64;
+        for (k, n) in &c.dropped_lines {
+            *self.dropped_lines.entry(*k).or_default() += n;
+        }
+        match &c.text {
+            Some(t) => {
+                self.documents_out += 1;
+                self.bytes_out += t.len() as u64;
+                *self.languages.entry(c.language.code().into()).or_default() += 1;
+                Some(t)
+            }
+            None => {
+                self.too_short += 1;
+                None
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CleanRun {
+    pub inputs: Vec<std::path::PathBuf>,
+    pub output: std::path::PathBuf,
+    pub options: CleanOptions,
+    #[serde(flatten)]
+    pub stats: CleanStats,
+    pub skipped: super::text::Skipped,
     pub seconds: f64,
     pub megabytes_per_second: f64,
 }
 
-/// Cleans documents from files and writes the kept ones as JSONL (`{"text", "lang"}`) under a
-/// temporary name renamed at the end, with `OUT.report.json` beside it.
+/// Streams documents from files, cleans them block by block and writes the kept ones as JSONL
+/// (`{"text", "lang"}`) under a temporary name renamed at the end, with `OUT.report.json` beside
+/// it. Lines repeated across documents are counted within each block of [`super::CHUNK_BYTES`].
 pub fn clean_files(
     inputs: &[std::path::PathBuf],
-    format: super::text::DocFormat,
-    text_field: &str,
+    read: &super::text::ReadOptions,
     out: &std::path::Path,
     opts: &CleanOptions,
 ) -> anyhow::Result<CleanRun> {
     let start = std::time::Instant::now();
-    let docs = super::text::read_all_documents(inputs, format, text_field)?;
-    let cleaned = clean_documents(&docs, opts);
-    let mut run = CleanRun {
+    let mut stats = CleanStats::default();
+    let summary = crate::util::write_atomic_with(out, |tmp| {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        let summary =
+            super::text::for_each_chunk(inputs, read, "clean", super::CHUNK_BYTES, |docs| {
+                let cleaned = clean_documents(&docs, opts);
+                for (d, c) in docs.iter().zip(&cleaned) {
+                    if let Some(t) = stats.count(d.len(), c) {
+                        serde_json::to_writer(
+                            &mut w,
+                            &serde_json::json!({"text": t, "lang": c.language}),
+                        )?;
+                        w.write_all(b"\n")?;
+                    }
+                }
+                Ok(())
+            })?;
+        w.flush()?;
+        Ok(summary)
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    let run = CleanRun {
         inputs: inputs.to_vec(),
         output: out.to_path_buf(),
         options: opts.clone(),
-        documents_in: docs.len(),
-        documents_out: 0,
-        too_short: 0,
-        dropped_lines: BTreeMap::new(),
-        languages: BTreeMap::new(),
-        bytes_in: docs.iter().map(|d| d.len() as u64).sum(),
-        bytes_out: 0,
-        seconds: 0.0,
-        megabytes_per_second: 0.0,
+        megabytes_per_second: stats.bytes_in as f64 / 1e6 / seconds.max(1e-9),
+        stats,
+        skipped: summary.skipped,
+        seconds,
     };
-    crate::util::write_atomic_with(out, |tmp| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        for c in &cleaned {
-            for (k, n) in &c.dropped_lines {
-                *run.dropped_lines.entry(*k).or_default() += n;
-            }
-            match &c.text {
-                Some(t) => {
-                    run.documents_out += 1;
-                    run.bytes_out += t.len() as u64;
-                    *run.languages
-                        .entry(
-                            serde_json::to_value(&c.language)?
-                                .as_str()
-                                .unwrap_or("?")
-                                .into(),
-                        )
-                        .or_default() += 1;
-                    writeln!(w, "{}", serde_json::json!({"text": t, "lang": c.language}))?;
-                }
-                None => run.too_short += 1,
-            }
-        }
-        w.flush()?;
-        Ok(())
-    })?;
-    run.seconds = start.elapsed().as_secs_f64();
-    run.megabytes_per_second = run.bytes_in as f64 / 1e6 / run.seconds.max(1e-9);
     super::write_sidecar_report(out, &run)?;
     Ok(run)
 }

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DedupOptions {
@@ -70,94 +70,194 @@ fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
 
 /// Lower case with runs of whitespace collapsed: what "the same text" means here.
 pub fn normalise(text: &str) -> String {
-    text.split_whitespace()
-        .map(|w| w.to_lowercase())
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            out.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+        } else {
+            out.push_str(&word.to_lowercase());
+        }
+    }
+    out
+}
+
+/// The MinHash permutations: `v = a·h + b (mod 2³²)` with odd `a`, a bijection of the 32-bit
+/// shingle hash per slot, so the slot minimum is a min-hash.
+fn permutations(opts: &DedupOptions) -> (Vec<u32>, Vec<u32>) {
+    (0..(opts.bands * opts.rows) as u64)
+        .map(|i| {
+            let r = splitmix(opts.seed ^ i.wrapping_mul(0x1000_0001));
+            ((r as u32) | 1, (r >> 32) as u32)
+        })
+        .unzip()
+}
+
+#[inline(always)]
+fn minhash_portable(shingles: &[u32], a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut slots = vec![u32::MAX; a.len()];
+    for &h in shingles {
+        for ((slot, &a), &b) in slots.iter_mut().zip(a).zip(b) {
+            *slot = (*slot).min(a.wrapping_mul(h).wrapping_add(b));
+        }
+    }
+    slots
+}
+
+/// The same loop compiled for AVX2, where 8 slots update per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn minhash_avx2(shingles: &[u32], a: &[u32], b: &[u32]) -> Vec<u32> {
+    minhash_portable(shingles, a, b)
+}
+
+fn minhash(shingles: &[u32], a: &[u32], b: &[u32]) -> Vec<u32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { minhash_avx2(shingles, a, b) };
+    }
+    minhash_portable(shingles, a, b)
+}
+
+/// Hashes of a normalised text's character shingles (the whole text if it is shorter).
+fn shingle_hashes(normalised: &str, n: usize) -> Vec<u32> {
+    let chars: Vec<char> = normalised.chars().collect();
+    let n = n.max(1);
+    let windows = chars.len().saturating_sub(n) + 1;
+    (0..windows)
+        .map(|start| {
+            let end = (start + n).min(chars.len());
+            let h = chars[start..end]
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+                    (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
+                });
+            let h = splitmix(h);
+            (h ^ (h >> 32)) as u32
+        })
+        .collect()
 }
 
 /// MinHash signature of a normalised text's character shingles.
-pub fn signature(normalised: &str, opts: &DedupOptions) -> Vec<u64> {
-    let chars: Vec<char> = normalised.chars().collect();
-    let n = opts.shingle.max(1);
-    let perms = opts.bands * opts.rows;
-    let mut sig = vec![u64::MAX; perms];
-    let seeds: Vec<u64> = (0..perms as u64)
-        .map(|i| splitmix(opts.seed ^ i.wrapping_mul(0x1000_0001)))
-        .collect();
-    let windows = chars.len().saturating_sub(n) + 1;
-    for start in 0..windows {
-        let end = (start + n).min(chars.len());
-        let h = chars[start..end]
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
-                (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
-            });
-        for (slot, s) in sig.iter_mut().zip(&seeds) {
-            let v = splitmix(h ^ s);
-            if v < *slot {
-                *slot = v;
-            }
-        }
-    }
-    sig
+pub fn signature(normalised: &str, opts: &DedupOptions) -> Vec<u32> {
+    let (a, b) = permutations(opts);
+    minhash(&shingle_hashes(normalised, opts.shingle), &a, &b)
 }
 
 /// Fraction of equal signature slots: an unbiased estimate of the Jaccard similarity.
-pub fn estimated_jaccard(a: &[u64], b: &[u64]) -> f64 {
+pub fn estimated_jaccard(a: &[u32], b: &[u32]) -> f64 {
     let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
     same as f64 / a.len().max(1) as f64
 }
 
-/// One verdict per document, in order.
-pub fn deduplicate(docs: &[String], opts: &DedupOptions) -> (Vec<Verdict>, DedupReport) {
-    let normalised: Vec<String> = docs.par_iter().map(|d| normalise(d)).collect();
-    let signatures: Vec<Vec<u64>> = normalised.par_iter().map(|d| signature(d, opts)).collect();
-    let mut exact: HashMap<(u64, usize), usize> = HashMap::new();
-    let mut buckets: HashMap<(usize, u64), Vec<usize>> = HashMap::new();
-    let mut verdicts = Vec::with_capacity(docs.len());
-    let mut report = DedupReport {
-        documents_in: docs.len(),
-        ..Default::default()
-    };
-    for (i, d) in normalised.iter().enumerate() {
-        let key = (fnv1a(d.bytes()), d.len());
-        if let Some(&first) = exact.get(&key) {
-            verdicts.push(Verdict::Exact(first));
-            report.exact_duplicates += 1;
-            continue;
+/// What [`Deduplicator::check`] needs of a document; computing it is the costly, parallel part.
+pub struct Fingerprint {
+    exact: (u64, usize),
+    signature: Vec<u32>,
+}
+
+/// Streaming duplicate removal: documents are checked in order against everything kept so far.
+/// Memory grows with the kept documents (about 0.7 KB each: a 16-bit copy of the signature and one
+/// LSH table entry per band), not with their text.
+pub struct Deduplicator {
+    opts: DedupOptions,
+    a: Vec<u32>,
+    b: Vec<u32>,
+    exact: HashMap<(u64, usize), u64>,
+    /// (band, hash of the band's rows) → index among kept documents.
+    bands: HashMap<u64, u32>,
+    /// The high 16 bits of each kept document's signature, back to back.
+    kept_signatures: Vec<u16>,
+    /// Index among all checked documents of each kept one.
+    kept_index: Vec<u64>,
+    pub report: DedupReport,
+}
+
+impl Deduplicator {
+    pub fn new(opts: &DedupOptions) -> anyhow::Result<Deduplicator> {
+        if !(opts.threshold > 0.0 && opts.threshold <= 1.0) {
+            anyhow::bail!("--threshold must be in (0, 1], got {}", opts.threshold);
         }
-        let sig = &signatures[i];
-        let band_keys: Vec<(usize, u64)> = (0..opts.bands)
-            .map(|b| {
-                let rows = &sig[b * opts.rows..(b + 1) * opts.rows];
-                (b, fnv1a(rows.iter().flat_map(|x| x.to_le_bytes())))
-            })
-            .collect();
-        let mut seen = HashSet::new();
-        let near = band_keys
-            .iter()
-            .filter_map(|k| buckets.get(k))
-            .flatten()
-            .copied()
-            .filter(|&j| seen.insert(j))
-            .find(|&j| estimated_jaccard(sig, &signatures[j]) >= opts.threshold);
-        match near {
-            Some(j) => {
-                verdicts.push(Verdict::Near(j));
-                report.near_duplicates += 1;
-            }
-            None => {
-                exact.insert(key, i);
-                for k in band_keys {
-                    buckets.entry(k).or_default().push(i);
-                }
-                verdicts.push(Verdict::Keep);
-            }
+        if opts.bands == 0 || opts.rows == 0 {
+            anyhow::bail!("dedup needs at least one band of at least one row");
+        }
+        let (a, b) = permutations(opts);
+        Ok(Deduplicator {
+            opts: opts.clone(),
+            a,
+            b,
+            exact: HashMap::new(),
+            bands: HashMap::new(),
+            kept_signatures: Vec::new(),
+            kept_index: Vec::new(),
+            report: DedupReport::default(),
+        })
+    }
+
+    /// The fingerprint of one document; pure, so a batch can be computed in parallel.
+    pub fn fingerprint(&self, text: &str) -> Fingerprint {
+        let normalised = normalise(text);
+        let shingles = shingle_hashes(&normalised, self.opts.shingle);
+        Fingerprint {
+            exact: (fnv1a(normalised.bytes()), normalised.len()),
+            signature: minhash(&shingles, &self.a, &self.b),
         }
     }
-    report.documents_out = verdicts.iter().filter(|v| **v == Verdict::Keep).count();
-    (verdicts, report)
+
+    /// The verdict on the next document; indices in verdicts count all checked documents.
+    pub fn check(&mut self, fp: &Fingerprint) -> Verdict {
+        let index = self.report.documents_in as u64;
+        self.report.documents_in += 1;
+        if let Some(&first) = self.exact.get(&fp.exact) {
+            self.report.exact_duplicates += 1;
+            return Verdict::Exact(first as usize);
+        }
+        let perms = self.a.len();
+        let rows = self.opts.rows;
+        let band_keys: Vec<u64> = (0..self.opts.bands)
+            .map(|band| {
+                let r = &fp.signature[band * rows..(band + 1) * rows];
+                splitmix(fnv1a(r.iter().flat_map(|x| x.to_le_bytes())) ^ band as u64)
+            })
+            .collect();
+        let high: Vec<u16> = fp.signature.iter().map(|v| (v >> 16) as u16).collect();
+        let mut tried: Vec<u32> = Vec::new();
+        for key in &band_keys {
+            let Some(&k) = self.bands.get(key) else {
+                continue;
+            };
+            if tried.contains(&k) {
+                continue;
+            }
+            tried.push(k);
+            let stored = &self.kept_signatures[k as usize * perms..(k as usize + 1) * perms];
+            let same = stored.iter().zip(&high).filter(|(x, y)| x == y).count();
+            if same as f64 / perms as f64 >= self.opts.threshold {
+                self.report.near_duplicates += 1;
+                return Verdict::Near(self.kept_index[k as usize] as usize);
+            }
+        }
+        let k = self.kept_index.len() as u32;
+        self.exact.insert(fp.exact, index);
+        for key in band_keys {
+            self.bands.entry(key).or_insert(k);
+        }
+        self.kept_signatures.extend(high);
+        self.kept_index.push(index);
+        self.report.documents_out += 1;
+        Verdict::Keep
+    }
+}
+
+/// One verdict per document, in order.
+pub fn deduplicate(docs: &[String], opts: &DedupOptions) -> (Vec<Verdict>, DedupReport) {
+    let mut d = Deduplicator::new(opts).expect("valid dedup options");
+    let fps: Vec<Fingerprint> = docs.par_iter().map(|t| d.fingerprint(t)).collect();
+    let verdicts = fps.iter().map(|fp| d.check(fp)).collect();
+    (verdicts, d.report)
 }
 
 /// What `chatforge data dedup` reports.
@@ -170,49 +270,51 @@ pub struct DedupRun {
     pub report: DedupReport,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub skipped: super::text::Skipped,
     pub seconds: f64,
     pub megabytes_per_second: f64,
 }
 
-/// Reads documents, removes duplicates and writes the kept ones as JSONL (`{"text": ...}`) under a
-/// temporary name renamed at the end, with `OUT.report.json` beside it.
+/// Streams documents, removes duplicates and writes the kept ones as JSONL (`{"text": ...}`) under
+/// a temporary name renamed at the end, with `OUT.report.json` beside it.
 pub fn dedup_files(
     inputs: &[std::path::PathBuf],
-    format: super::text::DocFormat,
-    text_field: &str,
+    read: &super::text::ReadOptions,
     out: &std::path::Path,
     opts: &DedupOptions,
 ) -> anyhow::Result<DedupRun> {
-    if !(opts.threshold > 0.0 && opts.threshold <= 1.0) {
-        anyhow::bail!("--threshold must be in (0, 1], got {}", opts.threshold);
-    }
+    let mut dedup = Deduplicator::new(opts)?;
     let start = std::time::Instant::now();
-    let docs = super::text::read_all_documents(inputs, format, text_field)?;
-    let (verdicts, report) = deduplicate(&docs, opts);
-    let bytes_in: u64 = docs.iter().map(|d| d.len() as u64).sum();
     let mut bytes_out = 0u64;
-    crate::util::write_atomic_with(out, |tmp| {
+    let summary = crate::util::write_atomic_with(out, |tmp| {
         use std::io::Write;
         let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        for (d, v) in docs.iter().zip(&verdicts) {
-            if *v == Verdict::Keep {
-                bytes_out += d.len() as u64;
-                writeln!(w, "{}", serde_json::json!({ "text": d }))?;
-            }
-        }
+        let summary =
+            super::text::for_each_chunk(inputs, read, "dedup", super::CHUNK_BYTES, |docs| {
+                let fps: Vec<Fingerprint> = docs.par_iter().map(|t| dedup.fingerprint(t)).collect();
+                for (d, fp) in docs.iter().zip(&fps) {
+                    if dedup.check(fp) == Verdict::Keep {
+                        bytes_out += d.len() as u64;
+                        serde_json::to_writer(&mut w, &serde_json::json!({ "text": d }))?;
+                        w.write_all(b"\n")?;
+                    }
+                }
+                Ok(())
+            })?;
         w.flush()?;
-        Ok(())
+        Ok(summary)
     })?;
     let seconds = start.elapsed().as_secs_f64();
     let run = DedupRun {
         inputs: inputs.to_vec(),
         output: out.to_path_buf(),
         options: opts.clone(),
-        report,
-        bytes_in,
+        report: dedup.report,
+        bytes_in: summary.bytes,
         bytes_out,
+        skipped: summary.skipped,
         seconds,
-        megabytes_per_second: bytes_in as f64 / 1e6 / seconds.max(1e-9),
+        megabytes_per_second: summary.bytes as f64 / 1e6 / seconds.max(1e-9),
     };
     super::write_sidecar_report(out, &run)?;
     Ok(run)

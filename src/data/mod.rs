@@ -1,13 +1,35 @@
-//! Data: reading documents from text and JSONL files, and binary token shards.
+//! Data: reading documents (text, JSONL, Parquet), cleaning, quality filtering, duplicate removal,
+//! source mixtures, and binary token shards.
 
 pub mod chat;
 pub mod clean;
 pub mod curriculum;
 pub mod dedup;
+pub mod mix;
 pub mod prefs;
+pub mod prepare;
 pub mod quality;
 pub mod shards;
 pub mod text;
+
+/// What to do with a record that cannot be used (bad JSON or UTF-8, a missing field, a corrupt
+/// file; in chat data: no assistant turn, unknown role, too long).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Leave it out and report how many were left out, and why.
+    #[serde(alias = "Skip")]
+    Skip,
+    /// Stop with an error naming the file and record.
+    #[serde(alias = "Fail")]
+    Fail,
+}
+
+/// Documents are processed in blocks of about this many bytes: big enough to keep both cores busy
+/// and to see lines repeated across documents, small enough to bound memory.
+pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// Writes `OUT.report.json` beside a data stage's output `OUT` (atomically).
 pub fn write_sidecar_report<T: serde::Serialize>(

@@ -25,28 +25,59 @@ fn hash(bytes: impl Iterator<Item = u64>) -> u64 {
     })
 }
 
-/// L2-normalised counts of hashed character 2- and 3-grams and lower-cased words.
+thread_local! {
+    /// Per-thread dense counts over the buckets, reset after each document: counting in an array
+    /// is several times faster than a hash map.
+    static COUNTS: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0.0; BUCKETS]);
+}
+
+/// L2-normalised counts of hashed character 2- and 3-grams and lower-cased words, sorted by
+/// bucket (so sums, and scores, do not depend on the order features were found in).
 pub fn features(text: &str) -> Vec<(usize, f32)> {
     let chars: Vec<char> = text.chars().take(20_000).collect();
-    let mut counts: std::collections::HashMap<usize, f32> = Default::default();
-    let mut add = |h: u64| *counts.entry((h % BUCKETS as u64) as usize).or_default() += 1.0;
-    for n in [2usize, 3] {
-        for w in chars.windows(n) {
-            add(hash(w.iter().map(|&c| c as u64).chain([n as u64])));
+    COUNTS.with_borrow_mut(|counts| {
+        let mut touched: Vec<usize> = Vec::with_capacity(chars.len() * 2);
+        let mut add = |h: u64| {
+            let k = (h % BUCKETS as u64) as usize;
+            if counts[k] == 0.0 {
+                touched.push(k);
+            }
+            counts[k] += 1.0;
+        };
+        for n in [2usize, 3] {
+            for w in chars.windows(n) {
+                add(hash(w.iter().map(|&c| c as u64).chain([n as u64])));
+            }
         }
-    }
-    for word in text.split_whitespace().take(5_000) {
-        add(hash(
-            word.to_lowercase().bytes().map(u64::from).chain([0xff]),
-        ));
-    }
-    let mut squares: Vec<(usize, f32)> = counts.iter().map(|(k, v)| (*k, v * v)).collect();
-    squares.sort_unstable_by_key(|x| x.0);
-    let norm = squares.iter().map(|x| x.1).sum::<f32>().sqrt().max(1e-6);
-    // Sorted, so sums (and scores) do not depend on hash-map order.
-    let mut f: Vec<(usize, f32)> = counts.into_iter().map(|(k, v)| (k, v / norm)).collect();
-    f.sort_unstable_by_key(|x| x.0);
-    f
+        for word in text.split_whitespace().take(5_000) {
+            if word.is_ascii() {
+                add(hash(
+                    word.bytes()
+                        .map(|b| b.to_ascii_lowercase() as u64)
+                        .chain([0xff]),
+                ));
+            } else {
+                add(hash(
+                    word.to_lowercase().bytes().map(u64::from).chain([0xff]),
+                ));
+            }
+        }
+        touched.sort_unstable();
+        let norm = touched
+            .iter()
+            .map(|&k| counts[k] * counts[k])
+            .sum::<f32>()
+            .sqrt()
+            .max(1e-6);
+        touched
+            .into_iter()
+            .map(|k| {
+                let v = counts[k] / norm;
+                counts[k] = 0.0;
+                (k, v)
+            })
+            .collect()
+    })
 }
 
 impl QualityModel {
@@ -151,19 +182,30 @@ pub fn pareto_keep(score: f64, alpha: f64, rng: &mut Rng) -> bool {
 pub fn train_files(
     good: &[std::path::PathBuf],
     bad: &[std::path::PathBuf],
-    format: super::text::DocFormat,
-    text_field: &str,
+    read: &super::text::ReadOptions,
     out: &std::path::Path,
     epochs: usize,
     seed: u64,
 ) -> Result<QualityModel> {
     let mut docs: Vec<(String, bool)> = Vec::new();
     for (files, label) in [(good, true), (bad, false)] {
-        docs.extend(
-            super::text::read_all_documents(files, format, text_field)?
-                .into_iter()
-                .map(|d| (d, label)),
-        );
+        let mut some = false;
+        super::text::for_each_chunk(files, read, "read", super::CHUNK_BYTES, |chunk| {
+            some |= !chunk.is_empty();
+            docs.extend(chunk.into_iter().map(|d| (d, label)));
+            Ok(())
+        })?;
+        if !some {
+            bail!(
+                "no documents in the {} files ({})",
+                if label { "--good" } else { "--bad" },
+                files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     let model = train(docs, epochs.max(1), seed)?;
     util::write_json_atomic(out, &model)?;
@@ -173,36 +215,87 @@ pub fn train_files(
 /// What `chatforge data quality-filter` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct FilterRun {
+    pub inputs: Vec<std::path::PathBuf>,
+    pub output: std::path::PathBuf,
     pub documents_in: usize,
     pub documents_out: usize,
     pub rule: String,
     pub mean_score_kept: f64,
     pub mean_score_dropped: f64,
+    pub skipped: super::text::Skipped,
+    pub seconds: f64,
+    pub megabytes_per_second: f64,
 }
 
-/// How `filter_files` decides: a fixed threshold, or GPT-3's Pareto rule.
-#[derive(Clone, Copy, Debug)]
+/// How documents are kept: a fixed threshold, or GPT-3's Pareto rule.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct KeepRule {
     pub threshold: Option<f64>,
     pub alpha: f64,
     pub seed: u64,
 }
 
-/// Scores documents and keeps those passing the rule; writes JSONL `{"text", "quality"}` and
-/// `OUT.report.json`.
-pub fn filter_files(
-    model: &std::path::Path,
-    inputs: &[std::path::PathBuf],
-    format: super::text::DocFormat,
-    text_field: &str,
-    out: &std::path::Path,
+impl KeepRule {
+    pub fn describe(&self) -> String {
+        match self.threshold {
+            Some(t) => format!("score > {t}"),
+            None => format!(
+                "score > 1 - pareto(alpha={}), seed {}",
+                self.alpha, self.seed
+            ),
+        }
+    }
+}
+
+/// Applies a [`KeepRule`] to scores in document order (the Pareto draws come from one seeded
+/// stream, so a rerun keeps the same documents), with running means for the report.
+pub struct Keeper {
     rule: KeepRule,
-) -> Result<FilterRun> {
-    let KeepRule {
-        threshold,
-        alpha,
-        seed,
-    } = rule;
+    rng: Rng,
+    pub kept: usize,
+    pub dropped: usize,
+    sum_kept: f64,
+    sum_dropped: f64,
+}
+
+impl Keeper {
+    pub fn new(rule: KeepRule) -> Keeper {
+        Keeper {
+            rule,
+            rng: Rng::new(rule.seed),
+            kept: 0,
+            dropped: 0,
+            sum_kept: 0.0,
+            sum_dropped: 0.0,
+        }
+    }
+
+    pub fn keep(&mut self, score: f64) -> bool {
+        let keep = match self.rule.threshold {
+            Some(t) => score > t,
+            None => pareto_keep(score, self.rule.alpha, &mut self.rng),
+        };
+        if keep {
+            self.kept += 1;
+            self.sum_kept += score;
+        } else {
+            self.dropped += 1;
+            self.sum_dropped += score;
+        }
+        keep
+    }
+
+    pub fn mean_kept(&self) -> f64 {
+        self.sum_kept / self.kept.max(1) as f64
+    }
+
+    pub fn mean_dropped(&self) -> f64 {
+        self.sum_dropped / self.dropped.max(1) as f64
+    }
+}
+
+/// Reads a quality model, checking that it is one of this version.
+pub fn load_model(model: &std::path::Path) -> Result<QualityModel> {
     let m: QualityModel = util::read_json(model).map_err(|e| {
         anyhow::anyhow!(
             "{} is not a quality model (make one with `chatforge data quality-train`): {e:#}",
@@ -217,38 +310,54 @@ pub fn filter_files(
             m.buckets
         );
     }
-    let docs = super::text::read_all_documents(inputs, format, text_field)?;
-    let mut rng = Rng::new(seed);
-    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
-    util::write_atomic_with(out, |tmp| {
+    Ok(m)
+}
+
+/// Streams documents, scores them and keeps those passing the rule; writes JSONL
+/// `{"text", "quality"}` and `OUT.report.json`.
+pub fn filter_files(
+    model: &std::path::Path,
+    inputs: &[std::path::PathBuf],
+    read: &super::text::ReadOptions,
+    out: &std::path::Path,
+    rule: KeepRule,
+) -> Result<FilterRun> {
+    use rayon::prelude::*;
+    let m = load_model(model)?;
+    let start = std::time::Instant::now();
+    let mut keeper = Keeper::new(rule);
+    let summary = util::write_atomic_with(out, |tmp| {
         use std::io::Write;
         let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        for d in &docs {
-            let s = m.score(d);
-            let keep = match threshold {
-                Some(t) => s > t,
-                None => pareto_keep(s, alpha, &mut rng),
-            };
-            if keep {
-                kept.push(s);
-                writeln!(w, "{}", serde_json::json!({"text": d, "quality": s}))?;
-            } else {
-                dropped.push(s);
-            }
-        }
+        let summary =
+            super::text::for_each_chunk(inputs, read, "filter", super::CHUNK_BYTES, |docs| {
+                let scores: Vec<f64> = docs.par_iter().map(|d| m.score(d)).collect();
+                for (d, s) in docs.iter().zip(scores) {
+                    if keeper.keep(s) {
+                        serde_json::to_writer(
+                            &mut w,
+                            &serde_json::json!({"text": d, "quality": s}),
+                        )?;
+                        w.write_all(b"\n")?;
+                    }
+                }
+                Ok(())
+            })?;
         w.flush()?;
-        Ok(())
+        Ok(summary)
     })?;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let seconds = start.elapsed().as_secs_f64();
     let run = FilterRun {
-        documents_in: docs.len(),
-        documents_out: kept.len(),
-        rule: match threshold {
-            Some(t) => format!("score > {t}"),
-            None => format!("score > 1 - pareto(alpha={alpha}), seed {seed}"),
-        },
-        mean_score_kept: mean(&kept),
-        mean_score_dropped: mean(&dropped),
+        inputs: inputs.to_vec(),
+        output: out.to_path_buf(),
+        documents_in: summary.documents,
+        documents_out: keeper.kept,
+        rule: rule.describe(),
+        mean_score_kept: keeper.mean_kept(),
+        mean_score_dropped: keeper.mean_dropped(),
+        skipped: summary.skipped,
+        seconds,
+        megabytes_per_second: summary.bytes as f64 / 1e6 / seconds.max(1e-9),
     };
     super::write_sidecar_report(out, &run)?;
     Ok(run)
@@ -303,8 +412,7 @@ mod tests {
                 d.join("zh_classics.txt"),
             ],
             &[d.join("c4_demo.jsonl")],
-            super::super::text::DocFormat::Auto,
-            "text",
+            &super::super::text::ReadOptions::default(),
             &out,
             3,
             0,

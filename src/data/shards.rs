@@ -64,18 +64,44 @@ impl Default for TokenizeOptions {
 
 /// Writes one split's shard files, rolling over at a size limit. Files are written under a
 /// temporary name and renamed when complete.
-struct SplitWriter {
+pub(crate) struct SplitWriter {
     dir: PathBuf,
     name: &'static str,
     token_size: u32,
     vocab_size: usize,
     max_tokens: u64,
     current: Option<(std::io::BufWriter<std::fs::File>, PathBuf, u64)>,
-    meta: SplitMeta,
+    pub(crate) meta: SplitMeta,
+}
+
+/// Bytes per token on disk: u16 when the vocabulary fits.
+pub(crate) fn token_size_for(vocab_size: usize) -> u32 {
+    if vocab_size <= u16::MAX as usize + 1 {
+        2
+    } else {
+        4
+    }
 }
 
 impl SplitWriter {
-    fn push(&mut self, tokens: &[u32], bytes: u64) -> Result<()> {
+    pub(crate) fn new(
+        dir: &Path,
+        name: &'static str,
+        vocab_size: usize,
+        max_tokens: u64,
+    ) -> SplitWriter {
+        SplitWriter {
+            dir: dir.to_path_buf(),
+            name,
+            token_size: token_size_for(vocab_size),
+            vocab_size,
+            max_tokens: max_tokens.max(1),
+            current: None,
+            meta: SplitMeta::default(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, tokens: &[u32], bytes: u64) -> Result<()> {
         self.meta.documents += 1;
         self.meta.bytes += bytes;
         for &t in tokens {
@@ -104,7 +130,7 @@ impl SplitWriter {
         Ok(())
     }
 
-    fn finish_file(&mut self) -> Result<()> {
+    pub(crate) fn finish_file(&mut self) -> Result<()> {
         if let Some((w, path, n)) = self.current.take() {
             let mut f = w.into_inner().map_err(|e| e.into_error())?;
             f.seek(SeekFrom::Start(0))?;
@@ -138,7 +164,7 @@ fn header(token_size: u32, tokens: u64, vocab_size: usize) -> [u8; HEADER_LEN] {
 
 /// Whether document `index` belongs to the validation split: a hash of the index against the fraction,
 /// so the split is the same whatever the batch sizes, and the first document always seeds it.
-fn is_val(index: u64, seed: u64, fraction: f64) -> bool {
+pub(crate) fn is_val(index: u64, seed: u64, fraction: f64) -> bool {
     if fraction <= 0.0 {
         return false;
     }
@@ -166,23 +192,11 @@ pub fn tokenize_files(
         .bos_id()
         .context("the tokenizer has no <|bos|> token; train it with `chatforge tokenizer train`")?;
     let vocab_size = tokenizer.vocab_size();
-    let token_size = if vocab_size <= u16::MAX as usize + 1 {
-        2
-    } else {
-        4
-    };
+    let token_size = token_size_for(vocab_size);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // A previous run's meta.json must not describe shards we are about to replace.
     let _ = std::fs::remove_file(out.join("meta.json"));
-    let writer = |name| SplitWriter {
-        dir: out.to_path_buf(),
-        name,
-        token_size,
-        vocab_size,
-        max_tokens: opts.max_tokens_per_shard.max(1),
-        current: None,
-        meta: SplitMeta::default(),
-    };
+    let writer = |name| SplitWriter::new(out, name, vocab_size, opts.max_tokens_per_shard);
     let mut train = writer("train");
     let mut val = writer("val");
     let mut train_counts = vec![0u64; vocab_size];
@@ -262,7 +276,7 @@ pub fn tokenize_files(
     Ok(meta)
 }
 
-fn unigram_stats(train: &[u64], val: &[u64]) -> (f64, f64) {
+pub(crate) fn unigram_stats(train: &[u64], val: &[u64]) -> (f64, f64) {
     let total: u64 = train.iter().sum();
     let entropy = train
         .iter()

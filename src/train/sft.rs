@@ -12,14 +12,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// What to do with a record that cannot be used (no assistant turn, unknown role, too long).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-pub enum OnError {
-    /// Leave it out and report how many were left out.
-    Skip,
-    /// Stop with an error naming the record.
-    Fail,
-}
+pub use crate::data::OnError;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SftOptions {
