@@ -334,6 +334,13 @@ struct DocArgs {
     /// Input files (plain text, JSONL or Parquet).
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// How a data stage reads its files.
+#[derive(Args)]
+struct ReadArgs {
     #[arg(long, value_enum, default_value = "auto")]
     format: DocFormat,
     /// JSONL field or Parquet column holding the text.
@@ -345,8 +352,8 @@ struct DocArgs {
     on_error: OnError,
 }
 
-impl DocArgs {
-    fn read_options(&self) -> chatforge::data::text::ReadOptions {
+impl ReadArgs {
+    fn options(&self) -> chatforge::data::text::ReadOptions {
         chatforge::data::text::ReadOptions {
             format: self.format,
             text_field: self.text_field.clone(),
@@ -383,12 +390,8 @@ enum DataCommand {
         val_fraction: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: DocFormat,
-        #[arg(long, default_value = "text")]
-        text_field: String,
-        #[arg(long, value_enum, default_value = "fail")]
-        on_error: OnError,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Train the GPT-3-style quality classifier (hashed n-grams, logistic regression) on a
     /// reference corpus (--good) against raw web text (--bad); reports held-out accuracy and AUC.
@@ -400,12 +403,8 @@ enum DataCommand {
         /// Model JSON to write.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: DocFormat,
-        #[arg(long, default_value = "text")]
-        text_field: String,
-        #[arg(long, value_enum, default_value = "fail")]
-        on_error: OnError,
+        #[command(flatten)]
+        read: ReadArgs,
         #[arg(long, default_value_t = 3)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
@@ -802,7 +801,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let run = chatforge::data::clean::clean_files(
                 &docs.input,
-                &docs.read_options(),
+                &docs.read.options(),
                 &out,
                 &opts,
             )?;
@@ -813,20 +812,14 @@ fn run(cli: Cli) -> Result<()> {
             good,
             bad,
             out,
-            format,
-            text_field,
-            on_error,
+            read,
             epochs,
             seed,
         }) => {
             let m = chatforge::data::quality::train_files(
                 &good,
                 &bad,
-                &chatforge::data::text::ReadOptions {
-                    format,
-                    text_field,
-                    on_error,
-                },
+                &read.options(),
                 &out,
                 epochs,
                 seed,
@@ -849,7 +842,7 @@ fn run(cli: Cli) -> Result<()> {
             let r = chatforge::data::quality::filter_files(
                 &model,
                 &docs.input,
-                &docs.read_options(),
+                &docs.read.options(),
                 &out,
                 chatforge::data::quality::KeepRule {
                     threshold,
@@ -871,7 +864,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let run = chatforge::data::dedup::dedup_files(
                 &docs.input,
-                &docs.read_options(),
+                &docs.read.options(),
                 &out,
                 &opts,
             )?;
@@ -890,16 +883,14 @@ fn run(cli: Cli) -> Result<()> {
             total_tokens,
             val_fraction,
             seed,
-            format,
-            text_field,
-            on_error,
+            read,
         }) => {
             let sources = sources
                 .iter()
                 .map(|s| {
                     let mut src = chatforge::data::mix::Source::parse(s)?;
-                    src.format = format;
-                    src.text_field = text_field.clone();
+                    src.format = read.format;
+                    src.text_field = read.text_field.clone();
                     Ok(src)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -908,7 +899,7 @@ fn run(cli: Cli) -> Result<()> {
                 total_tokens,
                 val_fraction,
                 seed,
-                on_error,
+                on_error: read.on_error,
                 ..Default::default()
             };
             let manifest = chatforge::data::mix::mix(&tok, &sources, &out, &opts, None)?;

@@ -43,7 +43,17 @@ pub fn write_atomic_with<T>(path: &Path, write: impl FnOnce(&Path) -> Result<T>)
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    // A failed write says which file; an error about the input (already explained) is passed on
+    // as it is.
+    result.map_err(|e| {
+        if e.downcast_ref::<std::io::Error>().is_some()
+            || e.downcast_ref::<serde_json::Error>().is_some()
+        {
+            e.context(format!("cannot write {}", path.display()))
+        } else {
+            e
+        }
+    })
 }
 
 /// Serialises `value` as pretty JSON and writes it atomically.

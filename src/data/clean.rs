@@ -409,25 +409,16 @@ pub fn clean_files(
 ) -> anyhow::Result<CleanRun> {
     let start = std::time::Instant::now();
     let mut stats = CleanStats::default();
-    let summary = crate::util::write_atomic_with(out, |tmp| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        let summary =
-            super::text::for_each_chunk(inputs, read, "clean", super::CHUNK_BYTES, |docs| {
-                let cleaned = clean_documents(&docs, opts);
-                for (d, c) in docs.iter().zip(&cleaned) {
-                    if let Some(t) = stats.count(d.len(), c) {
-                        serde_json::to_writer(
-                            &mut w,
-                            &serde_json::json!({"text": t, "lang": c.language}),
-                        )?;
-                        w.write_all(b"\n")?;
-                    }
-                }
-                Ok(())
-            })?;
-        w.flush()?;
-        Ok(summary)
+    let summary = super::stream_to_jsonl(inputs, read, "clean", out, |docs| {
+        let cleaned = clean_documents(&docs, opts);
+        Ok(docs
+            .iter()
+            .zip(&cleaned)
+            .filter_map(|(d, c)| {
+                let t = stats.count(d.len(), c)?;
+                Some(serde_json::json!({"text": t, "lang": c.language}))
+            })
+            .collect())
     })?;
     let seconds = start.elapsed().as_secs_f64();
     let run = CleanRun {

@@ -286,23 +286,17 @@ pub fn dedup_files(
     let mut dedup = Deduplicator::new(opts)?;
     let start = std::time::Instant::now();
     let mut bytes_out = 0u64;
-    let summary = crate::util::write_atomic_with(out, |tmp| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        let summary =
-            super::text::for_each_chunk(inputs, read, "dedup", super::CHUNK_BYTES, |docs| {
-                let fps: Vec<Fingerprint> = docs.par_iter().map(|t| dedup.fingerprint(t)).collect();
-                for (d, fp) in docs.iter().zip(&fps) {
-                    if dedup.check(fp) == Verdict::Keep {
-                        bytes_out += d.len() as u64;
-                        serde_json::to_writer(&mut w, &serde_json::json!({ "text": d }))?;
-                        w.write_all(b"\n")?;
-                    }
-                }
-                Ok(())
-            })?;
-        w.flush()?;
-        Ok(summary)
+    let summary = super::stream_to_jsonl(inputs, read, "dedup", out, |docs| {
+        let fps: Vec<Fingerprint> = docs.par_iter().map(|t| dedup.fingerprint(t)).collect();
+        Ok(docs
+            .into_iter()
+            .zip(&fps)
+            .filter(|(_, fp)| dedup.check(fp) == Verdict::Keep)
+            .map(|(d, _)| {
+                bytes_out += d.len() as u64;
+                serde_json::json!({ "text": d })
+            })
+            .collect())
     })?;
     let seconds = start.elapsed().as_secs_f64();
     let run = DedupRun {

@@ -28,11 +28,11 @@ pub struct Source {
     pub text_field: String,
 }
 
-fn default_format() -> DocFormat {
+pub(crate) fn default_format() -> DocFormat {
     DocFormat::Auto
 }
 
-fn default_text_field() -> String {
+pub(crate) fn default_text_field() -> String {
     "text".into()
 }
 

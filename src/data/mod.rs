@@ -40,3 +40,27 @@ pub fn write_sidecar_report<T: serde::Serialize>(
     path.push(".report.json");
     crate::util::write_json_atomic(std::path::Path::new(&path), report)
 }
+
+/// Streams `inputs` block by block through `process`, which returns the records to keep, and
+/// writes them as JSONL to `out` (under a temporary name renamed at the end).
+pub fn stream_to_jsonl(
+    inputs: &[std::path::PathBuf],
+    read: &text::ReadOptions,
+    label: &str,
+    out: &std::path::Path,
+    mut process: impl FnMut(Vec<String>) -> anyhow::Result<Vec<serde_json::Value>>,
+) -> anyhow::Result<text::ReadSummary> {
+    use std::io::Write;
+    crate::util::write_atomic_with(out, |tmp| {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        let summary = text::for_each_chunk(inputs, read, label, CHUNK_BYTES, |docs| {
+            for record in process(docs)? {
+                serde_json::to_writer(&mut w, &record)?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        })?;
+        w.flush()?;
+        Ok(summary)
+    })
+}

@@ -15,7 +15,6 @@ use crate::util;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The configuration file. Relative paths are relative to the file's directory.
@@ -131,21 +130,13 @@ pub struct SourceSection {
     pub name: String,
     pub files: Vec<PathBuf>,
     pub weight: f64,
-    #[serde(default = "default_format")]
+    #[serde(default = "super::mix::default_format")]
     pub format: DocFormat,
-    #[serde(default = "default_text_field")]
+    #[serde(default = "super::mix::default_text_field")]
     pub text_field: String,
     /// Run the quality classifier on this source (GPT-3 filtered only its web crawl).
     #[serde(default)]
     pub quality_filter: bool,
-}
-
-fn default_format() -> DocFormat {
-    DocFormat::Auto
-}
-
-fn default_text_field() -> String {
-    "text".into()
 }
 
 impl PrepareConfig {
@@ -590,21 +581,17 @@ fn run_source(
     };
     let mut bytes_out = 0u64;
     let mut documents_out = 0usize;
-    let summary = util::write_atomic_with(kept, |tmp| {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        let label = format!("prepare {}", source.name);
-        let summary =
-            text::for_each_chunk(&source.files, &read, &label, super::CHUNK_BYTES, |docs| {
-                for t in pipeline.run(docs) {
-                    documents_out += 1;
-                    bytes_out += t.len() as u64;
-                    serde_json::to_writer(&mut w, &serde_json::json!({ "text": t }))?;
-                    w.write_all(b"\n")?;
-                }
-                Ok(())
-            })?;
-        w.flush()?;
-        Ok(summary)
+    let label = format!("prepare {}", source.name);
+    let summary = super::stream_to_jsonl(&source.files, &read, &label, kept, |docs| {
+        Ok(pipeline
+            .run(docs)
+            .into_iter()
+            .map(|t| {
+                documents_out += 1;
+                bytes_out += t.len() as u64;
+                serde_json::json!({ "text": t })
+            })
+            .collect())
     })?;
     let seconds = start.elapsed().as_secs_f64();
     let (exact, near) = match &pipeline.dedup {

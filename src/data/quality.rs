@@ -326,25 +326,14 @@ pub fn filter_files(
     let m = load_model(model)?;
     let start = std::time::Instant::now();
     let mut keeper = Keeper::new(rule);
-    let summary = util::write_atomic_with(out, |tmp| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        let summary =
-            super::text::for_each_chunk(inputs, read, "filter", super::CHUNK_BYTES, |docs| {
-                let scores: Vec<f64> = docs.par_iter().map(|d| m.score(d)).collect();
-                for (d, s) in docs.iter().zip(scores) {
-                    if keeper.keep(s) {
-                        serde_json::to_writer(
-                            &mut w,
-                            &serde_json::json!({"text": d, "quality": s}),
-                        )?;
-                        w.write_all(b"\n")?;
-                    }
-                }
-                Ok(())
-            })?;
-        w.flush()?;
-        Ok(summary)
+    let summary = super::stream_to_jsonl(inputs, read, "filter", out, |docs| {
+        let scores: Vec<f64> = docs.par_iter().map(|d| m.score(d)).collect();
+        Ok(docs
+            .into_iter()
+            .zip(scores)
+            .filter(|(_, s)| keeper.keep(*s))
+            .map(|(d, s)| serde_json::json!({"text": d, "quality": s}))
+            .collect())
     })?;
     let seconds = start.elapsed().as_secs_f64();
     let run = FilterRun {
