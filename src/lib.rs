@@ -6,6 +6,7 @@ pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod rlhf;
+pub mod serve;
 pub mod speedrun;
 pub mod tokenizer;
 pub mod train;

@@ -54,6 +54,9 @@ enum Command {
     Rlhf(RlhfArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (streaming, continuous batching) with a
+    /// chat page at /.
+    Serve(ServeArgs),
     /// Score a model on benchmark files and the curriculum (JSON and a Markdown table).
     Eval(EvalArgs),
     /// Write RUN/report.md: every stage's numbers, loss curves (PNG), evaluations and samples.
@@ -360,6 +363,34 @@ impl ReadArgs {
             on_error: self.on_error,
         }
     }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The model: a run directory (from pretrain, sft or rlhf) or one of its checkpoints.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to bind; the default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on API requests.
+    #[arg(long, env = "CHATFORGE_API_KEY")]
+    api_key: Option<String>,
+    /// Requests decoded together in one batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests waiting for a place before new ones get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// The most tokens one reply may have.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens_cap: usize,
+    /// Chat template: chatforge, chatml or llama3 (default: from the tokenizer).
+    #[arg(long)]
+    template: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -970,6 +1001,23 @@ fn run(cli: Cli) -> Result<()> {
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             run_terminal(&mut session, &mut stdin.lock(), interactive)?;
+        }
+        Command::Serve(a) => {
+            let template = a
+                .template
+                .as_deref()
+                .map(ChatTemplate::by_name)
+                .transpose()?;
+            chatforge::serve::serve(&chatforge::serve::ServeOptions {
+                model: a.model,
+                host: a.host,
+                port: a.port,
+                api_key: a.api_key,
+                max_batch: a.max_batch,
+                queue: a.queue,
+                max_tokens_cap: a.max_tokens_cap,
+                template,
+            })?;
         }
         Command::Eval(a) => {
             let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;

@@ -116,15 +116,12 @@ pub fn generate_from_ids(
         );
     }
     let budget = opts.max_tokens.min(context - ids.len());
-    let max_stop = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut cache = lm.model.new_cache(1);
     let device = lm.model.device().clone();
     let mut input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
-    let mut out_ids: Vec<u32> = Vec::new();
-    let mut emitted = 0usize;
+    let mut stream = TextStream::new(opts.stop.clone());
     let mut finish = FinishReason::Length;
-    let mut final_text = String::new();
     for _ in 0..budget {
         if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
             finish = FinishReason::Cancelled;
@@ -140,36 +137,21 @@ pub fn generate_from_ids(
             finish = FinishReason::Stop;
             break;
         }
-        out_ids.push(next);
         input = Tensor::from_vec(vec![next], (1, 1), &device)?;
-        let text = lm.tokenizer.decode(&out_ids)?;
-        if let Some(pos) = opts
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            final_text = text[..pos].to_string();
+        let (delta, stopped) = stream.push(&lm.tokenizer, next)?;
+        if !delta.is_empty() {
+            on_text(&delta)?;
+        }
+        if stopped {
             finish = FinishReason::Stop;
             break;
         }
-        final_text = text;
-        if final_text.ends_with('\u{FFFD}') {
-            continue; // a multi-byte character is not complete yet
-        }
-        let safe = floor_boundary(
-            &final_text,
-            final_text.len().saturating_sub(max_stop.saturating_sub(1)),
-        );
-        if safe > emitted {
-            on_text(&final_text[emitted..safe])?;
-            emitted = safe;
-        }
     }
-    if final_text.len() > emitted {
-        on_text(&final_text[emitted..])?;
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest)?;
     }
+    let (final_text, out_ids) = stream.into_parts();
     Ok(Generation {
         text: final_text,
         tokens: out_ids,
@@ -177,4 +159,74 @@ pub fn generate_from_ids(
         finish_reason: finish,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Turns sampled tokens into text pieces that are safe to show: complete UTF-8 characters that
+/// cannot be the start of a stop string. Shared by the single-sequence generator and the engine.
+pub struct TextStream {
+    ids: Vec<u32>,
+    text: String,
+    emitted: usize,
+    stop: Vec<String>,
+    max_stop: usize,
+}
+
+impl TextStream {
+    pub fn new(stop: Vec<String>) -> TextStream {
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let max_stop = stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        TextStream {
+            ids: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stop,
+            max_stop,
+        }
+    }
+
+    /// Adds a token; returns the newly safe text and whether a stop string ended the text (which
+    /// is then cut before it).
+    pub fn push(
+        &mut self,
+        tokenizer: &crate::tokenizer::Tokenizer,
+        id: u32,
+    ) -> Result<(String, bool)> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if let Some(pos) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.text = text[..pos].to_string();
+            return Ok((self.finish(), true));
+        }
+        self.text = text;
+        if self.text.ends_with('\u{FFFD}') {
+            return Ok((String::new(), false)); // a multi-byte character is not complete yet
+        }
+        let safe = floor_boundary(
+            &self.text,
+            self.text
+                .len()
+                .saturating_sub(self.max_stop.saturating_sub(1)),
+        );
+        if safe > self.emitted {
+            let delta = self.text[self.emitted..safe].to_string();
+            self.emitted = safe;
+            return Ok((delta, false));
+        }
+        Ok((String::new(), false))
+    }
+
+    /// The text not shown yet (held back as a possible stop-string start); call at the end.
+    pub fn finish(&mut self) -> String {
+        let start = self.emitted.min(self.text.len());
+        self.emitted = self.text.len();
+        self.text[start..].to_string()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn into_parts(self) -> (String, Vec<u32>) {
+        (self.text, self.ids)
+    }
 }

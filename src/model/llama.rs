@@ -43,6 +43,72 @@ impl KvCache {
     pub fn batch_size(&self) -> usize {
         self.pad.len()
     }
+
+    /// Keeps rows `keep`, in that order (continuous batching: finished sequences leave), then
+    /// drops leading positions that are padding in every remaining row.
+    pub fn select_rows(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() {
+            candle_core::bail!("a cache keeps at least one row");
+        }
+        let pad: Vec<usize> = keep.iter().map(|&r| self.pad[r]).collect();
+        let trim = pad.iter().copied().min().unwrap_or(0);
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                let index = Tensor::from_vec(
+                    keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    keep.len(),
+                    k.device(),
+                )?;
+                let select = |t: &Tensor| -> Result<Tensor> {
+                    t.index_select(&index, 0)?
+                        .narrow(2, trim, self.len - trim)?
+                        .contiguous()
+                };
+                *slot = Some((select(&k)?, select(&v)?));
+            }
+        }
+        self.pad = pad.into_iter().map(|p| p - trim).collect();
+        self.len -= trim;
+        Ok(())
+    }
+
+    /// Appends the rows of `other` (continuous batching: a new sequence joins), left-padding the
+    /// shorter side so that every row ends at the same position.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!("caches of different models");
+        }
+        let len = self.len.max(other.len);
+        let (extra_self, extra_other) = (len - self.len, len - other.len);
+        let left_pad = |t: Tensor, extra: usize| -> Result<Tensor> {
+            if extra == 0 {
+                return Ok(t);
+            }
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, extra, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&zeros, &t], 2)
+        };
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            match (mine.take(), theirs) {
+                (Some((k, v)), Some((k2, v2))) => {
+                    let k =
+                        Tensor::cat(&[&left_pad(k, extra_self)?, &left_pad(k2, extra_other)?], 0)?;
+                    let v =
+                        Tensor::cat(&[&left_pad(v, extra_self)?, &left_pad(v2, extra_other)?], 0)?;
+                    *mine = Some((k, v));
+                }
+                _ => candle_core::bail!("only filled caches can be joined"),
+            }
+        }
+        self.pad = self
+            .pad
+            .iter()
+            .map(|p| p + extra_self)
+            .chain(other.pad.iter().map(|p| p + extra_other))
+            .collect();
+        self.len = len;
+        Ok(())
+    }
 }
 
 struct Attention {

@@ -1,0 +1,859 @@
+//! `chatforge serve`: an OpenAI-compatible HTTP server (axum on tokio) in front of the
+//! continuous-batching engine, with Server-Sent Events streaming exactly as OpenAI sends them,
+//! OpenAI-shaped errors, Prometheus metrics and a chat page embedded in the binary.
+
+pub mod openai;
+
+use crate::infer::engine::{Engine, Event, Request, SubmitError};
+use crate::infer::generate::FinishReason;
+use crate::infer::sampler::SamplingParams;
+use crate::model::LoadedModel;
+use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use openai::{error_body, ChatRequest, CompletionRequest, Sampling, Usage};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    pub host: String,
+    pub port: u16,
+    /// Clients must send `Authorization: Bearer KEY` when set.
+    pub api_key: Option<String>,
+    /// Requests decoded together.
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch before new ones get 429.
+    pub queue: usize,
+    /// The most tokens one reply may have.
+    pub max_tokens_cap: usize,
+    pub template: Option<ChatTemplate>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            model: PathBuf::new(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            max_batch: 16,
+            queue: 64,
+            max_tokens_cap: 1024,
+            template: None,
+        }
+    }
+}
+
+/// An error as OpenAI sends it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    fn code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = error_body(&self.message, self.kind, self.param, self.code);
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Latency histogram in Prometheus's cumulative form.
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, seconds: f64) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if seconds <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            out.push_str(&format!(
+                "{name}_bucket{{le=\"{b}\"}} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {count}\n"));
+        out.push_str(&format!(
+            "{name}_sum {}\n{name}_count {count}\n",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    latency: Histogram,
+    first_token: Histogram,
+}
+
+impl Metrics {
+    fn count(&self, endpoint: &'static str, status: StatusCode) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((endpoint, status.as_u16()))
+            .or_default() += 1;
+    }
+}
+
+struct AppState {
+    engine: Engine,
+    lm: Arc<LoadedModel>,
+    template: ChatTemplate,
+    model_id: String,
+    api_key: Option<String>,
+    max_tokens_cap: usize,
+    metrics: Metrics,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Loads the model, starts the engine and builds the router; returns it with the model id.
+pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
+    let device = candle_core::Device::Cpu;
+    let lm = Arc::new(crate::model::load(&opts.model, &device)?);
+    let template = match &opts.template {
+        Some(t) => t.clone(),
+        None => ChatTemplate::detect(&lm.tokenizer)?,
+    };
+    let model_id = std::fs::canonicalize(&opts.model)
+        .unwrap_or_else(|_| opts.model.clone())
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "chatforge".into());
+    let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
+    let state = Arc::new(AppState {
+        engine,
+        lm,
+        template,
+        model_id: model_id.clone(),
+        api_key: opts.api_key.clone(),
+        max_tokens_cap: opts.max_tokens_cap.max(1),
+        metrics: Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            latency: Histogram::new(LATENCY_BOUNDS),
+            first_token: Histogram::new(LATENCY_BOUNDS),
+        },
+        created: unix_now(),
+        next_id: AtomicU64::new(1),
+    });
+    let router = Router::new()
+        .route("/", get(|| async { Html(include_str!("ui.html")) }))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .with_state(state);
+    Ok((router, model_id))
+}
+
+/// Serves until Ctrl-C.
+pub fn serve(opts: &ServeOptions) -> Result<()> {
+    let (router, model_id) = build(opts)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!("chatforge serve: model {model_id:?} on http://{addr} (chat page at /, API at /v1; Ctrl-C stops)");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or wrong API key: send the header `Authorization: Bearer KEY`",
+        )
+        .code("invalid_api_key"))
+    }
+}
+
+/// Parses a request body; malformed JSON or wrong field types become a 400 naming the problem.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("the request body is not valid: {e}"),
+        )
+    })
+}
+
+async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&state, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"object": "list", "data": [{
+        "id": state.model_id, "object": "model", "created": state.created, "owned_by": "chatforge",
+        "context_length": state.lm.model.config.max_position_embeddings,
+    }]}))
+    .into_response()
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let s = &state.engine.stats;
+    let mut out = String::new();
+    out.push_str("# HELP chatforge_requests_total HTTP requests by endpoint and status.\n# TYPE chatforge_requests_total counter\n");
+    for ((endpoint, status), n) in state.metrics.requests.lock().expect("metrics lock").iter() {
+        out.push_str(&format!(
+            "chatforge_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}\n"
+        ));
+    }
+    let counters = [
+        (
+            "chatforge_prompt_tokens_total",
+            "Prompt tokens processed.",
+            s.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "chatforge_completion_tokens_total",
+            "Tokens generated.",
+            s.completion_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "chatforge_decode_steps_total",
+            "Batched decode steps.",
+            s.decode_steps.load(Ordering::Relaxed),
+        ),
+        (
+            "chatforge_cancelled_total",
+            "Requests whose client went away.",
+            s.cancelled.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
+    let gauges = [
+        (
+            "chatforge_queue_depth",
+            "Requests waiting for a place in the batch.",
+            s.queued.load(Ordering::Relaxed),
+        ),
+        (
+            "chatforge_active_requests",
+            "Requests being decoded.",
+            s.active.load(Ordering::Relaxed),
+        ),
+        (
+            "chatforge_max_batch",
+            "Requests decoded together at most.",
+            state.engine.max_batch,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
+    }
+    state.metrics.latency.render(
+        "chatforge_request_duration_seconds",
+        "Time from request to last token.",
+        &mut out,
+    );
+    state.metrics.first_token.render(
+        "chatforge_time_to_first_token_seconds",
+        "Time from request to first token.",
+        &mut out,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// A validated request, ready for the engine.
+struct Prepared {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    logit_bias: Vec<(u32, f32)>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
+    if s.model != state.model_id {
+        return Err(ApiError {
+            param: Some("model"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "the model {:?} does not exist; this server has {:?} (see /v1/models)",
+                    s.model, state.model_id
+                ),
+            )
+        }
+        .code("model_not_found"));
+    }
+    if s.n.unwrap_or(1) != 1 {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} must be between -2 and 2"),
+            ));
+        }
+    }
+    let vocab = state.lm.model.config.vocab_size;
+    let mut logit_bias = Vec::new();
+    for (k, &b) in s.logit_bias.iter().flatten() {
+        let id: u32 = k
+            .parse()
+            .ok()
+            .filter(|&i: &u32| (i as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias key {k:?} is not a token id below {vocab}"),
+                )
+            })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias values must be between -100 and 100, got {b}"),
+            ));
+        }
+        logit_bias.push((id, b));
+    }
+    logit_bias.sort_by_key(|x| x.0);
+    let stop = s.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 4 {
+        return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+    }
+    let context = state.lm.model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "this model's context is {context} tokens, but the prompt is {} tokens; shorten it",
+                prompt.len()
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
+    let room = context - prompt.len();
+    let requested = s.max_completion_tokens.or(s.max_tokens);
+    if requested == Some(0) {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
+    }
+    let max_tokens = requested
+        .map(|m| m.min(usize::MAX as u64) as usize)
+        .unwrap_or(usize::MAX)
+        .min(state.max_tokens_cap)
+        .min(room);
+    Ok(Prepared {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k: s.top_k.unwrap_or(0) as usize,
+            top_p,
+            seed: s
+                .seed
+                .unwrap_or_else(|| unix_now() ^ state.next_id.load(Ordering::Relaxed)),
+        },
+        stop,
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
+        stream: s.stream,
+        include_usage: s.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn chat_prompt(state: &AppState, req: &ChatRequest) -> Result<Vec<u32>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role =
+            match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
+                    ),
+                )),
+            };
+        let text = match &m.content {
+            Some(c) => c
+                .text()
+                .map_err(|e| ApiError::invalid("messages", format!("messages[{i}]: {e}")))?,
+            None => String::new(),
+        };
+        messages.push(Message::new(role, text));
+    }
+    render(&state.lm.tokenizer, &state.template, &messages, true)
+        .map(|r| r.ids)
+        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))
+}
+
+/// Which endpoint, for the response shapes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        check_key(&state, &headers)?;
+        let req: ChatRequest = parse_body(&body)?;
+        let prompt = chat_prompt(&state, &req)?;
+        let p = prepare(&state, req.sampling, prompt)?;
+        Ok::<_, ApiError>(p)
+    }
+    .await;
+    respond(state, Kind::Chat, result).await
+}
+
+async fn completions(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        check_key(&state, &headers)?;
+        let req: CompletionRequest = parse_body(&body)?;
+        let prompts = req.prompt.into_vec();
+        if prompts.len() != 1 {
+            return Err(ApiError::invalid("prompt", "send exactly one prompt"));
+        }
+        let tok = &state.lm.tokenizer;
+        let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+        ids.extend(
+            tok.encode(&prompts[0])
+                .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))?,
+        );
+        prepare(&state, req.sampling, ids)
+    }
+    .await;
+    respond(state, Kind::Completion, result).await
+}
+
+async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>) -> Response {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.count(kind.endpoint(), e.status);
+            return e.into_response();
+        }
+    };
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stop_ids = state.template.stop_ids(&state.lm.tokenizer);
+    stop_ids.extend(crate::infer::generate::stop_ids(&state.lm));
+    let request = Request {
+        prompt: p.prompt,
+        max_tokens: p.max_tokens,
+        sampling: p.sampling,
+        stop_ids,
+        stop: p.stop,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        logit_bias: p.logit_bias,
+        events: tx,
+    };
+    if let Err(e) = state.engine.submit(request) {
+        let error = match e {
+            SubmitError::Busy => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_overloaded",
+                "the request queue is full; retry after a moment",
+            )
+            .code("queue_full"),
+            SubmitError::Stopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the engine has stopped",
+            ),
+        };
+        state.metrics.count(kind.endpoint(), error.status);
+        return error.into_response();
+    }
+    let id_number = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{id_number:x}{:x}", state.created),
+        Kind::Completion => format!("cmpl-{id_number:x}{:x}", state.created),
+    };
+    state.metrics.count(kind.endpoint(), StatusCode::OK);
+    if p.stream {
+        stream_response(state, kind, id, rx, started, p.include_usage)
+    } else {
+        full_response(state, kind, id, rx, started).await
+    }
+}
+
+async fn full_response(
+    state: Shared,
+    kind: Kind,
+    id: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    started: Instant,
+) -> Response {
+    let mut text = String::new();
+    let mut first = true;
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => {
+                if first {
+                    state
+                        .metrics
+                        .first_token
+                        .observe(started.elapsed().as_secs_f64());
+                    first = false;
+                }
+                text.push_str(&t);
+            }
+            Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                state
+                    .metrics
+                    .latency
+                    .observe(started.elapsed().as_secs_f64());
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                let finish = finish_name(finish_reason);
+                let created = unix_now();
+                let body = match kind {
+                    Kind::Chat => json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": state.model_id,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": null, "finish_reason": finish}],
+                        "usage": usage,
+                    }),
+                    Kind::Completion => json!({
+                        "id": id, "object": "text_completion", "created": created, "model": state.model_id,
+                        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                        "usage": usage,
+                    }),
+                };
+                return Json(body).into_response();
+            }
+            Event::Failed(message) => {
+                return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+                    .into_response()
+            }
+        }
+    }
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "the engine dropped the request",
+    )
+    .into_response()
+}
+
+fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// The chunks of a streamed reply, as OpenAI sends them: the role first, then content deltas, a
+/// chunk with `finish_reason`, the usage chunk when asked for, then `[DONE]`; one id throughout.
+fn stream_response(
+    state: Shared,
+    kind: Kind,
+    id: String,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    started: Instant,
+    include_usage: bool,
+) -> Response {
+    let created = unix_now();
+    let model = state.model_id.clone();
+    let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
+        let object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut body = json!({"id": id, "object": object, "created": created, "model": model,
+                              "choices": [choice]});
+        if choice_is_empty(&body) {
+            body["choices"] = json!([]);
+        }
+        if include_usage {
+            body["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(body.to_string())
+    };
+    let delta = move |text: Option<&str>, finish: Option<&str>| -> Value {
+        match kind {
+            Kind::Chat => {
+                let d = match text {
+                    Some(t) => json!({"content": t}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        }
+    };
+    // The state machine: 0 = role chunk not sent, 1 = streaming, 2 = [DONE] next, 3 = ended.
+    struct StreamState {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        phase: u8,
+        pending: Vec<SseEvent>,
+        first: bool,
+    }
+    let init = StreamState {
+        rx,
+        phase: if kind == Kind::Chat { 0 } else { 1 },
+        pending: Vec::new(),
+        first: true,
+    };
+    let stream = futures_util::stream::unfold(init, move |mut st| {
+        let state = state.clone();
+        let chunk = chunk.clone();
+        async move {
+            loop {
+                if !st.pending.is_empty() {
+                    let e = st.pending.remove(0);
+                    return Some((Ok::<_, std::convert::Infallible>(e), st));
+                }
+                match st.phase {
+                    0 => {
+                        st.phase = 1;
+                        let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": null, "finish_reason": null});
+                        return Some((Ok(chunk(role, None)), st));
+                    }
+                    1 => match st.rx.recv().await {
+                        Some(Event::Text(t)) => {
+                            if st.first {
+                                state
+                                    .metrics
+                                    .first_token
+                                    .observe(started.elapsed().as_secs_f64());
+                                st.first = false;
+                            }
+                            return Some((Ok(chunk(delta(Some(&t), None), None)), st));
+                        }
+                        Some(Event::Done {
+                            finish_reason,
+                            prompt_tokens,
+                            completion_tokens,
+                        }) => {
+                            state
+                                .metrics
+                                .latency
+                                .observe(started.elapsed().as_secs_f64());
+                            st.pending
+                                .push(chunk(delta(None, Some(finish_name(finish_reason))), None));
+                            if include_usage {
+                                let usage = serde_json::to_value(Usage::new(
+                                    prompt_tokens,
+                                    completion_tokens,
+                                ))
+                                .unwrap_or(Value::Null);
+                                st.pending.push(chunk(Value::Null, Some(usage)));
+                            }
+                            st.phase = 2;
+                        }
+                        Some(Event::Failed(message)) => {
+                            let body = error_body(&message, "server_error", None, None);
+                            st.pending.push(SseEvent::default().data(body.to_string()));
+                            st.phase = 2;
+                        }
+                        None => st.phase = 2,
+                    },
+                    2 => {
+                        st.phase = 3;
+                        return Some((Ok(SseEvent::default().data("[DONE]")), st));
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+fn choice_is_empty(body: &Value) -> bool {
+    body["choices"].get(0).is_some_and(|c| c.is_null())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No body, however broken, makes the parser panic: it is a request or a 400.
+        #[test]
+        fn request_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_body::<ChatRequest>(&body);
+            let _ = parse_body::<CompletionRequest>(&body);
+        }
+
+        #[test]
+        fn json_shaped_bodies_never_panic(
+            model in "[a-z]{0,5}",
+            role in "(user|system|assistant|tool|x)",
+            content in any::<String>(),
+            temp in proptest::option::of(-5.0f64..5.0),
+            max in proptest::option::of(0u64..u64::MAX),
+        ) {
+            let body = json!({"model": model, "messages": [{"role": role, "content": content}],
+                              "temperature": temp, "max_tokens": max, "stop": ["a", "b"]});
+            let parsed = parse_body::<ChatRequest>(body.to_string().as_bytes());
+            prop_assert!(parsed.is_ok());
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_a_400_in_openai_shape() {
+        let e = parse_body::<ChatRequest>(b"{\"model\": ").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = parse_body::<ChatRequest>(b"{\"model\": \"m\", \"messages\": 3}").unwrap_err();
+        assert!(
+            e.message.contains("messages") || e.message.contains("sequence"),
+            "{}",
+            e.message
+        );
+        let body = error_body("x", "invalid_request_error", Some("model"), None);
+        assert_eq!(body["error"]["param"], "model");
+    }
+}

@@ -1,0 +1,397 @@
+//! `chatforge serve` as clients meet it: the binary on a free loopback port, spoken to over raw
+//! HTTP/1.1 so the test sees exactly the bytes an OpenAI client would.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A small model with a 1024-token context, trained briefly on the test corpus.
+fn serve_model(dir: &Path) -> PathBuf {
+    let (shards, _) = common::tiny_shards(dir);
+    let tok = chatforge::tokenizer::Tokenizer::load(&shards).unwrap();
+    let mut cfg = common::tiny_config(tok.vocab_size(), 1024);
+    cfg.hidden_size = 128;
+    cfg.intermediate_size = 256;
+    cfg.num_hidden_layers = 4;
+    let cfg_path = dir.join("serve.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = dir.join("model");
+    chatforge::train::pretrain::pretrain(&chatforge::train::pretrain::PretrainOptions {
+        data: shards,
+        out: out.clone(),
+        config: Some(cfg_path),
+        batch_size: 8,
+        seq_len: 32,
+        eval_tokens: 512,
+        train: common::quiet_loop(30, 1e-2),
+    })
+    .unwrap();
+    out
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(model: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chatforge serve");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    Server { child, addr }
+}
+
+/// Sends one request and returns (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, &body.to_string(), None);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The text of a streamed chat reply, checking the chunk sequence on the way.
+fn streamed_text(events: &[String]) -> (String, Value) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let id = &chunks[0]["id"];
+    assert!(
+        chunks.iter().all(|c| &c["id"] == id),
+        "one id for every chunk"
+    );
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finish = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .map(|c| c["choices"][0]["finish_reason"].clone())
+        .expect("a chunk with finish_reason");
+    (text, finish)
+}
+
+fn chat_body(model: &str, content: &str, seed: u64, stream: bool) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": content}],
+           "max_tokens": 40, "temperature": 0.8, "seed": seed, "stream": stream})
+}
+
+#[test]
+fn openai_api_streams_batches_and_reports_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &["--max-batch", "8"]);
+    let addr = server.addr.clone();
+
+    let (status, models) = http(&addr, "GET", "/v1/models", "", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let id = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(id, "model");
+    assert_eq!(http(&addr, "GET", "/health", "", None).0, 200);
+    let (status, page) = http(&addr, "GET", "/", "", None);
+    assert!(status == 200 && page.contains("/v1/chat/completions"));
+
+    // A plain reply, the same again for the same seed, and the same text streamed.
+    let (status, a) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat_body(&id, "the cat", 7, false),
+    );
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat_body(&id, "the cat", 7, false),
+    );
+    let text = a["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        text,
+        b["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(a["object"], "chat.completion");
+    let usage = &a["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    let mut body = chat_body(&id, "the cat", 7, true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, raw) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        &body.to_string(),
+        None,
+    );
+    assert_eq!(status, 200);
+    let events = sse_events(&raw);
+    let (streamed, finish) = streamed_text(&events);
+    assert_eq!(streamed, text);
+    assert_eq!(finish, a["choices"][0]["finish_reason"]);
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], a["usage"]);
+
+    // Eight clients at once get exactly what each gets alone: rows join and leave the batch
+    // without disturbing each other (different prompt lengths, so padding is exercised).
+    let prompts: Vec<String> = (0..8).map(|i| "cat ".repeat(1 + i * 3)).collect();
+    let alone: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (_, r) = post(
+                &addr,
+                "/v1/chat/completions",
+                &chat_body(&id, p, i as u64, false),
+            );
+            r["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let addr = addr.clone();
+                let body = chat_body(&id, p, i as u64, true).to_string();
+                s.spawn(move || {
+                    let (_, raw) = http(&addr, "POST", "/v1/chat/completions", &body, None);
+                    streamed_text(&sse_events(&raw)).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+
+    // A stop sequence ends the reply before it.
+    let first_word: String = text.chars().skip(2).take(2).collect();
+    if !first_word.trim().is_empty() {
+        let mut body = chat_body(&id, "the cat", 7, false);
+        body["stop"] = json!([first_word.clone()]);
+        let (_, r) = post(&addr, "/v1/chat/completions", &body);
+        let cut = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            !cut.contains(&first_word) && text.starts_with(cut),
+            "{cut:?} vs {text:?}"
+        );
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    }
+
+    // The completions endpoint.
+    let (status, c) = post(
+        &addr,
+        "/v1/completions",
+        &json!({"model": id, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["usage"]["completion_tokens"], 5);
+
+    // Errors in OpenAI's shape with the right status.
+    let (status, e) = http(&addr, "POST", "/v1/chat/completions", "{\"model\": ", None);
+    assert_eq!(status, 400);
+    assert!(e.contains("\"invalid_request_error\""), "{e}");
+    let (status, e) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat_body("gpt-4", "hi", 0, false),
+    );
+    assert_eq!(status, 404);
+    assert_eq!(e["error"]["code"], "model_not_found");
+    let long = "cat ".repeat(1200);
+    let (status, e) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat_body(&id, &long, 0, false),
+    );
+    assert_eq!(status, 400);
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1024") && e["error"]["code"] == "context_length_exceeded",
+        "{message}"
+    );
+    let (status, _) = post(
+        &addr,
+        "/v1/chat/completions",
+        &json!({"model": id, "messages": [{"role": "user", "content": "x"}], "temperature": 9}),
+    );
+    assert_eq!(status, 400);
+
+    // A client that disconnects mid-stream frees its place at once. logit_bias bans the
+    // end-of-turn and end-of-text tokens, so only the disconnect can end this reply early.
+    let tok = chatforge::tokenizer::Tokenizer::load(&model).unwrap();
+    let bias: serde_json::Map<String, Value> = ["<|assistant_end|>", "<|bos|>"]
+        .iter()
+        .filter_map(|t| tok.special_id(t))
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
+    let long_body = |stream: bool| {
+        json!({"model": id, "messages": [{"role": "user", "content": "cat"}], "logit_bias": bias,
+               "max_tokens": 1000, "temperature": 1.0, "seed": 1, "stream": stream})
+    };
+    let (_, r) = post(&addr, "/v1/chat/completions", &long_body(false));
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 1000);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let body = long_body(true).to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Headers, the role chunk and several content chunks: the reply is being decoded.
+    let mut first = [0u8; 1500];
+    s.read_exact(&mut first).unwrap();
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, m) = http(&addr, "GET", "/metrics", "", None);
+        if m.contains("chatforge_active_requests 0") {
+            assert!(m.contains("chatforge_cancelled_total 1"), "{m}");
+            assert!(
+                m.contains(
+                    "chatforge_requests_total{endpoint=\"/v1/chat/completions\",status=\"404\"} 1"
+                ),
+                "{m}"
+            );
+            assert!(
+                m.contains("chatforge_request_duration_seconds_count"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request still runs:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn api_key_and_a_full_queue_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(
+        &model,
+        &["--api-key", "sesame", "--max-batch", "1", "--queue", "1"],
+    );
+    let addr = server.addr.clone();
+    let (status, e) = http(&addr, "GET", "/v1/models", "", None);
+    assert_eq!(status, 401, "{e}");
+    let (status, e) = http(&addr, "GET", "/v1/models", "", Some("wrong"));
+    assert!(status == 401 && e.contains("invalid_api_key"), "{e}");
+    let (status, _) = http(&addr, "GET", "/v1/models", "", Some("sesame"));
+    assert_eq!(status, 200);
+    // One request decoding, one waiting: a burst of more gets 429 for some.
+    let body = json!({"model": "model", "messages": [{"role": "user", "content": "cat"}],
+                      "max_tokens": 400, "temperature": 1.0, "seed": 3})
+    .to_string();
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                let (addr, body) = (addr.clone(), body.clone());
+                s.spawn(move || {
+                    http(&addr, "POST", "/v1/chat/completions", &body, Some("sesame")).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
