@@ -395,3 +395,67 @@ fn api_key_and_a_full_queue_are_refused() {
     assert!(statuses.contains(&200), "{statuses:?}");
     assert!(statuses.contains(&429), "{statuses:?}");
 }
+
+/// The official `openai` Python client works unchanged (pip `openai`; .ci/run installs it).
+#[test]
+fn the_official_openai_python_client_works_unchanged() {
+    let has_client = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_client {
+        eprintln!("SKIP: the Python package `openai` is not installed (pip install openai)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &["--api-key", "test-key"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr))
+        .arg("test-key")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    eprintln!("{stdout}");
+}
+
+/// The chat page in headless Chromium: types two messages (English, Chinese), waits for the
+/// streamed replies, saves a screenshot (to $CHATFORGE_SCREENSHOT when set). Needs Debian's
+/// `chromium` and `chromium-driver` and pip `selenium`; .ci/run installs them.
+#[test]
+fn the_chat_page_works_in_headless_chromium() {
+    let ready = Path::new("/usr/bin/chromium").exists()
+        && Path::new("/usr/bin/chromedriver").exists()
+        && Command::new("python3")
+            .args(["-c", "import selenium"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ready {
+        eprintln!("SKIP: needs chromium, chromium-driver (apt) and selenium (pip)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &[]);
+    let shot = std::env::var("CHATFORGE_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("chat.png"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/web_page.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/", server.addr))
+        .arg(&shot)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    eprintln!("{stdout}");
+}
