@@ -491,18 +491,19 @@ fn chat_prompt(state: &AppState, req: &ChatRequest) -> Result<Vec<u32>, ApiError
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
-        let role =
-            match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => return Err(ApiError::invalid(
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid(
                     "messages",
                     format!(
                         "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let text = match &m.content {
             Some(c) => c
                 .text()
