@@ -297,53 +297,55 @@ async fn metrics(State(state): State<Shared>) -> Response {
             "chatforge_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}\n"
         ));
     }
-    let counters = [
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let count = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
+    let series: [(&str, &str, &str, u64); 7] = [
         (
             "chatforge_prompt_tokens_total",
+            "counter",
             "Prompt tokens processed.",
-            s.prompt_tokens.load(Ordering::Relaxed),
+            load(&s.prompt_tokens),
         ),
         (
             "chatforge_completion_tokens_total",
+            "counter",
             "Tokens generated.",
-            s.completion_tokens.load(Ordering::Relaxed),
+            load(&s.completion_tokens),
         ),
         (
             "chatforge_decode_steps_total",
+            "counter",
             "Batched decode steps.",
-            s.decode_steps.load(Ordering::Relaxed),
+            load(&s.decode_steps),
         ),
         (
             "chatforge_cancelled_total",
+            "counter",
             "Requests whose client went away.",
-            s.cancelled.load(Ordering::Relaxed),
+            load(&s.cancelled),
         ),
-    ];
-    for (name, help, v) in counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
-    let gauges = [
         (
             "chatforge_queue_depth",
+            "gauge",
             "Requests waiting for a place in the batch.",
-            s.queued.load(Ordering::Relaxed),
+            count(&s.queued),
         ),
         (
             "chatforge_active_requests",
+            "gauge",
             "Requests being decoded.",
-            s.active.load(Ordering::Relaxed),
+            count(&s.active),
         ),
         (
             "chatforge_max_batch",
+            "gauge",
             "Requests decoded together at most.",
-            state.engine.max_batch,
+            state.engine.max_batch as u64,
         ),
     ];
-    for (name, help, v) in gauges {
+    for (name, kind, help, v) in series {
         out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
         ));
     }
     state.metrics.latency.render(
