@@ -5,7 +5,7 @@ use chatforge::data::chat::ChatFormat;
 use chatforge::data::shards::{self, TokenizeOptions};
 use chatforge::data::text::DocFormat;
 use chatforge::infer::chat::{run_terminal, ChatSession};
-use chatforge::infer::generate::{generate, FinishReason, GenerateOptions};
+use chatforge::infer::generate::{generate_from_ids, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
 use chatforge::speedrun::Preset;
@@ -279,16 +279,23 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A run directory or one of its checkpoints.
+    /// A run directory, one of its checkpoints, or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
     prompt: String,
+    /// Send the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Print timing and the finish reason as JSON on stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// Print one JSON object (prompt and generated token ids, text, prefill and decode speed)
+    /// instead of streaming the text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -782,23 +789,51 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => {
             let lm = chatforge::model::load(&a.model, &candle_core::Device::Cpu)?;
             let opts = a.sampling.options();
+            let mut stops = chatforge::infer::generate::stop_ids(&lm);
+            let ids = if a.chat {
+                let template = lm.template()?;
+                stops.extend(template.stop_ids(&lm.tokenizer));
+                let m = [chatforge::tokenizer::chat::Message::new(
+                    chatforge::tokenizer::chat::Role::User,
+                    a.prompt.clone(),
+                )];
+                chatforge::tokenizer::chat::render(&lm.tokenizer, &template, &m, true)?.ids
+            } else {
+                let mut ids: Vec<u32> = lm.tokenizer.bos_id().into_iter().collect();
+                ids.extend(lm.tokenizer.encode(&a.prompt)?);
+                ids
+            };
             let mut out = std::io::stdout();
-            print!("{}", a.prompt);
-            let g = generate(&lm, &a.prompt, &opts, |piece| {
-                print!("{piece}");
-                out.flush()?;
+            if !a.json && !a.chat {
+                print!("{}", a.prompt);
+            }
+            let g = generate_from_ids(&lm, &ids, &opts, &stops, None, |piece| {
+                if !a.json {
+                    print!("{piece}");
+                    out.flush()?;
+                }
                 Ok(())
             })?;
-            println!();
-            if a.stats {
-                eprintln!(
-                    "{}",
-                    serde_json::json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.tokens.len(),
-                        "finish_reason": g.finish_reason, "seconds": g.seconds,
-                        "tokens_per_s": g.tokens.len() as f64 / g.seconds.max(1e-9)})
-                );
-            } else if g.finish_reason == FinishReason::Length && g.tokens.len() < opts.max_tokens {
-                eprintln!("(stopped at the model's context length)");
+            let decode_tokens = g.tokens.len().saturating_sub(1);
+            let timing = serde_json::json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.tokens.len(),
+                "finish_reason": g.finish_reason, "seconds": g.seconds,
+                "prefill_tokens_per_s": g.prompt_tokens as f64 / g.prefill_seconds.max(1e-9),
+                "decode_tokens_per_s": decode_tokens as f64 / (g.seconds - g.prefill_seconds).max(1e-9)});
+            if a.json {
+                let mut j = timing;
+                j["prompt_ids"] = serde_json::json!(ids);
+                j["ids"] = serde_json::json!(g.tokens);
+                j["text"] = serde_json::json!(g.text);
+                println!("{j}");
+            } else {
+                println!();
+                if a.stats {
+                    eprintln!("{timing}");
+                } else if g.finish_reason == FinishReason::Length
+                    && g.tokens.len() < opts.max_tokens
+                {
+                    eprintln!("(stopped at the model's context length)");
+                }
             }
         }
         Command::Sft(a) => {

@@ -114,7 +114,7 @@ impl Evaluatee for ModelEvaluatee<'_> {
                 Prompt::Chat(m) => {
                     let template = match &self.template {
                         Some(t) => t.clone(),
-                        None => ChatTemplate::detect(&self.lm.tokenizer)?,
+                        None => self.lm.template()?,
                     };
                     render(&self.lm.tokenizer, &template, m, true)?.ids
                 }

@@ -34,7 +34,7 @@ impl<'a> ChatSession<'a> {
     ) -> Result<Self> {
         let template = match template {
             Some(t) => t,
-            None => ChatTemplate::detect(&lm.tokenizer)?,
+            None => lm.template()?,
         };
         let stops = template.stop_ids(&lm.tokenizer);
         if stops.is_empty() {

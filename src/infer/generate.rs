@@ -43,6 +43,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub finish_reason: FinishReason,
     pub seconds: f64,
+    /// Time to the first new token (the prompt's forward pass and one sample).
+    pub prefill_seconds: f64,
 }
 
 /// Ids that end generation: the config's EOS ids and `<|bos|>` (a new document).
@@ -122,7 +124,8 @@ pub fn generate_from_ids(
     let mut input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
     let mut stream = TextStream::new(opts.stop.clone());
     let mut finish = FinishReason::Length;
-    for _ in 0..budget {
+    let mut prefill_seconds = 0.0;
+    for step in 0..budget {
         if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
             finish = FinishReason::Cancelled;
             break;
@@ -133,6 +136,9 @@ pub fn generate_from_ids(
             .squeeze(0)?
             .to_vec1()?;
         let next = sampler.sample(&logits);
+        if step == 0 {
+            prefill_seconds = start.elapsed().as_secs_f64();
+        }
         if stops.contains(&next) {
             finish = FinishReason::Stop;
             break;
@@ -158,6 +164,7 @@ pub fn generate_from_ids(
         prompt_tokens: ids.len(),
         finish_reason: finish,
         seconds: start.elapsed().as_secs_f64(),
+        prefill_seconds,
     })
 }
 

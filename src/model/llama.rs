@@ -111,38 +111,65 @@ impl KvCache {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+/// A projection: dense (trainable, as chatforge trains) or quantized (GGUF weights kept in their
+/// block format and multiplied quantized).
+pub(super) enum Proj {
+    Dense(Linear),
+    Quantized {
+        weight: candle_core::quantized::QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(x),
+            Proj::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
 }
 
-struct Block {
-    input_norm: Tensor,
-    attn: Attention,
-    post_norm: Tensor,
-    mlp: Mlp,
+pub(super) struct Attention {
+    pub(super) q: Proj,
+    pub(super) k: Proj,
+    pub(super) v: Proj,
+    pub(super) o: Proj,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+}
+
+pub(super) struct Mlp {
+    pub(super) gate: Proj,
+    pub(super) up: Proj,
+    pub(super) down: Proj,
+}
+
+pub(super) struct Block {
+    pub(super) input_norm: Tensor,
+    pub(super) attn: Attention,
+    pub(super) post_norm: Tensor,
+    pub(super) mlp: Mlp,
 }
 
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
-    layers: Vec<Block>,
-    norm: Tensor,
-    lm_head: Option<Tensor>,
-    inv_freq: Vec<f64>,
-    device: Device,
-    dtype: DType,
+    pub(super) embed: Tensor,
+    pub(super) layers: Vec<Block>,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: Option<Tensor>,
+    /// A quantized output projection (GGUF); used instead of `lm_head`/`embed` for logits.
+    pub(super) quant_head: Option<candle_core::quantized::QMatMul>,
+    pub(super) inv_freq: Vec<f64>,
+    pub(super) device: Device,
+    pub(super) dtype: DType,
 }
 
 /// A tensor by its Hugging Face name under `vb`, created with [`initial_value`] when fresh.
@@ -163,7 +190,7 @@ fn linear(
     out: usize,
     bias: bool,
     name: &str,
-) -> Result<Linear> {
+) -> Result<Proj> {
     let vb = vb.pp(name);
     let w = param(&vb, c, (out, inp), "weight")?;
     let b = if bias {
@@ -171,7 +198,15 @@ fn linear(
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Proj::Dense(Linear::new(w, b)))
+}
+
+/// Rotary inverse frequencies, one per pair of head dimensions.
+pub(super) fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
+    let hd = c.head_size();
+    (0..hd / 2)
+        .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .collect()
 }
 
 use super::kernels::{causal_softmax, rms_norm, rope, swiglu, token_nll};
@@ -290,16 +325,14 @@ impl Llama {
         } else {
             Some(param(&vb.pp("lm_head"), c, (c.vocab_size, hid), "weight")?)
         };
-        let inv_freq = (0..hd / 2)
-            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
-            .collect();
         Ok(Llama {
             config: c.clone(),
             embed,
             layers,
             norm,
             lm_head,
-            inv_freq,
+            quant_head: None,
+            inv_freq: inverse_frequencies(c),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -407,6 +440,9 @@ impl Llama {
 
     /// Vocabulary logits for hidden states of any leading shape.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quant_head {
+            return q.forward(hidden);
+        }
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         hidden.broadcast_matmul(&w.t()?)
     }

@@ -1,6 +1,7 @@
 //! The model: a Llama-family decoder-only Transformer used for training, inference and real models.
 
 pub mod config;
+pub mod gguf;
 pub mod kernels;
 pub mod llama;
 
@@ -12,11 +13,25 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
-/// A model with its tokenizer, loaded from a run or checkpoint directory.
+/// A model with its tokenizer, loaded from a run or checkpoint directory or a GGUF file.
 pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: Tokenizer,
+    /// Where it came from: a run directory or a model file.
     pub dir: PathBuf,
+    /// The model's own Jinja chat template, when it ships one (GGUF `tokenizer.chat_template`).
+    pub chat_template: Option<String>,
+}
+
+impl LoadedModel {
+    /// The chat template to use: the model's own when it has one, else the one its special
+    /// tokens call for.
+    pub fn template(&self) -> Result<crate::tokenizer::chat::ChatTemplate> {
+        match &self.chat_template {
+            Some(t) => Ok(crate::tokenizer::chat::ChatTemplate::Jinja(t.clone())),
+            None => crate::tokenizer::chat::ChatTemplate::detect(&self.tokenizer),
+        }
+    }
 }
 
 /// Reads the config and tokenizer of a run or checkpoint directory, checking that its weights are
@@ -42,8 +57,12 @@ pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)>
     ))
 }
 
-/// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint directory.
+/// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint
+/// directory, or a `.gguf` file.
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    if gguf::is_gguf(dir) {
+        return gguf::load(dir, device);
+    }
     let (config, tokenizer) = load_config_and_tokenizer(dir)?;
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(
@@ -69,5 +88,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         model,
         tokenizer,
         dir: dir.to_path_buf(),
+        chat_template: None,
     })
 }

@@ -189,7 +189,7 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     let lm = Arc::new(crate::model::load(&opts.model, &device)?);
     let template = match &opts.template {
         Some(t) => t.clone(),
-        None => ChatTemplate::detect(&lm.tokenizer)?,
+        None => lm.template()?,
     };
     let model_id = std::fs::canonicalize(&opts.model)
         .unwrap_or_else(|_| opts.model.clone())

