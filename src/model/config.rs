@@ -145,6 +145,17 @@ impl LlamaConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let raw: serde_json::Value = crate::util::read_json(path)?;
         let source = path.display().to_string();
+        // Other families are refused by name before their fields confuse the Llama reader.
+        if let Some(kind) = raw.get("model_type").and_then(|t| t.as_str()) {
+            if !matches!(kind, "llama" | "mistral" | "qwen2") {
+                let arch = raw
+                    .get("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(|a| a.as_str())
+                    .unwrap_or(kind);
+                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2)");
+            }
+        }
         let mut cfg: LlamaConfig = serde_json::from_value(raw.clone())
             .map_err(|e| anyhow::anyhow!("{source}: not a Llama config ({e})"))?;
         // transformers 5 writes the rotary settings under `rope_parameters`; older files use

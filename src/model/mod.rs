@@ -34,27 +34,82 @@ impl LoadedModel {
     }
 }
 
-/// Reads the config and tokenizer of a run or checkpoint directory, checking that its weights are
-/// there too.
+/// Reads the config and tokenizer of a run or checkpoint directory (or a Hugging Face model
+/// directory), checking that its weights are there too.
 pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)> {
     if !dir.is_dir() {
         bail!(
-            "model {} not found: give a run directory (from `chatforge pretrain` or `sft`) or one of its checkpoints",
+            "model {} not found: give a run directory (from `chatforge pretrain` or `sft`), one of its checkpoints, a Hugging Face model directory or a .gguf file",
             dir.display()
         );
     }
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        if !dir.join(f).exists() {
-            bail!(
-                "{} is not a chatforge model directory: {f} is missing",
-                dir.display()
-            );
-        }
+    if !dir.join("config.json").exists() {
+        bail!(
+            "{} is not a model directory: config.json is missing",
+            dir.display()
+        );
     }
-    Ok((
-        LlamaConfig::load(&dir.join("config.json"))?,
-        Tokenizer::load(dir)?,
-    ))
+    let config = LlamaConfig::load(&dir.join("config.json"))?;
+    weight_files(dir)?;
+    if !dir.join("tokenizer.json").exists() {
+        bail!(
+            "{} is not a model directory chatforge can read: tokenizer.json is missing",
+            dir.display()
+        );
+    }
+    Ok((config, Tokenizer::load(dir)?))
+}
+
+/// The safetensors files of a directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json` (Hugging Face's sharded layout).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        bail!(
+            "{} has no weights: model.safetensors (or model.safetensors.index.json with its shards) is missing",
+            dir.display()
+        );
+    }
+    let v: serde_json::Value = crate::util::read_json(&index)?;
+    let map = v["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no \"weight_map\"", index.display()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .map(|f| {
+            let p = dir.join(&f);
+            if p.exists() {
+                Ok(p)
+            } else {
+                bail!("{}: shard {f} is missing", index.display())
+            }
+        })
+        .collect()
+}
+
+/// A Hugging Face `tokenizer_config.json` chat template (a string, or named templates of which
+/// "default" is taken).
+fn hf_chat_template(dir: &Path) -> Option<String> {
+    let v: serde_json::Value = crate::util::read_json(&dir.join("tokenizer_config.json")).ok()?;
+    match &v["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    }
 }
 
 /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint
@@ -72,15 +127,20 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
             config.vocab_size
         );
     }
-    let weights = dir.join("model.safetensors");
-    // SAFETY: the file is mapped read-only and written only by atomic rename.
+    let weights = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only; chatforge writes them only by atomic rename.
+    // bf16 and f16 weights are converted to f32 as they are read.
     let vb =
-        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .with_context(|| format!("cannot read {}", weights.display()))?;
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, DType::F32, device) }
+            .with_context(|| format!("cannot read the weights in {}", dir.display()))?;
     let model = Llama::new(&config, vb).with_context(|| {
         format!(
-            "{} does not match {} (a checkpoint from an incompatible config?)",
-            weights.display(),
+            "{} do not match {} (a checkpoint from an incompatible config?)",
+            weights
+                .iter()
+                .map(|w| w.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             dir.join("config.json").display()
         )
     })?;
@@ -88,6 +148,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         model,
         tokenizer,
         dir: dir.to_path_buf(),
-        chat_template: None,
+        chat_template: hf_chat_template(dir),
     })
 }
