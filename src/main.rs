@@ -54,6 +54,9 @@ enum Command {
     Rlhf(RlhfArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
+    /// Export a run for other tools: `--format hf` writes a Hugging Face Llama directory that
+    /// transformers loads.
+    Export(ExportArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (streaming, continuous batching) with a
     /// chat page at /.
     Serve(ServeArgs),
@@ -370,6 +373,19 @@ impl ReadArgs {
             on_error: self.on_error,
         }
     }
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The run (or checkpoint) to export.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output format (hf: a Hugging Face Llama directory).
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -1036,6 +1052,19 @@ fn run(cli: Cli) -> Result<()> {
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             run_terminal(&mut session, &mut stdin.lock(), interactive)?;
+        }
+        Command::Export(a) => {
+            if a.format != "hf" {
+                anyhow::bail!(
+                    "--format {}: only hf is supported so far (GGUF export is not written yet)",
+                    a.format
+                );
+            }
+            chatforge::model::export::export_hf(&a.model, &a.out)?;
+            eprintln!(
+                "wrote a Hugging Face model directory to {}",
+                a.out.display()
+            );
         }
         Command::Serve(a) => {
             let template = a

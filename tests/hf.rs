@@ -137,3 +137,87 @@ fn other_architectures_are_refused_by_name() {
         "{e}"
     );
 }
+
+/// `chatforge export --format hf` gives a directory transformers loads as it is: the same prompt
+/// ids from its chat template and the same greedy tokens (pip `transformers` and `torch`; skipped
+/// when they are missing).
+#[test]
+fn exported_directory_gives_transformers_the_same_greedy_tokens() {
+    let ready = std::process::Command::new("python3")
+        .args(["-c", "import transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        eprintln!("SKIP: needs the Python packages transformers and torch");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::base_run(dir.path());
+    let hf = dir.path().join("exported");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args([
+            "export",
+            "--model",
+            run.to_str().unwrap(),
+            "--format",
+            "hf",
+            "--out",
+            hf.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // chatforge's greedy tokens (no stopping, so every position is compared).
+    let lm = chatforge::model::load(&run, &Device::Cpu).unwrap();
+    let template = lm.template().unwrap();
+    let mut jobs = Vec::new();
+    let mut ours = Vec::new();
+    for message in ["the cat sat", "小猫坐在垫子上", "fn add(a: i32)"] {
+        let m = [chatforge::tokenizer::chat::Message::new(
+            chatforge::tokenizer::chat::Role::User,
+            message,
+        )];
+        let prompt = chatforge::tokenizer::chat::render(&lm.tokenizer, &template, &m, true)
+            .unwrap()
+            .ids;
+        let opts = chatforge::infer::generate::GenerateOptions {
+            max_tokens: 12,
+            sampling: chatforge::infer::sampler::SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let g =
+            chatforge::infer::generate::generate_from_ids(&lm, &prompt, &opts, &[], None, |_| {
+                Ok(())
+            })
+            .unwrap();
+        jobs.push(
+            serde_json::json!({"message": message, "prompt_ids": prompt, "n": g.tokens.len()}),
+        );
+        ours.push((prompt, g.tokens));
+    }
+    let jobs_path = dir.path().join("jobs.json");
+    std::fs::write(&jobs_path, serde_json::to_string(&jobs).unwrap()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients/transformers_parity.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&hf)
+        .arg(&jobs_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for ((prompt, tokens), t) in ours.iter().zip(&theirs) {
+        let template_ids: Vec<u32> = serde_json::from_value(t["template_ids"].clone()).unwrap();
+        assert_eq!(
+            &template_ids, prompt,
+            "the exported chat template renders differently"
+        );
+        let ids: Vec<u32> = serde_json::from_value(t["ids"].clone()).unwrap();
+        assert_eq!(&ids, tokens, "greedy tokens differ");
+    }
+}

@@ -1,6 +1,7 @@
 //! The model: a Llama-family decoder-only Transformer used for training, inference and real models.
 
 pub mod config;
+pub mod export;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
