@@ -380,12 +380,15 @@ struct ExportArgs {
     /// The run (or checkpoint) to export.
     #[arg(long)]
     model: PathBuf,
-    /// Output format (hf: a Hugging Face Llama directory).
+    /// Output format: hf (a Hugging Face Llama directory) or gguf (a file llama.cpp runs).
     #[arg(long, default_value = "hf")]
     format: String,
-    /// Output directory.
+    /// Output directory (hf) or file (gguf).
     #[arg(long)]
     out: PathBuf,
+    /// GGUF weight type for matrices (norms stay f32).
+    #[arg(long, value_enum, default_value = "q8-0")]
+    quant: chatforge::model::export::GgufQuant,
 }
 
 #[derive(Args)]
@@ -1053,19 +1056,20 @@ fn run(cli: Cli) -> Result<()> {
             let interactive = stdin.is_terminal();
             run_terminal(&mut session, &mut stdin.lock(), interactive)?;
         }
-        Command::Export(a) => {
-            if a.format != "hf" {
-                anyhow::bail!(
-                    "--format {}: only hf is supported so far (GGUF export is not written yet)",
-                    a.format
+        Command::Export(a) => match a.format.as_str() {
+            "hf" => {
+                chatforge::model::export::export_hf(&a.model, &a.out)?;
+                eprintln!(
+                    "wrote a Hugging Face model directory to {}",
+                    a.out.display()
                 );
             }
-            chatforge::model::export::export_hf(&a.model, &a.out)?;
-            eprintln!(
-                "wrote a Hugging Face model directory to {}",
-                a.out.display()
-            );
-        }
+            "gguf" => {
+                chatforge::model::export::export_gguf(&a.model, &a.out, a.quant)?;
+                eprintln!("wrote {}", a.out.display());
+            }
+            other => anyhow::bail!("--format {other}: use hf or gguf"),
+        },
         Command::Serve(a) => {
             let template = a
                 .template

@@ -16,7 +16,7 @@ for (const job of jobs) {
     const ids = [];
     const start = performance.now();
     let first = null;
-    for await (const token of sequence.evaluate(job.prompt_ids, {temperature: 0})) {
+    for await (const token of sequence.evaluate(job.prompt_ids, {temperature: 0, yieldEogToken: true})) {
         if (first === null) first = performance.now();
         ids.push(token);
         if (ids.length >= job.n) break;

@@ -69,6 +69,242 @@ pub fn export_hf(run: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Weight types `export --format gguf` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufQuant {
+    F32,
+    Q8_0,
+    Q4_0,
+}
+
+/// Writes `out` as a GGUF file (architecture `llama`) that llama.cpp runs: the weights (norms in
+/// f32, matrices in `quant` where their rows divide into blocks), q/k rows interleaved as
+/// llama.cpp's rotary embedding expects, and the tokenizer (byte-level BPE vocabulary, merges,
+/// special tokens) and chat template in its metadata.
+pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
+    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
+    if super::gguf::is_gguf(run) {
+        bail!("{} is already a GGUF file", run.display());
+    }
+    let lm = super::load(run, &candle_core::Device::Cpu)?;
+    let c = &lm.model.config;
+    let tok = &lm.tokenizer;
+    let weights = super::weight_files(run)?;
+    let mut tensors = std::collections::HashMap::new();
+    for w in &weights {
+        tensors.extend(candle_core::safetensors::load(
+            w,
+            &candle_core::Device::Cpu,
+        )?);
+    }
+    let get = |name: &str| -> Result<candle_core::Tensor> {
+        Ok(tensors
+            .get(name)
+            .with_context(|| format!("{}: tensor {name} is missing", run.display()))?
+            .to_dtype(candle_core::DType::F32)?)
+    };
+    let dtype = match quant {
+        GgufQuant::F32 => GgmlDType::F32,
+        GgufQuant::Q8_0 => GgmlDType::Q8_0,
+        GgufQuant::Q4_0 => GgmlDType::Q4_0,
+    };
+    let matrix = |t: &candle_core::Tensor| -> Result<QTensor> {
+        let cols = t.dims().last().copied().unwrap_or(0);
+        let d = if cols % dtype.block_size() == 0 {
+            dtype
+        } else {
+            GgmlDType::F32
+        };
+        Ok(QTensor::quantize(t, d)?)
+    };
+    let vector =
+        |t: &candle_core::Tensor| -> Result<QTensor> { Ok(QTensor::quantize(t, GgmlDType::F32)?) };
+    // Hugging Face's half-split rotary layout to llama.cpp's interleaved one (its converter's permute).
+    let interleave = |t: candle_core::Tensor, heads: usize| -> Result<candle_core::Tensor> {
+        let dims = t.dims().to_vec();
+        let d = dims[0] / heads;
+        let rest: usize = dims[1..].iter().product();
+        Ok(t.reshape((heads, 2, d / 2, rest))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(dims)?)
+    };
+    let (heads, kv) = (c.num_attention_heads, c.kv_heads());
+    let mut out_tensors: Vec<(String, QTensor)> = vec![(
+        "token_embd.weight".into(),
+        matrix(&get("model.embed_tokens.weight")?)?,
+    )];
+    for i in 0..c.num_hidden_layers {
+        let hf = |n: &str| format!("model.layers.{i}.{n}");
+        let gg = |n: &str| format!("blk.{i}.{n}");
+        out_tensors.push((
+            gg("attn_norm.weight"),
+            vector(&get(&hf("input_layernorm.weight"))?)?,
+        ));
+        out_tensors.push((
+            gg("attn_q.weight"),
+            matrix(&interleave(get(&hf("self_attn.q_proj.weight"))?, heads)?)?,
+        ));
+        out_tensors.push((
+            gg("attn_k.weight"),
+            matrix(&interleave(get(&hf("self_attn.k_proj.weight"))?, kv)?)?,
+        ));
+        out_tensors.push((
+            gg("attn_v.weight"),
+            matrix(&get(&hf("self_attn.v_proj.weight"))?)?,
+        ));
+        if c.attention_bias {
+            out_tensors.push((
+                gg("attn_q.bias"),
+                vector(&interleave(get(&hf("self_attn.q_proj.bias"))?, heads)?)?,
+            ));
+            out_tensors.push((
+                gg("attn_k.bias"),
+                vector(&interleave(get(&hf("self_attn.k_proj.bias"))?, kv)?)?,
+            ));
+            out_tensors.push((
+                gg("attn_v.bias"),
+                vector(&get(&hf("self_attn.v_proj.bias"))?)?,
+            ));
+        }
+        out_tensors.push((
+            gg("attn_output.weight"),
+            matrix(&get(&hf("self_attn.o_proj.weight"))?)?,
+        ));
+        out_tensors.push((
+            gg("ffn_norm.weight"),
+            vector(&get(&hf("post_attention_layernorm.weight"))?)?,
+        ));
+        out_tensors.push((
+            gg("ffn_gate.weight"),
+            matrix(&get(&hf("mlp.gate_proj.weight"))?)?,
+        ));
+        out_tensors.push((
+            gg("ffn_up.weight"),
+            matrix(&get(&hf("mlp.up_proj.weight"))?)?,
+        ));
+        out_tensors.push((
+            gg("ffn_down.weight"),
+            matrix(&get(&hf("mlp.down_proj.weight"))?)?,
+        ));
+    }
+    out_tensors.push((
+        "output_norm.weight".into(),
+        vector(&get("model.norm.weight")?)?,
+    ));
+    if !c.tie_word_embeddings {
+        out_tensors.push(("output.weight".into(), matrix(&get("lm_head.weight")?)?));
+    }
+    let vocab = tok.vocab_size();
+    let mut tokens = Vec::with_capacity(c.vocab_size);
+    let mut types = Vec::with_capacity(c.vocab_size);
+    for id in 0..c.vocab_size as u32 {
+        // Rows past the tokenizer's vocabulary (padding) get placeholder names llama.cpp accepts.
+        let t = if (id as usize) < vocab {
+            tok.id_to_token(id).unwrap_or_else(|| format!("[PAD{id}]"))
+        } else {
+            format!("[PAD{id}]")
+        };
+        types.push(Value::I32(if tok.is_special(id) || id as usize >= vocab {
+            3
+        } else {
+            1
+        }));
+        tokens.push(Value::String(t));
+    }
+    let merges: Vec<Value> = tok
+        .merges()
+        .iter()
+        .map(|(a, b)| Value::String(format!("{a} {b}")))
+        .collect();
+    let template = match lm.template() {
+        Ok(ChatTemplate::Chatforge) => Some(CHATFORGE_JINJA.to_string()),
+        Ok(ChatTemplate::Jinja(t)) => Some(t),
+        _ => None,
+    };
+    let end_of_turn = tok
+        .special_id("<|assistant_end|>")
+        .or_else(|| crate::infer::generate::stop_ids(&lm).first().copied());
+    let name = run
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "chatforge".into());
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String(name)),
+        (
+            "llama.context_length".into(),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (
+            "llama.embedding_length".into(),
+            Value::U32(c.hidden_size as u32),
+        ),
+        (
+            "llama.block_count".into(),
+            Value::U32(c.num_hidden_layers as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(kv as u32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(c.head_size() as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        // chatforge's GPT-4-style split is the one llama.cpp knows as llama-bpe.
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String("llama-bpe".into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+    ];
+    if let Some(b) = tok.bos_id() {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(e) = end_of_turn {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    if let Some(p) = tok.special_id("<|pad|>") {
+        meta.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(p)));
+    }
+    if let Some(t) = template {
+        meta.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    crate::util::write_atomic_with(out, |tmp| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            out_tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+        use std::io::Write;
+        f.flush()?;
+        Ok(())
+    })
+}
+
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     crate::util::write_atomic_with(to, |tmp| {
         std::fs::copy(from, tmp)
