@@ -153,6 +153,14 @@ fn broken_gguf_files_are_named_with_the_problem() {
     // A llama file missing its metadata names the key.
     let e = load(&llama);
     assert!(e.contains("llama.embedding_length"), "{e}");
+    // Training starts from dense weights: a GGUF base is refused with the reason.
+    let e = format!(
+        "{:#}",
+        chatforge::model::load_config_and_tokenizer(&llama)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("GGUF file") && e.contains("not trained"), "{e}");
 }
 
 /// `export --format gguf` writes a file the GGUF reader loads back as the same model: f32 gives

@@ -38,6 +38,12 @@ impl LoadedModel {
 /// Reads the config and tokenizer of a run or checkpoint directory (or a Hugging Face model
 /// directory), checking that its weights are there too.
 pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)> {
+    if gguf::is_gguf(dir) {
+        bail!(
+            "{} is a GGUF file: its quantized weights can be run but not trained; start from a chatforge run or a Hugging Face model directory",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!(
             "model {} not found: give a run directory (from `chatforge pretrain` or `sft`), one of its checkpoints, a Hugging Face model directory or a .gguf file",
