@@ -62,22 +62,11 @@ fn sharded_bf16_directory_with_a_chat_template_loads_as_the_same_model() {
         chatforge::tokenizer::chat::ChatTemplate::Jinja(_)
     ));
     let ids = Tensor::new(&[[1u32, 40, 41, 42, 43, 44]], &Device::Cpu).unwrap();
-    let a: Vec<f32> = original
-        .model
-        .forward_last(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = loaded
-        .model
-        .forward_last(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let last_logits = |lm: &chatforge::model::LoadedModel| -> Vec<f32> {
+        let l = lm.model.forward_last(&ids, None).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (last_logits(&original), last_logits(&loaded));
     // bf16 keeps about 3 significant digits of each weight.
     let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
     let worst = a
@@ -143,12 +132,7 @@ fn other_architectures_are_refused_by_name() {
 /// when they are missing).
 #[test]
 fn exported_directory_gives_transformers_the_same_greedy_tokens() {
-    let ready = std::process::Command::new("python3")
-        .args(["-c", "import transformers, torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        eprintln!("SKIP: needs the Python packages transformers and torch");
+    if !common::python_has("transformers, torch", "pip install transformers torch") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -399,12 +399,7 @@ fn api_key_and_a_full_queue_are_refused() {
 /// The official `openai` Python client works unchanged (pip `openai`; .ci/run installs it).
 #[test]
 fn the_official_openai_python_client_works_unchanged() {
-    let has_client = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_client {
-        eprintln!("SKIP: the Python package `openai` is not installed (pip install openai)");
+    if !common::python_has("openai", "pip install openai") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -429,14 +424,15 @@ fn the_official_openai_python_client_works_unchanged() {
 /// `chromium` and `chromium-driver` and pip `selenium`; .ci/run installs them.
 #[test]
 fn the_chat_page_works_in_headless_chromium() {
-    let ready = Path::new("/usr/bin/chromium").exists()
-        && Path::new("/usr/bin/chromedriver").exists()
-        && Command::new("python3")
-            .args(["-c", "import selenium"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !ready {
-        eprintln!("SKIP: needs chromium, chromium-driver (apt) and selenium (pip)");
+    let browser =
+        Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists();
+    if !browser {
+        eprintln!(
+            "SKIP: needs chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        );
+        return;
+    }
+    if !common::python_has("selenium", "pip install selenium") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

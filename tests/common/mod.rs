@@ -120,3 +120,15 @@ pub fn base_run(dir: &Path) -> PathBuf {
     .unwrap();
     out
 }
+
+/// Whether `python3` can import all of `modules`; prints a SKIP line naming them when not.
+pub fn python_has(modules: &str, install: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIP: needs the Python packages {modules} ({install})");
+    }
+    ok
+}
