@@ -81,11 +81,11 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
     }
     // The model's own chat template (with its default system prompt), then a greedy answer.
     let template = lm.template().unwrap();
-    let messages = [Message::new(Role::User, "What is the capital of France?")];
+    let messages = [Message::new(Role::User, "What is the capital of Germany?")];
     let prompt = render(&lm.tokenizer, &template, &messages, true).unwrap();
     let text = lm.tokenizer.decode(&prompt.ids).unwrap();
     assert!(
-        text.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>"),
+        text.contains("<|im_start|>user\nWhat is the capital of Germany?<|im_end|>"),
         "{text}"
     );
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
@@ -100,7 +100,7 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
         ..Default::default()
     };
     let g = generate_from_ids(&lm, &prompt.ids, &opts, &stops, None, |_| Ok(())).unwrap();
-    assert!(g.text.contains("Paris"), "{:?}", g.text);
+    assert!(g.text.contains("Berlin"), "{:?}", g.text);
     assert_eq!(
         g.finish_reason,
         chatforge::infer::generate::FinishReason::Stop

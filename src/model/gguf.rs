@@ -62,13 +62,13 @@ impl Reader<'_> {
     }
 
     fn proj(&mut self, name: &str, bias: bool) -> Result<Proj> {
-        let weight = QMatMul::from_qtensor(self.qtensor(&format!("{name}.weight"))?)?;
+        let q = self.qtensor(&format!("{name}.weight"))?;
         let bias = if bias {
             Some(self.dense(&format!("{name}.bias"))?)
         } else {
             None
         };
-        Ok(Proj::Quantized { weight, bias })
+        quantized_proj(q, bias)
     }
 
     /// A q or k projection whose rows llama.cpp's converter interleaved for its rotary layout
@@ -143,6 +143,19 @@ fn fix_pre_tokenizer(r: &Reader, inner: &mut tokenizers::Tokenizer) {
         byte_level
     };
     inner.with_pre_tokenizer(Some(wrapper));
+}
+
+/// A quantized projection: Q4_1 through our AVX2 kernel, other types through candle's `QMatMul`.
+fn quantized_proj(q: QTensor, bias: Option<Tensor>) -> Result<Proj> {
+    if q.dtype() == GgmlDType::Q4_1 {
+        let (rows, cols) = q.shape().dims2()?;
+        let weight = super::q4_1::Q41Matrix::new(rows, cols, q.data()?.to_vec())?;
+        return Ok(Proj::Q41 { weight, bias });
+    }
+    Ok(Proj::Quantized {
+        weight: QMatMul::from_qtensor(q)?,
+        bias,
+    })
 }
 
 /// Loads a GGUF model and its tokenizer.
@@ -282,7 +295,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     } else {
         "output.weight"
     };
-    let quant_head = Some(QMatMul::from_qtensor(r.qtensor(head_name)?)?);
+    let quant_head = Some(quantized_proj(r.qtensor(head_name)?, None)?);
     let norm = r.dense("output_norm.weight")?;
     let mut inner =
         <tokenizers::Tokenizer as candle_core::quantized::tokenizer::TokenizerFromGguf>::from_gguf(

@@ -119,19 +119,26 @@ pub(super) enum Proj {
         weight: candle_core::quantized::QMatMul,
         bias: Option<Tensor>,
     },
+    /// Q4_1 through our own kernel (candle's is scalar).
+    Q41 {
+        weight: super::q4_1::Q41Matrix,
+        bias: Option<Tensor>,
+    },
+}
+
+fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => l.forward(x),
-            Proj::Quantized { weight, bias } => {
-                let y = weight.forward(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            Proj::Quantized { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Proj::Q41 { weight, bias } => add_bias(weight.forward(x)?, bias),
         }
     }
 }
@@ -166,7 +173,7 @@ pub struct Llama {
     pub(super) norm: Tensor,
     pub(super) lm_head: Option<Tensor>,
     /// A quantized output projection (GGUF); used instead of `lm_head`/`embed` for logits.
-    pub(super) quant_head: Option<candle_core::quantized::QMatMul>,
+    pub(super) quant_head: Option<Proj>,
     pub(super) inv_freq: Vec<f64>,
     pub(super) device: Device,
     pub(super) dtype: DType,

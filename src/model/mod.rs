@@ -5,6 +5,7 @@ pub mod export;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
+pub mod q4_1;
 
 pub use config::LlamaConfig;
 pub use llama::{KvCache, Llama};
