@@ -170,20 +170,9 @@ mod tests {
         let reference = QMatMul::from_qtensor(q).unwrap();
         for n in [1usize, 5] {
             let x = Tensor::randn(0f32, 1.0, (1, n, 128), &dev).unwrap();
-            let a: Vec<f32> = ours
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = reference
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let values = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let a = values(ours.forward(&x).unwrap());
+            let b = values(reference.forward(&x).unwrap());
             assert_eq!(a.len(), b.len());
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (x, y) in a.iter().zip(&b) {
