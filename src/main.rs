@@ -890,8 +890,7 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 &opts,
             )?;
-            warn_skipped(&run.skipped);
-            println!("{}", serde_json::to_string_pretty(&run)?);
+            print_stage_report(&run, &run.io)?;
         }
         Command::Data(DataCommand::QualityTrain {
             good,
@@ -935,8 +934,7 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                 },
             )?;
-            warn_skipped(&r.skipped);
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            print_stage_report(&r, &r.io)?;
         }
         Command::Data(DataCommand::Dedup {
             docs,
@@ -953,8 +951,7 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 &opts,
             )?;
-            warn_skipped(&run.skipped);
-            println!("{}", serde_json::to_string_pretty(&run)?);
+            print_stage_report(&run, &run.io)?;
         }
         Command::Data(DataCommand::Prepare { config }) => {
             let config = chatforge::data::prepare::PrepareConfig::load(&config)?;
@@ -1151,8 +1148,12 @@ fn main() -> ExitCode {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Tells the user, on stderr, that records were left out and why.
-fn warn_skipped(skipped: &chatforge::data::text::Skipped) {
+/// Prints a data stage's report as JSON, telling the user on stderr when records were left out.
+fn print_stage_report<T: serde::Serialize>(
+    report: &T,
+    io: &chatforge::data::StageIo,
+) -> anyhow::Result<()> {
+    let skipped = &io.skipped;
     if skipped.records > 0 {
         eprintln!(
             "warning: skipped {} unreadable records ({:?}); first: {}",
@@ -1161,4 +1162,6 @@ fn warn_skipped(skipped: &chatforge::data::text::Skipped) {
             skipped.examples.first().map(String::as_str).unwrap_or("")
         );
     }
+    println!("{}", serde_json::to_string_pretty(report)?);
+    Ok(())
 }

@@ -388,14 +388,11 @@ impl CleanStats {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CleanRun {
-    pub inputs: Vec<std::path::PathBuf>,
-    pub output: std::path::PathBuf,
+    #[serde(flatten)]
+    pub io: super::StageIo,
     pub options: CleanOptions,
     #[serde(flatten)]
     pub stats: CleanStats,
-    pub skipped: super::text::Skipped,
-    pub seconds: f64,
-    pub megabytes_per_second: f64,
 }
 
 /// Streams documents from files, cleans them block by block and writes the kept ones as JSONL
@@ -420,15 +417,10 @@ pub fn clean_files(
             })
             .collect())
     })?;
-    let seconds = start.elapsed().as_secs_f64();
     let run = CleanRun {
-        inputs: inputs.to_vec(),
-        output: out.to_path_buf(),
+        io: super::StageIo::finish(inputs, out, summary, start),
         options: opts.clone(),
-        megabytes_per_second: stats.bytes_in as f64 / 1e6 / seconds.max(1e-9),
         stats,
-        skipped: summary.skipped,
-        seconds,
     };
     super::write_sidecar_report(out, &run)?;
     Ok(run)

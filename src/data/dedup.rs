@@ -263,16 +263,13 @@ pub fn deduplicate(docs: &[String], opts: &DedupOptions) -> (Vec<Verdict>, Dedup
 /// What `chatforge data dedup` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct DedupRun {
-    pub inputs: Vec<std::path::PathBuf>,
-    pub output: std::path::PathBuf,
+    #[serde(flatten)]
+    pub io: super::StageIo,
     pub options: DedupOptions,
     #[serde(flatten)]
     pub report: DedupReport,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub skipped: super::text::Skipped,
-    pub seconds: f64,
-    pub megabytes_per_second: f64,
 }
 
 /// Streams documents, removes duplicates and writes the kept ones as JSONL (`{"text": ...}`) under
@@ -298,17 +295,12 @@ pub fn dedup_files(
             })
             .collect())
     })?;
-    let seconds = start.elapsed().as_secs_f64();
     let run = DedupRun {
-        inputs: inputs.to_vec(),
-        output: out.to_path_buf(),
+        bytes_in: summary.bytes,
+        io: super::StageIo::finish(inputs, out, summary, start),
         options: opts.clone(),
         report: dedup.report,
-        bytes_in: summary.bytes,
         bytes_out,
-        skipped: summary.skipped,
-        seconds,
-        megabytes_per_second: summary.bytes as f64 / 1e6 / seconds.max(1e-9),
     };
     super::write_sidecar_report(out, &run)?;
     Ok(run)

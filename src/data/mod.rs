@@ -41,6 +41,35 @@ pub fn write_sidecar_report<T: serde::Serialize>(
     crate::util::write_json_atomic(std::path::Path::new(&path), report)
 }
 
+/// What every streaming data stage reports about its input and output (flattened into its report).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StageIo {
+    pub inputs: Vec<std::path::PathBuf>,
+    pub output: std::path::PathBuf,
+    pub skipped: text::Skipped,
+    pub seconds: f64,
+    /// Document text read per second.
+    pub megabytes_per_second: f64,
+}
+
+impl StageIo {
+    pub fn finish(
+        inputs: &[std::path::PathBuf],
+        output: &std::path::Path,
+        summary: text::ReadSummary,
+        start: std::time::Instant,
+    ) -> StageIo {
+        let seconds = start.elapsed().as_secs_f64();
+        StageIo {
+            inputs: inputs.to_vec(),
+            output: output.to_path_buf(),
+            megabytes_per_second: summary.bytes as f64 / 1e6 / seconds.max(1e-9),
+            skipped: summary.skipped,
+            seconds,
+        }
+    }
+}
+
 /// Streams `inputs` block by block through `process`, which returns the records to keep, and
 /// writes them as JSONL to `out` (under a temporary name renamed at the end).
 pub fn stream_to_jsonl(

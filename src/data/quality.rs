@@ -215,16 +215,13 @@ pub fn train_files(
 /// What `chatforge data quality-filter` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct FilterRun {
-    pub inputs: Vec<std::path::PathBuf>,
-    pub output: std::path::PathBuf,
+    #[serde(flatten)]
+    pub io: super::StageIo,
     pub documents_in: usize,
     pub documents_out: usize,
     pub rule: String,
     pub mean_score_kept: f64,
     pub mean_score_dropped: f64,
-    pub skipped: super::text::Skipped,
-    pub seconds: f64,
-    pub megabytes_per_second: f64,
 }
 
 /// How documents are kept: a fixed threshold, or GPT-3's Pareto rule.
@@ -335,18 +332,13 @@ pub fn filter_files(
             .map(|(d, s)| serde_json::json!({"text": d, "quality": s}))
             .collect())
     })?;
-    let seconds = start.elapsed().as_secs_f64();
     let run = FilterRun {
-        inputs: inputs.to_vec(),
-        output: out.to_path_buf(),
         documents_in: summary.documents,
+        io: super::StageIo::finish(inputs, out, summary, start),
         documents_out: keeper.kept,
         rule: rule.describe(),
         mean_score_kept: keeper.mean_kept(),
         mean_score_dropped: keeper.mean_dropped(),
-        skipped: summary.skipped,
-        seconds,
-        megabytes_per_second: summary.bytes as f64 / 1e6 / seconds.max(1e-9),
     };
     super::write_sidecar_report(out, &run)?;
     Ok(run)

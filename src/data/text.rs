@@ -257,17 +257,21 @@ fn read_parquet(
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open input file {}", path.display()))?;
     let file_len = file.metadata()?.len();
+    // A damaged file fails the read, or under the skip policy ends it (the rest cannot be trusted).
+    let corrupt = |skipped: &mut Skipped, what: String| {
+        bad_record(
+            opts,
+            skipped,
+            "corrupt_parquet",
+            format!("{}: {what}", path.display()),
+        )
+    };
     let builder = match ParquetRecordBatchReaderBuilder::try_new(file) {
         Ok(b) => b,
         Err(e) => {
-            bad_record(
-                opts,
+            corrupt(
                 skipped,
-                "corrupt_parquet",
-                format!(
-                    "{}: not a readable Parquet file ({e}); check that the download is complete",
-                    path.display()
-                ),
+                format!("not a readable Parquet file ({e}); check that the download is complete"),
             )?;
             return Ok(0);
         }
@@ -295,16 +299,9 @@ fn read_parquet(
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                // The rest of a corrupt file cannot be trusted: stop reading it.
-                bad_record(
-                    opts,
+                corrupt(
                     skipped,
-                    "corrupt_parquet",
-                    format!(
-                        "{}: row {}: cannot decode ({e}); the file is damaged",
-                        path.display(),
-                        row + 1
-                    ),
+                    format!("row {}: cannot decode ({e}); the file is damaged", row + 1),
                 )?;
                 break;
             }
