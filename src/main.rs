@@ -25,7 +25,7 @@ use std::process::ExitCode;
 #[command(
     name = "chatforge",
     version,
-    about = "Build a small ChatGPT from scratch: tokenizer, pretraining, generation"
+    about = "Build a small ChatGPT yourself: data, tokenizer, pretraining, SFT, reward model, RLHF, evaluation, chat and an OpenAI-compatible server"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,7 +45,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Instruction-tune a pretrained run on conversations (loss on assistant tokens only).
     Sft(SftArgs),
-    /// Data preparation: cleaning, quality classifier and filter, duplicate removal.
+    /// Data preparation: the whole pipeline from a config (prepare), or cleaning, quality
+    /// classifier and filter, duplicate removal and weighted mixtures one by one.
     #[command(subcommand)]
     Data(DataCommand),
     /// Train a reward model on ranked or paired answers (Bradley-Terry, scalar head).
@@ -54,8 +55,8 @@ enum Command {
     Rlhf(RlhfArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
-    /// Export a run for other tools: `--format hf` writes a Hugging Face Llama directory that
-    /// transformers loads.
+    /// Export a run for other tools: a Hugging Face Llama directory (`--format hf`) or a GGUF
+    /// file llama.cpp runs (`--format gguf`).
     Export(ExportArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (streaming, continuous batching) with a
     /// chat page at /.

@@ -191,9 +191,14 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
         Some(t) => t.clone(),
         None => lm.template()?,
     };
-    let model_id = std::fs::canonicalize(&opts.model)
-        .unwrap_or_else(|_| opts.model.clone())
-        .file_name()
+    // The run directory's name, or a model file's name without its extension.
+    let path = std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone());
+    let name = if path.is_file() {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    let model_id = name
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "chatforge".into());
     let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
