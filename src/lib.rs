@@ -1,6 +1,7 @@
 //! chatforge: the InstructGPT/ChatGPT recipe in one crate.
 //! See docs/ARCHITECTURE.md for how the modules fit together.
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod infer;

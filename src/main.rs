@@ -7,6 +7,7 @@ use chatforge::data::text::DocFormat;
 use chatforge::infer::chat::{run_terminal, ChatSession};
 use chatforge::infer::generate::{generate_from_ids, FinishReason, GenerateOptions};
 use chatforge::infer::sampler::SamplingParams;
+use chatforge::model::lora::LoraConfig;
 use chatforge::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
 use chatforge::speedrun::Preset;
 use chatforge::tokenizer::chat::ChatTemplate;
@@ -55,8 +56,8 @@ enum Command {
     Rlhf(RlhfArgs),
     /// Talk to a model in the terminal (or pipe one message per line).
     Chat(ChatArgs),
-    /// Export a run for other tools: a Hugging Face Llama directory (`--format hf`) or a GGUF
-    /// file llama.cpp runs (`--format gguf`).
+    /// Export a model for other tools: a Hugging Face Llama directory (`--format hf`; from a GGUF
+    /// file too, dequantized, to fine-tune it) or a GGUF file llama.cpp runs (`--format gguf`).
     Export(ExportArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (streaming, continuous batching) with a
     /// chat page at /.
@@ -74,6 +75,79 @@ enum Command {
     /// The whole recipe on the built-in curriculum: tokenizer, pretraining, SFT, reward model,
     /// PPO, evaluation of every stage and a report card.
     Speedrun(SpeedrunArgs),
+    /// Measure throughput: a training step, prefill and decode, tokenizer encode and training,
+    /// the fp32 matmul ceiling (bench/compare.sh runs the peers beside these).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Median time of AdamW training steps on random tokens (default: the GPT-2-small-like
+    /// config of issue 10: 6 layers, width 384, 6 heads, context 256, vocab 8192, batch 8).
+    Train {
+        #[arg(long, default_value_t = 6)]
+        layers: usize,
+        #[arg(long, default_value_t = 384)]
+        width: usize,
+        #[arg(long, default_value_t = 6)]
+        heads: usize,
+        /// Key/value heads (fewer than --heads for grouped-query attention).
+        #[arg(long, default_value_t = 6)]
+        kv_heads: usize,
+        /// SwiGLU hidden width (1024 gives the parameters of a 4x GELU MLP).
+        #[arg(long, default_value_t = 1024)]
+        ffn: usize,
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Best fp32 GFLOP/s of an n x n matmul.
+    Matmul {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prefill and decode tokens/s of a model (greedy, stops disabled).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encode throughput of a tokenizer over documents, and optionally BPE training time.
+    Tokenize {
+        /// A tokenizer.json or a directory holding one.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Also time training a BPE of this vocabulary size on the same documents.
+        #[arg(long)]
+        train_vocab: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,7 +378,9 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct SftArgs {
-    /// The pretrained run to start from.
+    /// The model to start from: a chatforge run, a Hugging Face model directory (single or
+    /// sharded safetensors), or a LoRA adapter directory. Convert a GGUF file with
+    /// `chatforge export --format hf` first.
     #[arg(long)]
     base: PathBuf,
     /// Conversation files: OpenAI messages, Alpaca or ShareGPT, as JSONL or a JSON array.
@@ -338,6 +414,24 @@ struct SftArgs {
     /// Fraction of each batch taken from --mix-pretrain.
     #[arg(long, default_value_t = 0.1)]
     mix_fraction: f64,
+    /// Train LoRA adapters of this rank on frozen base weights instead of every weight.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA scale numerator: updates are multiplied by alpha / rank.
+    #[arg(long, default_value_t = 16.0, requires = "lora_rank")]
+    lora_alpha: f64,
+    /// Projections that get adapters (comma-separated: q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj, or all-linear).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "all-linear",
+        requires = "lora_rank"
+    )]
+    lora_targets: Vec<String>,
+    /// Keep only the adapters (PEFT layout); do not also write merged weights.
+    #[arg(long, requires = "lora_rank")]
+    lora_separate: bool,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -378,7 +472,7 @@ impl ReadArgs {
 
 #[derive(Args)]
 struct ExportArgs {
-    /// The run (or checkpoint) to export.
+    /// The model to export: a run, a Hugging Face or LoRA adapter directory, or (to hf) a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// Output format: hf (a Hugging Face Llama directory) or gguf (a file llama.cpp runs).
@@ -871,6 +965,13 @@ fn run(cli: Cli) -> Result<()> {
                 on_error: a.on_error,
                 mix_pretrain: a.mix_pretrain,
                 mix_fraction: a.mix_fraction,
+                lora: match a.lora_rank {
+                    Some(rank) => Some(LoraConfig {
+                        merge: !a.lora_separate,
+                        ..LoraConfig::new(rank, a.lora_alpha, &a.lora_targets)?
+                    }),
+                    None => None,
+                },
                 train,
             };
             println!("{}", serde_json::to_string_pretty(&sft(&opts)?)?);
@@ -1115,6 +1216,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&counts)?);
             eprintln!("wrote {}", a.out.display());
         }
+        Command::Bench(b) => run_bench(b)?,
         Command::Speedrun(a) => {
             let opts = chatforge::speedrun::SpeedrunOptions {
                 out: a.out.clone(),
@@ -1165,4 +1267,122 @@ fn print_stage_report<T: serde::Serialize>(
     }
     println!("{}", serde_json::to_string_pretty(report)?);
     Ok(())
+}
+
+fn print_bench<T: serde::Serialize>(json: bool, value: &T, rows: Vec<Vec<String>>) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!(
+            "{}",
+            chatforge::util::text_table(&["measure", "value"], &rows)
+        );
+    }
+    Ok(())
+}
+
+fn run_bench(b: BenchCommand) -> Result<()> {
+    use chatforge::bench;
+    let row = |k: &str, v: String| vec![k.to_string(), v];
+    match b {
+        BenchCommand::Train {
+            layers,
+            width,
+            heads,
+            kv_heads,
+            ffn,
+            context,
+            vocab,
+            batch,
+            steps,
+            warmup,
+            json,
+        } => {
+            let r = bench::train(&bench::TrainBenchOptions {
+                layers,
+                width,
+                heads,
+                kv_heads,
+                ffn,
+                context,
+                vocab,
+                batch,
+                steps,
+                warmup,
+                seed: 0,
+            })?;
+            let rows = vec![
+                row(
+                    "parameters",
+                    chatforge::util::human_count(r.parameters as f64),
+                ),
+                row("tokens per step", r.tokens_per_step.to_string()),
+                row("median s/step", format!("{:.3}", r.median_step_seconds)),
+                row("tokens/s", format!("{:.0}", r.tokens_per_second)),
+                row("GFLOP/s", format!("{:.1}", r.gflop_per_second)),
+                row("peak RSS MB", format!("{:.0}", r.peak_rss_mb)),
+            ];
+            print_bench(json, &r, rows)
+        }
+        BenchCommand::Matmul {
+            size,
+            repeats,
+            json,
+        } => {
+            let r = bench::matmul(size, repeats)?;
+            let rows = vec![
+                row("size", size.to_string()),
+                row("GFLOP/s (fp32)", format!("{:.1}", r.gflop_per_second)),
+            ];
+            print_bench(json, &r, rows)
+        }
+        BenchCommand::Generate {
+            model,
+            prompt_tokens,
+            new_tokens,
+            repeats,
+            json,
+        } => {
+            let r = bench::generate(&model, prompt_tokens, new_tokens, repeats)?;
+            let rows = vec![
+                row("prompt tokens", prompt_tokens.to_string()),
+                row("new tokens", new_tokens.to_string()),
+                row(
+                    "prefill tokens/s",
+                    format!("{:.1}", r.prefill_tokens_per_second),
+                ),
+                row(
+                    "decode tokens/s",
+                    format!("{:.1}", r.decode_tokens_per_second),
+                ),
+                row("peak RSS MB", format!("{:.0}", r.peak_rss_mb)),
+            ];
+            print_bench(json, &r, rows)
+        }
+        BenchCommand::Tokenize {
+            tokenizer,
+            input,
+            repeats,
+            train_vocab,
+            json,
+        } => {
+            let r = bench::tokenize(&tokenizer, &input, repeats, train_vocab)?;
+            let mut rows = vec![
+                row("documents", r.documents.to_string()),
+                row("MB", format!("{:.1}", r.megabytes)),
+                row("encode MB/s", format!("{:.2}", r.encode_mb_per_second)),
+                row(
+                    "encode tokens/s",
+                    format!("{:.0}", r.encode_tokens_per_second),
+                ),
+            ];
+            if let (Some(v), Some(s)) = (r.train_vocab, r.train_seconds) {
+                rows.push(row(
+                    &format!("BPE training to {v} tokens, s"),
+                    format!("{s:.2}"),
+                ));
+            }
+            print_bench(json, &r, rows)
+        }
+    }
 }

@@ -35,6 +35,12 @@ pub fn write_atomic_with<T>(path: &Path, write: impl FnOnce(&Path) -> Result<T>)
     let result = write(&tmp).and_then(|value| {
         if let Ok(f) = std::fs::File::open(&tmp) {
             let _ = f.sync_all();
+            // Some writers (safetensors) create owner-only files; outputs are meant to be shared.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = f.set_permissions(std::fs::Permissions::from_mode(0o644));
+            }
         }
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
@@ -209,6 +215,19 @@ pub fn fingerprint(text: &str) -> String {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{h:016x}")
+}
+
+/// Peak resident memory of this process in MB (Linux `VmHWM`; 0 where it cannot be read).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -236,3 +236,53 @@ fn exported_gguf_loads_back_as_the_same_model() {
     );
     assert!(b * 2 < a, "q8_0 {b} bytes vs f32 {a}");
 }
+
+/// `export --format hf` of a GGUF file dequantizes it into a directory that loads (and so can be
+/// fine-tuned) as the same model: next-token predictions along a text agree with the quantized
+/// model's (which rounds activations to 8 bits, so near ties may differ).
+#[test]
+fn smollm2_gguf_exports_to_a_trainable_hf_directory() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args([
+            "export",
+            "--model",
+            path.to_str().unwrap(),
+            "--format",
+            "hf",
+            "--out",
+            hf.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let quantized = chatforge::model::load(&path, &Device::Cpu).unwrap();
+    let dense = chatforge::model::load(&hf, &Device::Cpu).unwrap();
+    assert!(dense.chat_template.is_some());
+    let text = "The cat sat on the mat. It was warm, and the sun was shining through the window.";
+    let ids = quantized.tokenizer.encode(text).unwrap();
+    assert_eq!(dense.tokenizer.encode(text).unwrap(), ids);
+    let input = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let predictions = |lm: &chatforge::model::LoadedModel| -> Vec<u32> {
+        let logits = lm.model.forward(&input, None).unwrap();
+        logits
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (predictions(&quantized), predictions(&dense));
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(
+        agree * 10 >= a.len() * 8,
+        "{agree} of {} predictions agree",
+        a.len()
+    );
+}

@@ -205,3 +205,288 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
         assert_eq!(&ids, tokens, "greedy tokens differ");
     }
 }
+
+/// "What does the cat say?" conversations as OpenAI messages JSONL.
+fn animal_conversations(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut lines = String::new();
+    for round in 0..20 {
+        for (animal, sound) in [
+            ("cat", "meow"),
+            ("dog", "woof"),
+            ("cow", "moo"),
+            ("owl", "hoot"),
+        ] {
+            let q = format!("What does the {animal} say? ({round})");
+            let a = format!("The {animal} says {sound}.");
+            lines.push_str(
+                &serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                    .to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    let path = dir.join("animals.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// LoRA fine-tuning of a sharded bf16 Hugging Face directory: only the adapters train, the
+/// adapter directory alone loads as the same model as the merged weights, and a killed run
+/// resumes exactly.
+#[test]
+fn lora_fine_tunes_a_sharded_directory_and_its_adapters_load_alone() {
+    use chatforge::model::lora::LoraConfig;
+    use chatforge::train::sft::{sft, SftOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::base_run(dir.path());
+    let hf = dir.path().join("hf");
+    as_hf_directory(&run, &hf);
+    std::fs::remove_file(hf.join("tokenizer_config.json")).unwrap();
+    let data = animal_conversations(dir.path());
+    let opts = |out: &str, steps: usize| SftOptions {
+        base: hf.clone(),
+        data: vec![data.clone()],
+        out: dir.path().join(out),
+        batch_size: 8,
+        val_fraction: 0.1,
+        lora: Some(LoraConfig::new(4, 8.0, &["all-linear".into()]).unwrap()),
+        train: chatforge::train::trainer::LoopOptions {
+            checkpoint_every: 10,
+            ..common::quiet_loop(steps, 1e-2)
+        },
+        ..Default::default()
+    };
+    let report = sft(&opts("lora", 40)).unwrap();
+    assert!(
+        report.val_loss < report.val_loss_before * 0.7,
+        "val loss {} -> {}",
+        report.val_loss_before,
+        report.val_loss
+    );
+    assert!(
+        report.trained_parameters * 5 < report.model_parameters,
+        "{} of {} weights trained",
+        report.trained_parameters,
+        report.model_parameters
+    );
+    let out = dir.path().join("lora");
+    let peft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(peft["peft_type"], "LORA");
+    assert_eq!(peft["r"], 4);
+    assert_eq!(peft["target_modules"].as_array().unwrap().len(), 7);
+    let adapters =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(adapters.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert!(adapters.keys().all(|k| k.contains(".lora_")));
+
+    // The adapters alone (no merged weights) give the merged model's logits; the base's differ.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+        "tokenizer.json",
+    ] {
+        std::fs::copy(out.join(f), alone.join(f)).unwrap();
+    }
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 43, 44]], &Device::Cpu).unwrap();
+    let logits = |p: &std::path::Path| -> Vec<f32> {
+        let lm = chatforge::model::load(p, &Device::Cpu).unwrap();
+        let l = lm.model.forward_last(&ids, None).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (merged, separate, base) = (logits(&out), logits(&alone), logits(&hf));
+    let gap = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        gap(&merged, &separate) < 1e-3,
+        "{}",
+        gap(&merged, &separate)
+    );
+    assert!(gap(&merged, &base) > 0.1, "the adapters changed nothing");
+
+    // Killed after step 20 and resumed: the same losses as the uninterrupted run.
+    let mut first = opts("killed", 40);
+    first.train.halt_after = Some(20);
+    sft(&first).unwrap();
+    let mut again = opts("killed", 40);
+    again.train.resume = true;
+    let resumed = sft(&again).unwrap();
+    assert_eq!(resumed.losses.first().unwrap().0, 21);
+    for (step, loss) in &resumed.losses {
+        let expected = report.losses[step - 1].1;
+        assert!(
+            (loss - expected).abs() < 1e-4,
+            "step {step}: {loss} vs {expected}"
+        );
+    }
+}
+
+/// The adapters chatforge writes load in PEFT on top of the base in transformers and give the
+/// same greedy tokens (pip `peft`, `transformers` and `torch`; skipped when missing).
+#[test]
+fn peft_loads_the_adapters() {
+    if !common::python_has(
+        "peft, transformers, torch",
+        "pip install peft transformers torch",
+    ) {
+        return;
+    }
+    use chatforge::model::lora::LoraConfig;
+    use chatforge::train::sft::{sft, SftOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::base_run(dir.path());
+    let hf = dir.path().join("hf");
+    let chatforge = env!("CARGO_BIN_EXE_chatforge");
+    let export = |model: &std::path::Path, out: &std::path::Path| {
+        let s = std::process::Command::new(chatforge)
+            .args([
+                "export",
+                "--model",
+                model.to_str().unwrap(),
+                "--format",
+                "hf",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(s.success());
+    };
+    export(&run, &hf);
+    let out = dir.path().join("lora");
+    let mut lora = LoraConfig::new(
+        4,
+        8.0,
+        &["q_proj".into(), "v_proj".into(), "down_proj".into()],
+    )
+    .unwrap();
+    lora.merge = false;
+    sft(&SftOptions {
+        base: hf.clone(),
+        data: vec![animal_conversations(dir.path())],
+        out: out.clone(),
+        batch_size: 8,
+        lora: Some(lora),
+        train: common::quiet_loop(30, 1e-2),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!out.join("model.safetensors").exists());
+    let lm = chatforge::model::load(&out, &Device::Cpu).unwrap();
+    let prompt = lm
+        .tokenizer
+        .encode("<|bos|><|user_start|>What does the dog say?<|user_end|><|assistant_start|>")
+        .unwrap();
+    let opts = chatforge::infer::generate::GenerateOptions {
+        max_tokens: 10,
+        sampling: chatforge::infer::sampler::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let ours =
+        chatforge::infer::generate::generate_from_ids(&lm, &prompt, &opts, &[], None, |_| Ok(()))
+            .unwrap()
+            .tokens;
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+ids = torch.tensor([json.loads(sys.argv[3])])
+with torch.no_grad():
+    g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(sys.argv[4]),
+                       do_sample=False, eos_token_id=None, pad_token_id=0)
+print(json.dumps(g[0, ids.shape[1]:].tolist()))
+"#;
+    let o = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            hf.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &serde_json::to_string(&prompt).unwrap(),
+            &ours.len().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ours, theirs);
+}
+
+/// `--model owner/name` reads a Hub model from the Hugging Face cache (`HF_HOME`) without the
+/// network when it is there, and names the model and the fix when it is not.
+#[test]
+fn hub_model_ids_load_from_the_cache_and_fail_clearly_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::base_run(dir.path());
+    // The layout hf-hub and huggingface_hub share: refs/main names a snapshot directory.
+    let hf_home = dir.path().join("hf_home");
+    let repo = hf_home.join("hub/models--tiny-org--tiny-llama");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(run.join(f), snapshot.join(f)).unwrap();
+    }
+    let generate = |model: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+            .current_dir(dir.path())
+            .env("HF_HOME", &hf_home)
+            .env("HF_HUB_OFFLINE", "1")
+            .args([
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "the cat",
+                "--max-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = generate("tiny-org/tiny-llama");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let local = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args([
+            "generate",
+            "--model",
+            run.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(ok.stdout, local.stdout);
+    let missing = generate("tiny-org/other-model");
+    assert!(!missing.status.success());
+    let e = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        e.contains("tiny-org/other-model") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}

@@ -89,6 +89,23 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Number of weights of the model this config describes.
+    pub fn parameter_count(&self) -> usize {
+        let (h, hd, ff) = (self.hidden_size, self.head_size(), self.intermediate_size);
+        let q = self.num_attention_heads * hd;
+        let kv = self.kv_heads() * hd;
+        let attn = h * (q + 2 * kv) + q * h;
+        let attn_bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let mlp = 3 * h * ff + if self.mlp_bias { 2 * ff + h } else { 0 };
+        let block = attn + attn_bias + mlp + 2 * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_hidden_layers * block + h + head
+    }
+
     pub fn head_size(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))

@@ -11,19 +11,11 @@ use std::path::Path;
 /// Our chat format as a Jinja template, the form `transformers` applies.
 pub const CHATFORGE_JINJA: &str = "<|bos|>{% for m in messages %}{% if m['role'] == 'system' %}<|system_start|>{{ m['content'] }}<|system_end|>{% elif m['role'] == 'user' %}<|user_start|>{{ m['content'] }}<|user_end|>{% else %}<|assistant_start|>{{ m['content'] }}<|assistant_end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant_start|>{% endif %}";
 
-/// Writes the Hugging Face directory `out` for the run or checkpoint directory `run`.
+/// Writes the Hugging Face directory `out` for the model at `run`: a run or checkpoint
+/// directory, a Hugging Face directory, a LoRA adapter directory, or a GGUF file (dequantized to
+/// f32, so it can be fine-tuned).
 pub fn export_hf(run: &Path, out: &Path) -> Result<()> {
-    if super::gguf::is_gguf(run) {
-        bail!(
-            "{}: exporting a GGUF file to Hugging Face format is not supported yet; export a chatforge run",
-            run.display()
-        );
-    }
     let lm = super::load(run, &candle_core::Device::Cpu)?;
-    let weights = super::weight_files(run)?;
-    if weights.len() != 1 {
-        bail!("{}: export reads a single model.safetensors", run.display());
-    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tok = &lm.tokenizer;
     let template = match lm.template() {
@@ -42,11 +34,8 @@ pub fn export_hf(run: &Path, out: &Path) -> Result<()> {
     config["bos_token_id"] = json!(tok.bos_id());
     config["eos_token_id"] = json!(stops);
     crate::util::write_json_atomic(&out.join("config.json"), &config)?;
-    copy_atomic(&weights[0], &out.join("model.safetensors"))?;
-    copy_atomic(
-        &crate::tokenizer::tokenizer_file(run),
-        &out.join("tokenizer.json"),
-    )?;
+    super::save_weights(&lm.model, &out.join("model.safetensors"))?;
+    tok.save(out)?;
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
     let end_of_turn = tok
         .special_id("<|assistant_end|>")
@@ -89,14 +78,8 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
     let lm = super::load(run, &candle_core::Device::Cpu)?;
     let c = &lm.model.config;
     let tok = &lm.tokenizer;
-    let weights = super::weight_files(run)?;
-    let mut tensors = std::collections::HashMap::new();
-    for w in &weights {
-        tensors.extend(candle_core::safetensors::load(
-            w,
-            &candle_core::Device::Cpu,
-        )?);
-    }
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        lm.model.named_weights()?.into_iter().collect();
     let get = |name: &str| -> Result<candle_core::Tensor> {
         Ok(tensors
             .get(name)
@@ -301,14 +284,6 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
         candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
         use std::io::Write;
         f.flush()?;
-        Ok(())
-    })
-}
-
-fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    crate::util::write_atomic_with(to, |tmp| {
-        std::fs::copy(from, tmp)
-            .with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
         Ok(())
     })
 }

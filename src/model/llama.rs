@@ -124,6 +124,13 @@ pub(super) enum Proj {
         weight: super::q4_1::Q41Matrix,
         bias: Option<Tensor>,
     },
+    /// A frozen projection plus a trained low-rank update ([`super::lora`]).
+    Lora {
+        base: Box<Proj>,
+        a: Linear,
+        b: Linear,
+        scale: f64,
+    },
 }
 
 fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
@@ -139,7 +146,30 @@ impl Proj {
             Proj::Dense(l) => l.forward(x),
             Proj::Quantized { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Q41 { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Proj::Lora { base, a, b, scale } => super::lora::forward(base, a, b, *scale, x),
         }
+    }
+
+    /// The f32 weight `[out, in]` and bias this projection computes with: quantized weights
+    /// dequantized, adapters merged.
+    pub(super) fn dense_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
+        use candle_core::quantized::QMatMul;
+        Ok(match self {
+            Proj::Dense(l) => (l.weight().clone(), l.bias().cloned()),
+            Proj::Quantized { weight, bias } => {
+                let w = match weight {
+                    QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                };
+                (w.to_dtype(DType::F32)?, bias.clone())
+            }
+            Proj::Q41 { weight, bias } => (weight.dequantize(&Device::Cpu)?, bias.clone()),
+            Proj::Lora { base, a, b, scale } => {
+                let (w, bias) = base.dense_weight()?;
+                let update = (b.weight().matmul(a.weight())? * *scale)?;
+                ((w + update)?, bias)
+            }
+        })
     }
 }
 
@@ -349,6 +379,46 @@ impl Llama {
         &self.device
     }
 
+    /// Every weight under its Hugging Face name, as f32: what `model.safetensors` holds for this
+    /// model (quantized weights dequantized, LoRA adapters merged).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut proj = |name: String, p: &Proj| -> Result<()> {
+            let (w, b) = p.dense_weight()?;
+            out.push((format!("{name}.weight"), w));
+            if let Some(b) = b {
+                out.push((format!("{name}.bias"), b));
+            }
+            Ok(())
+        };
+        let mut norms = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let at = format!("model.layers.{i}");
+            proj(format!("{at}.self_attn.q_proj"), &l.attn.q)?;
+            proj(format!("{at}.self_attn.k_proj"), &l.attn.k)?;
+            proj(format!("{at}.self_attn.v_proj"), &l.attn.v)?;
+            proj(format!("{at}.self_attn.o_proj"), &l.attn.o)?;
+            proj(format!("{at}.mlp.gate_proj"), &l.mlp.gate)?;
+            proj(format!("{at}.mlp.up_proj"), &l.mlp.up)?;
+            proj(format!("{at}.mlp.down_proj"), &l.mlp.down)?;
+            norms.push((format!("{at}.input_layernorm.weight"), l.input_norm.clone()));
+            norms.push((
+                format!("{at}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+        }
+        if !self.config.tie_word_embeddings {
+            match (&self.lm_head, &self.quant_head) {
+                (Some(w), _) => out.push(("lm_head.weight".into(), w.clone())),
+                (None, Some(q)) => out.push(("lm_head.weight".into(), q.dense_weight()?.0)),
+                (None, None) => {}
+            }
+        }
+        out.extend(norms);
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        Ok(out)
+    }
+
     pub fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.layers.len(), batch)
     }
@@ -490,7 +560,9 @@ impl Llama {
 /// How a fresh tensor is initialised, by Hugging Face name: GPT-2 style normal(0, 0.02), residual
 /// output projections scaled by 1/sqrt(2·layers), norms at one, biases at zero.
 pub fn initial_value(config: &LlamaConfig, name: &str) -> Init {
-    if name.ends_with("norm.weight") {
+    if let Some(init) = super::lora::initial_value(config, name) {
+        init
+    } else if name.ends_with("norm.weight") {
         Init::Const(1.0)
     } else if name.ends_with(".bias") {
         Init::Const(0.0)

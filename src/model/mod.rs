@@ -3,8 +3,10 @@
 pub mod config;
 pub mod export;
 pub mod gguf;
+pub mod hub;
 pub mod kernels;
 pub mod llama;
+pub mod lora;
 pub mod q4_1;
 
 pub use config::LlamaConfig;
@@ -39,9 +41,11 @@ impl LoadedModel {
 /// Reads the config and tokenizer of a run or checkpoint directory (or a Hugging Face model
 /// directory), checking that its weights are there too.
 pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)> {
+    let dir = &hub::resolve(dir)?;
     if gguf::is_gguf(dir) {
         bail!(
-            "{} is a GGUF file: its quantized weights can be run but not trained; start from a chatforge run or a Hugging Face model directory",
+            "{} is a GGUF file: its quantized weights can be run but not trained; convert it first with `chatforge export --model {} --format hf --out DIR` and train from DIR",
+            dir.display(),
             dir.display()
         );
     }
@@ -58,7 +62,9 @@ pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)>
         );
     }
     let config = LlamaConfig::load(&dir.join("config.json"))?;
-    weight_files(dir)?;
+    if !is_adapter_only(dir) {
+        weight_files(dir)?;
+    }
     if !dir.join("tokenizer.json").exists() {
         bail!(
             "{} is not a model directory chatforge can read: tokenizer.json is missing",
@@ -66,6 +72,72 @@ pub fn load_config_and_tokenizer(dir: &Path) -> Result<(LlamaConfig, Tokenizer)>
         );
     }
     Ok((config, Tokenizer::load(dir)?))
+}
+
+/// A directory of LoRA adapters (PEFT's `adapter_config.json`) without merged weights: loading
+/// it loads the base model it names and attaches the adapters.
+pub fn is_adapter_only(dir: &Path) -> bool {
+    dir.join("adapter_config.json").exists()
+        && !dir.join("model.safetensors").exists()
+        && !dir.join("model.safetensors.index.json").exists()
+}
+
+/// Loads the base model an adapter directory names and attaches its adapters.
+fn load_adapters(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let config_file = dir.join("adapter_config.json");
+    let (cfg, base) = lora::LoraConfig::read_peft(&config_file)?;
+    let mut base_dir = PathBuf::from(&base);
+    if base_dir.is_relative() && dir.join(&base_dir).exists() {
+        base_dir = dir.join(&base_dir);
+    }
+    let mut lm = load(&base_dir, device).with_context(|| {
+        format!(
+            "{}: cannot load the base model {base:?} it names",
+            config_file.display()
+        )
+    })?;
+    let weights = dir.join("adapter_model.safetensors");
+    // SAFETY: as in `load`.
+    let vb =
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .with_context(|| format!("cannot read the adapters {}", weights.display()))?;
+    lm.model
+        .attach_lora(&cfg, vb.pp(lora::PEFT_PREFIX))
+        .with_context(|| {
+            format!(
+                "{} does not fit the base model {}",
+                weights.display(),
+                base_dir.display()
+            )
+        })?;
+    if dir.join("tokenizer.json").exists() {
+        lm.tokenizer = Tokenizer::load(dir)?;
+    }
+    lm.dir = dir.to_path_buf();
+    Ok(lm)
+}
+
+/// Every weight of the model at `dir` under its Hugging Face name: read from its safetensors
+/// files, or computed (adapters merged) for an adapter directory.
+pub fn weight_tensors(
+    dir: &Path,
+) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    let dir = &hub::resolve(dir)?;
+    if is_adapter_only(dir) {
+        return Ok(load(dir, &Device::Cpu)?
+            .model
+            .named_weights()?
+            .into_iter()
+            .collect());
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for f in weight_files(dir)? {
+        tensors.extend(
+            candle_core::safetensors::load(&f, &Device::Cpu)
+                .with_context(|| format!("cannot read weights {}", f.display()))?,
+        );
+    }
+    Ok(tensors)
 }
 
 /// The safetensors files of a directory: `model.safetensors`, or the shards listed in
@@ -105,6 +177,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// Writes the model's weights as one f32 `model.safetensors` under Hugging Face names (written
+/// to a temporary name and renamed).
+pub fn save_weights(model: &Llama, path: &Path) -> Result<()> {
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        model.named_weights()?.into_iter().collect();
+    crate::util::write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })
+}
+
 /// A Hugging Face `tokenizer_config.json` chat template (a string, or named templates of which
 /// "default" is taken).
 fn hf_chat_template(dir: &Path) -> Option<String> {
@@ -123,8 +206,12 @@ fn hf_chat_template(dir: &Path) -> Option<String> {
 /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a run or checkpoint
 /// directory, or a `.gguf` file.
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let dir = &hub::resolve(dir)?;
     if gguf::is_gguf(dir) {
         return gguf::load(dir, device);
+    }
+    if dir.is_dir() && is_adapter_only(dir) {
+        return load_adapters(dir, device);
     }
     let (config, tokenizer) = load_config_and_tokenizer(dir)?;
     if tokenizer.vocab_size() > config.vocab_size {

@@ -119,6 +119,18 @@ impl Q41Matrix {
         Ok(Q41Matrix { rows, cols, data })
     }
 
+    /// The weights as an f32 matrix `[rows, cols]` (for export and fine-tuning).
+    pub fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for b in self.data.chunks_exact(BLOCK_BYTES) {
+            let (d, m) = block_scales(b);
+            let nibbles = &b[4..];
+            out.extend(nibbles.iter().map(|q| d * (q & 0x0F) as f32 + m));
+            out.extend(nibbles.iter().map(|q| d * (q >> 4) as f32 + m));
+        }
+        Tensor::from_vec(out, (self.rows, self.cols), device)
+    }
+
     /// `x · Wᵀ` for `x` of shape `[..., cols]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -167,6 +179,7 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let raw = q.data().unwrap().to_vec();
         let ours = Q41Matrix::new(96, 128, raw).unwrap();
+        let q_again = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let reference = QMatMul::from_qtensor(q).unwrap();
         for n in [1usize, 5] {
             let x = Tensor::randn(0f32, 1.0, (1, n, 128), &dev).unwrap();
@@ -193,6 +206,12 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(err < 0.2 * scale, "quantization error {err} of {scale}");
         }
+        let ours_dense = ours.dequantize(&dev).unwrap().flatten_all().unwrap();
+        let candle_dense = q_again.dequantize(&dev).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            ours_dense.to_vec1::<f32>().unwrap(),
+            candle_dense.to_vec1::<f32>().unwrap()
+        );
         let x = Tensor::randn(0f32, 1.0, (2, 128), &dev).unwrap();
         let row = quantize_row(&x.get(0).unwrap().to_vec1::<f32>().unwrap());
         let raw = &ours.data[..128 / BLOCK * BLOCK_BYTES];

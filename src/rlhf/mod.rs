@@ -242,6 +242,8 @@ pub struct RlhfReport {
     pub eval_after: BTreeMap<String, f64>,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// Peak resident memory of the process (MB).
+    pub peak_rss_mb: f64,
     #[serde(skip)]
     pub losses: Vec<(usize, f64)>,
 }
@@ -328,10 +330,11 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         out: &opts.out,
         config: &config,
         tokenizer: &tok,
-        start: Start::From(opts.policy.join("model.safetensors")),
+        start: Start::From(opts.policy.clone()),
         hyper: serde_json::to_value(opts)?,
         parents,
         data,
+        lora: None,
     };
     let mut stage: Box<dyn Stage> = match opts.algo {
         Algo::Dpo => Box::new(dpo::DpoStage::new(opts, &tok, &template, eval)?),
@@ -350,6 +353,7 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         eval_after: r.eval.into_iter().collect(),
         tokens_per_second: r.tokens_per_second,
         seconds: r.seconds,
+        peak_rss_mb: r.peak_rss_mb,
         losses: r.losses,
     })
 }

@@ -275,6 +275,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport> {
         parents: Vec::new(),
         data: serde_json::json!({"shards": opts.data, "sources": meta.sources,
             "train_tokens": meta.train.tokens, "val_tokens": meta.val.tokens}),
+        lora: None,
     };
     let r = train(&opts.train, spec, &mut stage)?;
     Ok(PretrainReport {

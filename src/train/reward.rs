@@ -205,6 +205,8 @@ pub struct RewardReport {
     pub info: RewardInfo,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// Peak resident memory of the process (MB).
+    pub peak_rss_mb: f64,
     #[serde(skip)]
     pub losses: Vec<(usize, f64)>,
 }
@@ -467,11 +469,12 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         out: &opts.out,
         config: &config,
         tokenizer: &tok,
-        start: Start::From(opts.base.join("model.safetensors")),
+        start: Start::From(opts.base.clone()),
         hyper: serde_json::to_value(opts)?,
         parents: vec![opts.base.display().to_string()],
         data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
             "train_comparisons": n_train, "val_comparisons": n_val, "skipped": skipped, "truncated": truncated}),
+        lora: None,
     };
     let r = train(&opts.train, spec, &mut stage)?;
     let before = r
@@ -504,6 +507,7 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         info,
         tokens_per_second: r.tokens_per_second,
         seconds: r.seconds,
+        peak_rss_mb: r.peak_rss_mb,
         losses: r.losses,
     })
 }

@@ -3,6 +3,7 @@
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::chat::{read_chat_file, ChatFormat};
 use crate::data::shards::ShardSet;
+use crate::model::lora::LoraConfig;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
 use crate::tokenizer::Tokenizer;
@@ -33,6 +34,8 @@ pub struct SftOptions {
     pub mix_pretrain: Option<PathBuf>,
     /// Fraction of each batch's rows taken from `mix_pretrain`.
     pub mix_fraction: f64,
+    /// Train LoRA adapters instead of every weight.
+    pub lora: Option<LoraConfig>,
     #[serde(skip)]
     pub train: LoopOptions,
 }
@@ -52,6 +55,7 @@ impl Default for SftOptions {
             on_error: OnError::Skip,
             mix_pretrain: None,
             mix_fraction: 0.0,
+            lora: None,
             train: LoopOptions {
                 steps: 300,
                 lr: 1e-3,
@@ -74,6 +78,11 @@ pub struct SftReport {
     pub val_loss: f64,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// Weights that were trained (the adapters only, with LoRA) and all weights.
+    pub trained_parameters: usize,
+    pub model_parameters: usize,
+    /// Peak resident memory of the process (MB).
+    pub peak_rss_mb: f64,
     #[serde(skip)]
     pub losses: Vec<(usize, f64)>,
 }
@@ -280,11 +289,12 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
         out: &opts.out,
         config: &config,
         tokenizer: &tok,
-        start: Start::From(base.join("model.safetensors")),
+        start: Start::From(base.clone()),
         hyper: serde_json::to_value(opts)?,
         parents: vec![base.display().to_string()],
         data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
             "train_conversations": n_train, "val_conversations": n_val, "skipped": skipped}),
+        lora: opts.lora.clone(),
     };
     let r = train(&opts.train, spec, &mut stage)?;
     let before = r
@@ -302,6 +312,9 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
         val_loss: r.metric("val_loss"),
         tokens_per_second: r.tokens_per_second,
         seconds: r.seconds,
+        trained_parameters: r.parameters,
+        model_parameters: config.parameter_count(),
+        peak_rss_mb: r.peak_rss_mb,
         losses: r.losses,
     })
 }

@@ -5,6 +5,7 @@
 use super::checkpoint::{self, Checkpoint, TrainState};
 use super::optim::{lr_at, AdamW, AdamWConfig, GradAccumulator};
 use crate::model::llama::{parameter_count, seeded_init};
+use crate::model::lora::LoraConfig;
 use crate::model::{Llama, LlamaConfig};
 use crate::tokenizer::Tokenizer;
 use crate::util::{self, Rng};
@@ -88,7 +89,8 @@ pub trait Stage {
 pub enum Start {
     /// Fresh weights from the seeded initialiser.
     Fresh,
-    /// The weights of an earlier run (its model.safetensors).
+    /// The weights of an earlier run or a Hugging Face directory (its safetensors, sharded or
+    /// not, or its adapters merged).
     From(PathBuf),
 }
 
@@ -104,6 +106,8 @@ pub struct RunSpec<'a> {
     /// Parent runs and data, recorded in chatforge.json.
     pub parents: Vec<String>,
     pub data: serde_json::Value,
+    /// Train LoRA adapters on the frozen starting weights instead of every weight.
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -120,6 +124,8 @@ pub struct LoopReport {
     pub tokens_seen: u64,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// Peak resident memory of the process when training finished.
+    pub peak_rss_mb: f64,
     #[serde(skip)]
     pub losses: Vec<(usize, f64)>,
 }
@@ -191,14 +197,21 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let mut rng = Rng::new(opts.seed);
-    let model = Llama::new(spec.config, vb.clone())?;
-    let heads = stage.build_heads(vb)?;
-    match &spec.start {
-        Start::Fresh => seeded_init(spec.config, &varmap, &mut rng)?,
-        Start::From(weights) => {
-            seeded_init(spec.config, &varmap, &mut rng)?;
-            load_weights(&varmap, weights, &heads)?
+    let model = match (&spec.lora, &spec.start) {
+        (None, _) => Llama::new(spec.config, vb.clone())?,
+        // The starting weights stay frozen outside the VarMap: only adapters get gradients and
+        // optimizer state.
+        (Some(lora), Start::From(base)) => {
+            let mut m = crate::model::load(base, &device)?.model;
+            m.attach_lora(lora, vb.clone())?;
+            m
         }
+        (Some(_), Start::Fresh) => bail!("LoRA adapters need a base model to start from"),
+    };
+    let heads = stage.build_heads(vb)?;
+    seeded_init(spec.config, &varmap, &mut rng)?;
+    if let (None, Start::From(base)) = (&spec.lora, &spec.start) {
+        load_weights(&varmap, base, &heads)?
     }
     let mut optimizer = AdamW::new(
         &varmap,
@@ -354,10 +367,11 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         tokens_seen,
         tokens_per_second: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         seconds: elapsed_before + seconds,
+        peak_rss_mb: util::peak_rss_mb(),
         losses,
     };
     if report.finished {
-        write_run(&spec, opts, &varmap, &report)?;
+        write_run(&spec, opts, &varmap, &model, &report)?;
     }
     Ok(report)
 }
@@ -365,8 +379,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
 /// Loads starting weights into `varmap`; tensors named in `optional` (new heads) may be absent and
 /// keep their initial values, any other missing tensor is an error naming it.
 fn load_weights(varmap: &VarMap, path: &Path, optional: &[String]) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read weights {}", path.display()))?;
+    let tensors = crate::model::weight_tensors(path)?;
     let data = varmap.data().lock().expect("varmap lock");
     for (name, var) in data.iter() {
         match tensors.get(name) {
@@ -396,12 +409,38 @@ fn write_run(
     spec: &RunSpec,
     opts: &LoopOptions,
     varmap: &VarMap,
+    model: &Llama,
     report: &LoopReport,
 ) -> Result<()> {
     let run = spec.out;
     util::write_json_atomic(&run.join("config.json"), spec.config)?;
     spec.tokenizer.save(run)?;
-    util::write_atomic_with(&run.join("model.safetensors"), |tmp| Ok(varmap.save(tmp)?))?;
+    match (&spec.lora, &spec.start) {
+        (Some(lora), Start::From(base)) => {
+            // The adapters in PEFT's layout, and the merged weights so every tool loads the run.
+            let adapters: std::collections::HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .expect("varmap lock")
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        format!("{}.{k}", crate::model::lora::PEFT_PREFIX),
+                        v.as_tensor().clone(),
+                    )
+                })
+                .collect();
+            let base = base.canonicalize().unwrap_or_else(|_| base.clone());
+            util::write_json_atomic(&run.join("adapter_config.json"), &lora.peft_json(&base))?;
+            util::write_atomic_with(&run.join("adapter_model.safetensors"), |tmp| {
+                Ok(candle_core::safetensors::save(&adapters, tmp)?)
+            })?;
+            if lora.merge {
+                crate::model::save_weights(model, &run.join("model.safetensors"))?;
+            }
+        }
+        _ => util::write_atomic_with(&run.join("model.safetensors"), |tmp| Ok(varmap.save(tmp)?))?,
+    }
     util::write_json_atomic(
         &run.join("chatforge.json"),
         &serde_json::json!({
