@@ -119,9 +119,9 @@ pub(super) enum Proj {
         weight: candle_core::quantized::QMatMul,
         bias: Option<Tensor>,
     },
-    /// Q4_1 through our own kernel (candle's is scalar).
-    Q41 {
-        weight: super::q4_1::Q41Matrix,
+    /// Q4_1 or Q8_0 through our own kernel (candle's Q4_1 is scalar).
+    Block {
+        weight: super::quant::QuantMatrix,
         bias: Option<Tensor>,
     },
     /// A frozen projection plus a trained low-rank update ([`super::lora`]).
@@ -145,7 +145,7 @@ impl Proj {
         match self {
             Proj::Dense(l) => l.forward(x),
             Proj::Quantized { weight, bias } => add_bias(weight.forward(x)?, bias),
-            Proj::Q41 { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Proj::Block { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Lora { base, a, b, scale } => super::lora::forward(base, a, b, *scale, x),
         }
     }
@@ -163,7 +163,7 @@ impl Proj {
                 };
                 (w.to_dtype(DType::F32)?, bias.clone())
             }
-            Proj::Q41 { weight, bias } => (weight.dequantize(&Device::Cpu)?, bias.clone()),
+            Proj::Block { weight, bias } => (weight.dequantize(&Device::Cpu)?, bias.clone()),
             Proj::Lora { base, a, b, scale } => {
                 let (w, bias) = base.dense_weight()?;
                 let update = (b.weight().matmul(a.weight())? * *scale)?;

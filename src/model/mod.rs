@@ -7,7 +7,7 @@ pub mod hub;
 pub mod kernels;
 pub mod llama;
 pub mod lora;
-pub mod q4_1;
+pub mod quant;
 
 pub use config::LlamaConfig;
 pub use llama::{KvCache, Llama};
