@@ -127,11 +127,12 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         acc.add(&optimizer.params, &loss.backward()?)?;
         let (grads, _) = acc.finish(&optimizer.params, 1.0)?;
         optimizer.apply(&grads, 1e-3)?;
-        let l = loss.to_scalar::<f32>()? as f64;
+        losses.push(loss.to_scalar::<f32>()? as f64);
         let secs = start.elapsed().as_secs_f64();
         if step >= opts.warmup {
             step_seconds.push(secs);
-            losses.push(l);
+        } else {
+            losses.pop();
         }
         pb.inc(1);
         pb.set_message(format!("{:.0} tok/s", (b * t) as f64 / secs));

@@ -1238,7 +1238,13 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    match run(cli) {
+    // The server keeps its own threads and runs the model on the engine's (see `Engine::start`).
+    let result = if matches!(cli.command, Command::Serve(_)) {
+        run(cli)
+    } else {
+        chatforge::util::on_compute_pool(|| run(cli))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -217,6 +217,15 @@ pub fn fingerprint(text: &str) -> String {
     format!("{h:016x}")
 }
 
+/// Runs `f` on a thread of rayon's pool and waits for it. Our kernels split their work with rayon;
+/// called from a thread outside the pool, every parallel call hands all of its work to the pool
+/// and sleeps until it is done (a futex round trip per matrix product, hundreds per token), while
+/// from a pool thread the caller takes a share itself. Measured: SmolLM2 decode 52 → 84
+/// tokens/s, a training step 1.55 → 1.33 s. Already on a pool thread, `f` just runs.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Peak resident memory of this process in MB (Linux `VmHWM`; 0 where it cannot be read).
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

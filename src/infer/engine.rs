@@ -80,7 +80,9 @@ impl Engine {
         let max_batch = max_batch.max(1);
         std::thread::Builder::new()
             .name("chatforge-engine".into())
-            .spawn(move || run(&lm, rx, max_batch, &thread_stats))
+            // The engine thread is the only one computing: it lives on rayon's pool, so its
+            // matrix products split without handing the work off (`util::on_compute_pool`).
+            .spawn(move || crate::util::on_compute_pool(|| run(&lm, rx, max_batch, &thread_stats)))
             .expect("spawn the engine thread");
         Engine {
             queue: tx,
