@@ -650,6 +650,369 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(gate)? * up
 }
 
+// ---------------------------------------------------------------- causal attention
+
+/// Causal attention `softmax(Q·Kᵀ)·V` for q `[B, H, T, D]` (already scaled) and k, v
+/// `[B, KVH, T, D]` (query head h reads key/value head h / (H / KVH)), as one autograd node.
+/// Composed, the scores and probabilities (`B·H·T²` each, the largest tensors of a training
+/// step after the logits) are stored for the backward pass and each gets a zeroed gradient
+/// buffer; here the backward pass recomputes the probabilities per head instead.
+struct CausalAttention;
+
+/// `dst (m×n, rows of n) [+]= a·b`, with `a` (m×k) and `b` (k×n) given by row and column strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Row-wise causal softmax of a `t × t` score block in place (row i sees columns 0..=i).
+fn causal_softmax_rows<T: Real>(p: &mut [T], t: usize) {
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let max = row[..=i]
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+        let mut sum = T::zero();
+        for v in row[..=i].iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = T::one() / sum;
+        row[..=i].iter_mut().for_each(|v| *v *= inv);
+        row[i + 1..].iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+struct AttentionDims {
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    d: usize,
+}
+
+fn attention_dims(ql: &Layout, kl: &Layout) -> Result<AttentionDims> {
+    let (q, k) = (ql.dims(), kl.dims());
+    if q.len() != 4 || k.len() != 4 || q[0] != k[0] || q[2] != k[2] || q[3] != k[3] {
+        return Err(Error::Msg(format!(
+            "causal_attention: q {q:?} and k/v {k:?} do not fit"
+        )));
+    }
+    if k[1] == 0 || q[1] % k[1] != 0 {
+        return Err(Error::Msg(format!(
+            "causal_attention: {} query heads do not group over {} key/value heads",
+            q[1], k[1]
+        )));
+    }
+    Ok(AttentionDims {
+        heads: q[1],
+        kv_heads: k[1],
+        t: q[2],
+        d: q[3],
+    })
+}
+
+/// Scores of query head block `qh` against key block `kh` (both `t × d`), softmaxed, into `p`.
+fn head_probs<T: Real>(qh: &[T], kh: &[T], p: &mut [T], t: usize, d: usize) {
+    // SAFETY: qh and kh hold t·d values, p holds t·t.
+    unsafe {
+        small_matmul(
+            (t, t, d),
+            p,
+            false,
+            qh.as_ptr(),
+            (d, 1),
+            kh.as_ptr(),
+            (1, d),
+        )
+    };
+    causal_softmax_rows(p, t);
+}
+
+fn attention_fwd<T: Real>(
+    qs: &CpuStorage,
+    ql: &Layout,
+    ks: &CpuStorage,
+    kl: &Layout,
+    vs: &CpuStorage,
+    vl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (q, k, v) = (
+        data::<T>(qs, ql, "causal_attention")?,
+        data::<T>(ks, kl, "causal_attention")?,
+        data::<T>(vs, vl, "causal_attention")?,
+    );
+    let AttentionDims {
+        heads,
+        kv_heads,
+        t,
+        d,
+    } = attention_dims(ql, kl)?;
+    let rep = heads / kv_heads;
+    let mut out = vec![T::zero(); q.len()];
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+        let kv = (bh / heads * kv_heads + bh % heads / rep) * t * d;
+        let mut p = vec![T::zero(); t * t];
+        head_probs(
+            &q[bh * t * d..(bh + 1) * t * d],
+            &k[kv..kv + t * d],
+            &mut p,
+            t,
+            d,
+        );
+        // SAFETY: p is t×t, v's block t×d, o t×d.
+        unsafe {
+            small_matmul(
+                (t, d, t),
+                o,
+                false,
+                p.as_ptr(),
+                (t, 1),
+                v[kv..].as_ptr(),
+                (d, 1),
+            )
+        };
+    });
+    Ok((T::to_cpu_storage_owned(out), ql.shape().clone()))
+}
+
+/// Gradients of q, k and v (selected by `which`: 0, 1, 2) given dO.
+#[allow(clippy::too_many_arguments)]
+fn attention_bwd<T: Real>(
+    (qs, ql): (&CpuStorage, &Layout),
+    (ks, kl): (&CpuStorage, &Layout),
+    (vs, vl): (&CpuStorage, &Layout),
+    (gs, gl): (&CpuStorage, &Layout),
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (q, k, v, dout) = (
+        data::<T>(qs, ql, "causal_attention_backward")?,
+        data::<T>(ks, kl, "causal_attention_backward")?,
+        data::<T>(vs, vl, "causal_attention_backward")?,
+        data::<T>(gs, gl, "causal_attention_backward")?,
+    );
+    let AttentionDims {
+        heads,
+        kv_heads,
+        t,
+        d,
+    } = attention_dims(ql, kl)?;
+    let rep = heads / kv_heads;
+    let (mut dq, mut dk, mut dv) = (
+        vec![T::zero(); q.len()],
+        vec![T::zero(); k.len()],
+        vec![T::zero(); v.len()],
+    );
+    // One task per key/value head: it owns that head's dK and dV and its query heads' dQ.
+    dq.par_chunks_mut(rep * t * d)
+        .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
+        .enumerate()
+        .for_each(|(bg, (dq_group, (dkh, dvh)))| {
+            let kv = bg * t * d;
+            let (kh, vh) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
+            let mut p = vec![T::zero(); t * t];
+            let mut dp = vec![T::zero(); t * t];
+            for (r, dqh) in dq_group.chunks_mut(t * d).enumerate() {
+                let at = (bg * rep + r) * t * d;
+                let (qh, doh) = (&q[at..at + t * d], &dout[at..at + t * d]);
+                head_probs(qh, kh, &mut p, t, d);
+                // SAFETY (all products): every block is t×d or t×t as the strides say.
+                unsafe {
+                    // dV += Pᵀ·dO
+                    small_matmul(
+                        (t, d, t),
+                        dvh,
+                        true,
+                        p.as_ptr(),
+                        (1, t),
+                        doh.as_ptr(),
+                        (d, 1),
+                    );
+                    // dP = dO·Vᵀ
+                    small_matmul(
+                        (t, t, d),
+                        &mut dp,
+                        false,
+                        doh.as_ptr(),
+                        (d, 1),
+                        vh.as_ptr(),
+                        (1, d),
+                    );
+                }
+                // dS = P ∘ (dP − Σ_j P·dP), row by row; hidden keys have P = 0.
+                for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                    let dot = pr
+                        .iter()
+                        .zip(dr.iter())
+                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                    for (x, y) in pr.iter().zip(dr.iter_mut()) {
+                        *y = *x * (*y - dot);
+                    }
+                }
+                unsafe {
+                    // dQ = dS·K, dK += dSᵀ·Q
+                    small_matmul(
+                        (t, d, t),
+                        dqh,
+                        false,
+                        dp.as_ptr(),
+                        (t, 1),
+                        kh.as_ptr(),
+                        (d, 1),
+                    );
+                    small_matmul(
+                        (t, d, t),
+                        dkh,
+                        true,
+                        dp.as_ptr(),
+                        (1, t),
+                        qh.as_ptr(),
+                        (d, 1),
+                    );
+                }
+            }
+        });
+    Ok((dq, dk, dv))
+}
+
+/// The backward pass as an op of (q, k, v) holding dO: returns `[3, max(|q|, |k|)]` with dQ, dK
+/// and dV in its rows (zero-padded).
+struct CausalAttentionBackwardAll {
+    dout: Tensor,
+}
+
+fn attention_grads_packed<T: Real>(
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+    dout: &Tensor,
+) -> Result<(CpuStorage, Shape)> {
+    let (gs, gl) = dout.storage_and_layout();
+    let candle_core::Storage::Cpu(gs) = &*gs else {
+        return Err(Error::Msg("causal_attention: dO is not on the CPU".into()));
+    };
+    let (dq, dk, dv) = attention_bwd::<T>(q, k, v, (gs, gl))?;
+    let n = dq.len().max(dk.len());
+    let mut packed = vec![T::zero(); 3 * n];
+    packed[..dq.len()].copy_from_slice(&dq);
+    packed[n..n + dk.len()].copy_from_slice(&dk);
+    packed[2 * n..2 * n + dv.len()].copy_from_slice(&dv);
+    Ok((T::to_cpu_storage_owned(packed), Shape::from((3, n))))
+}
+
+impl CustomOp3 for CausalAttentionBackwardAll {
+    fn name(&self) -> &'static str {
+        "causal_attention_backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            attention_grads_packed((s1, l1), (s2, l2), (s3, l3), &self.dout)
+        )
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal_attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            attention_fwd(s1, l1, s2, l2, s3, l3)
+        )
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        // dQ, dK and dV come out of one pass; candle's ops return one tensor each, so the pass
+        // is packed into a tensor [3, n] with n the largest and split here.
+        let grads = q.apply_op3_no_bwd(k, v, &CausalAttentionBackwardAll { dout })?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let flat = |i: usize, n: usize, like: &Tensor| -> Result<Tensor> {
+            grads.get(i)?.narrow(0, 0, n)?.reshape(like.shape())
+        };
+        Ok((
+            Some(flat(0, nq, q)?),
+            Some(flat(1, nk, k)?),
+            Some(flat(2, nk, v)?),
+        ))
+    }
+}
+
+/// Causal self-attention of q `[B, H, T, D]` (scaled) over k, v `[B, KVH, T, D]`; the output is
+/// `[B, H, T, D]`. Fused on the CPU, composed elsewhere.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fused_ok(q) {
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention)
+    } else {
+        causal_attention_composed(q, k, v)
+    }
+}
+
+pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let qg = q.reshape((b, kvh, (h / kvh) * t, d))?;
+    // Grouped heads stacked along time: row r·t + i of a group is query i of head r.
+    let scores = qg.matmul(&k.t()?)?.reshape((b, h, t, t))?;
+    let probs = causal_softmax_composed(&scores)?;
+    probs
+        .reshape((b, kvh, (h / kvh) * t, t))?
+        .matmul(v)?
+        .reshape((b, h, t, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,6 +1120,20 @@ mod tests {
         );
         let bad = Tensor::new(&[0u32, 3, 11, 5, 5, 1], &Device::Cpu).unwrap();
         assert!(token_nll(logits.as_tensor(), &bad).is_err());
+    }
+
+    #[test]
+    fn causal_attention_matches_composed_with_grouped_heads() {
+        for (h, kvh) in [(2, 2), (4, 2), (3, 1)] {
+            let q = randn(&[2, h, 6, 4], 10);
+            let k = randn(&[2, kvh, 6, 4], 11);
+            let v = randn(&[2, kvh, 6, 4], 12);
+            agree(
+                &[&q, &k, &v],
+                || causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap(),
+                || causal_attention_composed(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap(),
+            );
+        }
     }
 
     #[test]

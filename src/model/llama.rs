@@ -246,7 +246,7 @@ pub(super) fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
         .collect()
 }
 
-use super::kernels::{causal_softmax, rms_norm, rope, swiglu, token_nll};
+use super::kernels::{causal_attention, causal_softmax, rms_norm, rope, swiglu, token_nll};
 
 impl Attention {
     fn forward(
@@ -273,6 +273,7 @@ impl Attention {
         let q = (rope(&q.contiguous()?, cos, sin)? * (1.0 / (d as f64).sqrt()))?;
         let k = rope(&k.contiguous()?, cos, sin)?;
         let v = v.contiguous()?;
+        let uncached = cache.is_none();
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -284,6 +285,13 @@ impl Attention {
             }
             None => (k, v),
         };
+        if uncached && mask.is_none() {
+            // Training and plain scoring: one fused node (see kernels::causal_attention).
+            let out = causal_attention(&q, &k, &v)?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))?;
+            return self.o.forward(&out);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: the `rep` query heads that share a key/value
         // head are stacked along the time axis and multiplied against that head once.
