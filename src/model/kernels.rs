@@ -652,18 +652,43 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- causal attention
 
-/// Causal attention `softmax(Q·Kᵀ)·V` for q `[B, H, T, D]` (already scaled) and k, v
-/// `[B, KVH, T, D]` (query head h reads key/value head h / (H / KVH)), as one autograd node.
-/// Composed, the scores and probabilities (`B·H·T²` each, the largest tensors of a training
-/// step after the logits) are stored for the backward pass and each gets a zeroed gradient
-/// buffer; here the backward pass recomputes the probabilities per head instead.
-struct CausalAttention;
+/// Rotary embedding, scaling and causal attention as one autograd node, on the projections'
+/// own layout: q `[B, T, H·D]`, k and v `[B, T, KVH·D]` (query head h reads key/value head
+/// h / (H / KVH)); the output is `[B, T, H·D]`, ready for the output projection. Composed, the
+/// head reshapes, transposes, copies, rotations, the scores and the probabilities are each a
+/// node whose gradient candle allocates as zeros and then adds into (and the scores and
+/// probabilities, `B·H·T²` each, are kept for the backward pass); here the backward pass
+/// recomputes each head's probabilities instead.
+struct RopeAttention {
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+    /// Rotary tables `[T, D/2]`.
+    cos: Vec<f64>,
+    sin: Vec<f64>,
+}
 
-/// `dst (m×n, rows of n) [+]= a·b`, with `a` (m×k) and `b` (k×n) given by row and column strides.
+/// A pointer tasks write disjoint, strided parts through.
+#[derive(Clone, Copy)]
+struct SharedOut<T>(*mut T);
+// SAFETY: every task writes rows no other task writes.
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The element `offset` places in (a method, so closures capture the whole Sync wrapper).
+    unsafe fn at(self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) [+]= a·b`, with `a` (m×k) and `b` (k×n) given by row and
+/// column strides.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_matmul<T: Real>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
+    dst: *mut T,
+    dst_rs: usize,
     accumulate: bool,
     a: *const T,
     (a_rs, a_cs): (usize, usize),
@@ -674,9 +699,9 @@ unsafe fn small_matmul<T: Real>(
         m,
         n,
         k,
-        dst.as_mut_ptr(),
+        dst,
         1,
-        n as isize,
+        dst_rs as isize,
         accumulate,
         a,
         a_cs as isize,
@@ -710,158 +735,208 @@ fn causal_softmax_rows<T: Real>(p: &mut [T], t: usize) {
     }
 }
 
-struct AttentionDims {
-    heads: usize,
-    kv_heads: usize,
-    t: usize,
-    d: usize,
-}
-
-fn attention_dims(ql: &Layout, kl: &Layout) -> Result<AttentionDims> {
-    let (q, k) = (ql.dims(), kl.dims());
-    if q.len() != 4 || k.len() != 4 || q[0] != k[0] || q[2] != k[2] || q[3] != k[3] {
-        return Err(Error::Msg(format!(
-            "causal_attention: q {q:?} and k/v {k:?} do not fit"
-        )));
+impl RopeAttention {
+    fn dims(&self, ql: &Layout, kl: &Layout) -> Result<(usize, usize, usize)> {
+        let (q, k) = (ql.dims(), kl.dims());
+        let (h, kvh) = (self.heads, self.kv_heads);
+        if q.len() != 3 || k.len() != 3 || q[0] != k[0] || q[1] != k[1] || h == 0 || kvh == 0 {
+            return Err(Error::Msg(format!(
+                "rope_attention: q {q:?} and k/v {k:?} do not fit"
+            )));
+        }
+        let d = q[2] / h;
+        if d * h != q[2] || d * kvh != k[2] || h % kvh != 0 || d % 2 != 0 {
+            return Err(Error::Msg(format!(
+                "rope_attention: widths {} and {} do not split into {h} and {kvh} heads",
+                q[2], k[2]
+            )));
+        }
+        if self.cos.len() != q[1] * d / 2 {
+            return Err(Error::Msg(
+                "rope_attention: rotary tables do not fit".into(),
+            ));
+        }
+        Ok((q[0], q[1], d))
     }
-    if k[1] == 0 || q[1] % k[1] != 0 {
-        return Err(Error::Msg(format!(
-            "causal_attention: {} query heads do not group over {} key/value heads",
-            q[1], k[1]
-        )));
+
+    /// Head `head` of batch row `b` of `x` (`heads` heads per position), rotated and scaled,
+    /// as a contiguous `t × d` block.
+    fn rotated<T: Real>(
+        &self,
+        x: &[T],
+        heads: usize,
+        (b, head): (usize, usize),
+        (t, d): (usize, usize),
+        scale: f64,
+    ) -> Vec<T> {
+        let half = d / 2;
+        let mut out = vec![T::zero(); t * d];
+        for i in 0..t {
+            let src = &x[((b * t + i) * heads + head) * d..][..d];
+            let dst = &mut out[i * d..(i + 1) * d];
+            for j in 0..half {
+                let (c, s) = (
+                    self.cos[i * half + j] * scale,
+                    self.sin[i * half + j] * scale,
+                );
+                let (c, s) = (T::from(c).unwrap(), T::from(s).unwrap());
+                let (x1, x2) = (src[j], src[j + half]);
+                dst[j] = x1 * c - x2 * s;
+                dst[j + half] = x2 * c + x1 * s;
+            }
+        }
+        out
     }
-    Ok(AttentionDims {
-        heads: q[1],
-        kv_heads: k[1],
-        t: q[2],
-        d: q[3],
-    })
-}
 
-/// Scores of query head block `qh` against key block `kh` (both `t × d`), softmaxed, into `p`.
-fn head_probs<T: Real>(qh: &[T], kh: &[T], p: &mut [T], t: usize, d: usize) {
-    // SAFETY: qh and kh hold t·d values, p holds t·t.
-    unsafe {
-        small_matmul(
-            (t, t, d),
-            p,
-            false,
-            qh.as_ptr(),
-            (d, 1),
-            kh.as_ptr(),
-            (1, d),
-        )
-    };
-    causal_softmax_rows(p, t);
-}
+    /// The transposed rotation of a `t × d` gradient block, scaled, written into head `head` of
+    /// batch row `b` of a `[B, T, heads·D]` gradient.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn unrotate_into<T: Real>(
+        &self,
+        g: &[T],
+        out: SharedOut<T>,
+        heads: usize,
+        b: usize,
+        head: usize,
+        t: usize,
+        d: usize,
+        scale: f64,
+    ) {
+        let half = d / 2;
+        for i in 0..t {
+            let dst = out.at(((b * t + i) * heads + head) * d);
+            for j in 0..half {
+                let (c, s) = (
+                    self.cos[i * half + j] * scale,
+                    self.sin[i * half + j] * scale,
+                );
+                let (c, s) = (T::from(c).unwrap(), T::from(s).unwrap());
+                let (g1, g2) = (g[i * d + j], g[i * d + j + half]);
+                *dst.add(j) = g1 * c + g2 * s;
+                *dst.add(j + half) = g2 * c - g1 * s;
+            }
+        }
+    }
 
-fn attention_fwd<T: Real>(
-    qs: &CpuStorage,
-    ql: &Layout,
-    ks: &CpuStorage,
-    kl: &Layout,
-    vs: &CpuStorage,
-    vl: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let (q, k, v) = (
-        data::<T>(qs, ql, "causal_attention")?,
-        data::<T>(ks, kl, "causal_attention")?,
-        data::<T>(vs, vl, "causal_attention")?,
-    );
-    let AttentionDims {
-        heads,
-        kv_heads,
-        t,
-        d,
-    } = attention_dims(ql, kl)?;
-    let rep = heads / kv_heads;
-    let mut out = vec![T::zero(); q.len()];
-    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
-        let kv = (bh / heads * kv_heads + bh % heads / rep) * t * d;
-        let mut p = vec![T::zero(); t * t];
-        head_probs(
-            &q[bh * t * d..(bh + 1) * t * d],
-            &k[kv..kv + t * d],
-            &mut p,
-            t,
-            d,
-        );
-        // SAFETY: p is t×t, v's block t×d, o t×d.
+    /// `softmax(qr·krᵀ)` of rotated blocks into `p` (`t × t`).
+    fn probs<T: Real>(qr: &[T], kr: &[T], p: &mut [T], t: usize, d: usize) {
+        // SAFETY: qr and kr hold t·d values, p holds t·t.
         unsafe {
             small_matmul(
-                (t, d, t),
-                o,
+                (t, t, d),
+                p.as_mut_ptr(),
+                t,
                 false,
-                p.as_ptr(),
-                (t, 1),
-                v[kv..].as_ptr(),
+                qr.as_ptr(),
                 (d, 1),
+                kr.as_ptr(),
+                (1, d),
             )
         };
-    });
-    Ok((T::to_cpu_storage_owned(out), ql.shape().clone()))
-}
+        causal_softmax_rows(p, t);
+    }
 
-/// Gradients of q, k and v (selected by `which`: 0, 1, 2) given dO.
-#[allow(clippy::too_many_arguments)]
-fn attention_bwd<T: Real>(
-    (qs, ql): (&CpuStorage, &Layout),
-    (ks, kl): (&CpuStorage, &Layout),
-    (vs, vl): (&CpuStorage, &Layout),
-    (gs, gl): (&CpuStorage, &Layout),
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    let (q, k, v, dout) = (
-        data::<T>(qs, ql, "causal_attention_backward")?,
-        data::<T>(ks, kl, "causal_attention_backward")?,
-        data::<T>(vs, vl, "causal_attention_backward")?,
-        data::<T>(gs, gl, "causal_attention_backward")?,
-    );
-    let AttentionDims {
-        heads,
-        kv_heads,
-        t,
-        d,
-    } = attention_dims(ql, kl)?;
-    let rep = heads / kv_heads;
-    let (mut dq, mut dk, mut dv) = (
-        vec![T::zero(); q.len()],
-        vec![T::zero(); k.len()],
-        vec![T::zero(); v.len()],
-    );
-    // One task per key/value head: it owns that head's dK and dV and its query heads' dQ.
-    dq.par_chunks_mut(rep * t * d)
-        .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
-        .enumerate()
-        .for_each(|(bg, (dq_group, (dkh, dvh)))| {
-            let kv = bg * t * d;
-            let (kh, vh) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
+    fn forward<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        (b, t, d): (usize, usize, usize),
+    ) -> Vec<T> {
+        let (h, kvh) = (self.heads, self.kv_heads);
+        let rep = h / kvh;
+        let kr: Vec<Vec<T>> = (0..b * kvh)
+            .into_par_iter()
+            .map(|bg| self.rotated(k, kvh, (bg / kvh, bg % kvh), (t, d), 1.0))
+            .collect();
+        let mut out = vec![T::zero(); q.len()];
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let (bi, head) = (bh / h, bh % h);
+            let g = head / rep;
+            let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
             let mut p = vec![T::zero(); t * t];
-            let mut dp = vec![T::zero(); t * t];
-            for (r, dqh) in dq_group.chunks_mut(t * d).enumerate() {
-                let at = (bg * rep + r) * t * d;
-                let (qh, doh) = (&q[at..at + t * d], &dout[at..at + t * d]);
-                head_probs(qh, kh, &mut p, t, d);
-                // SAFETY (all products): every block is t×d or t×t as the strides say.
+            Self::probs(&qr, &kr[bi * kvh + g], &mut p, t, d);
+            // SAFETY: this task alone writes head `head` of row `bi`; v's head g is read with its
+            // row stride.
+            unsafe {
+                small_matmul(
+                    (t, d, t),
+                    dst.at((bi * t * h + head) * d),
+                    h * d,
+                    false,
+                    p.as_ptr(),
+                    (t, 1),
+                    v.as_ptr().add((bi * t * kvh + g) * d),
+                    (kvh * d, 1),
+                )
+            };
+        });
+        out
+    }
+
+    /// dQ, dK and dV given dO (all in the projections' layout).
+    fn backward<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dout: &[T],
+        (b, t, d): (usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (h, kvh) = (self.heads, self.kv_heads);
+        let rep = h / kvh;
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::zero(); q.len()],
+            vec![T::zero(); k.len()],
+            vec![T::zero(); v.len()],
+        );
+        let (dq_out, dk_out, dv_out) = (
+            SharedOut(dq.as_mut_ptr()),
+            SharedOut(dk.as_mut_ptr()),
+            SharedOut(dv.as_mut_ptr()),
+        );
+        // One task per key/value head: it alone writes that head's dK and dV and its query
+        // heads' dQ.
+        (0..b * kvh).into_par_iter().for_each(|bg| {
+            let (bi, g) = (bg / kvh, bg % kvh);
+            let kr = self.rotated(k, kvh, (bi, g), (t, d), 1.0);
+            let vg = unsafe { v.as_ptr().add((bi * t * kvh + g) * d) };
+            let (mut dkr, mut p, mut dp, mut dqr) = (
+                vec![T::zero(); t * d],
+                vec![T::zero(); t * t],
+                vec![T::zero(); t * t],
+                vec![T::zero(); t * d],
+            );
+            for r in 0..rep {
+                let head = g * rep + r;
+                let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
+                Self::probs(&qr, &kr, &mut p, t, d);
+                let doh = unsafe { dout.as_ptr().add((bi * t * h + head) * d) };
+                // SAFETY (all products): blocks are t×d or t×t with the strides given; dV's head
+                // is this task's alone.
                 unsafe {
                     // dV += Pᵀ·dO
                     small_matmul(
                         (t, d, t),
-                        dvh,
+                        dv_out.at((bi * t * kvh + g) * d),
+                        kvh * d,
                         true,
                         p.as_ptr(),
                         (1, t),
-                        doh.as_ptr(),
-                        (d, 1),
+                        doh,
+                        (h * d, 1),
                     );
                     // dP = dO·Vᵀ
                     small_matmul(
                         (t, t, d),
-                        &mut dp,
+                        dp.as_mut_ptr(),
+                        t,
                         false,
-                        doh.as_ptr(),
-                        (d, 1),
-                        vh.as_ptr(),
-                        (1, d),
+                        doh,
+                        (h * d, 1),
+                        vg,
+                        (1, kvh * d),
                     );
                 }
                 // dS = P ∘ (dP − Σ_j P·dP), row by row; hidden keys have P = 0.
@@ -875,59 +950,39 @@ fn attention_bwd<T: Real>(
                     }
                 }
                 unsafe {
-                    // dQ = dS·K, dK += dSᵀ·Q
+                    // dQr = dS·Kr, dKr += dSᵀ·Qr
                     small_matmul(
                         (t, d, t),
-                        dqh,
+                        dqr.as_mut_ptr(),
+                        d,
                         false,
                         dp.as_ptr(),
                         (t, 1),
-                        kh.as_ptr(),
+                        kr.as_ptr(),
                         (d, 1),
                     );
                     small_matmul(
                         (t, d, t),
-                        dkh,
+                        dkr.as_mut_ptr(),
+                        d,
                         true,
                         dp.as_ptr(),
                         (1, t),
-                        qh.as_ptr(),
+                        qr.as_ptr(),
                         (d, 1),
                     );
+                    self.unrotate_into(&dqr, dq_out, h, bi, head, t, d, self.scale);
                 }
             }
+            unsafe { self.unrotate_into(&dkr, dk_out, kvh, bi, g, t, d, 1.0) };
         });
-    Ok((dq, dk, dv))
+        (dq, dk, dv)
+    }
 }
 
-/// The backward pass as an op of (q, k, v) holding dO: returns `[3, max(|q|, |k|)]` with dQ, dK
-/// and dV in its rows (zero-padded).
-struct CausalAttentionBackwardAll {
-    dout: Tensor,
-}
-
-fn attention_grads_packed<T: Real>(
-    q: (&CpuStorage, &Layout),
-    k: (&CpuStorage, &Layout),
-    v: (&CpuStorage, &Layout),
-    dout: &Tensor,
-) -> Result<(CpuStorage, Shape)> {
-    let (gs, gl) = dout.storage_and_layout();
-    let candle_core::Storage::Cpu(gs) = &*gs else {
-        return Err(Error::Msg("causal_attention: dO is not on the CPU".into()));
-    };
-    let (dq, dk, dv) = attention_bwd::<T>(q, k, v, (gs, gl))?;
-    let n = dq.len().max(dk.len());
-    let mut packed = vec![T::zero(); 3 * n];
-    packed[..dq.len()].copy_from_slice(&dq);
-    packed[n..n + dk.len()].copy_from_slice(&dk);
-    packed[2 * n..2 * n + dv.len()].copy_from_slice(&dv);
-    Ok((T::to_cpu_storage_owned(packed), Shape::from((3, n))))
-}
-
-impl CustomOp3 for CausalAttentionBackwardAll {
+impl CustomOp3 for RopeAttention {
     fn name(&self) -> &'static str {
-        "causal_attention_backward"
+        "rope_attention"
     }
     fn cpu_fwd(
         &self,
@@ -938,31 +993,23 @@ impl CustomOp3 for CausalAttentionBackwardAll {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &RopeAttention,
+            args: [(&CpuStorage, &Layout); 3],
+        ) -> Result<(CpuStorage, Shape)> {
+            let dims = op.dims(args[0].1, args[1].1)?;
+            let q = data::<T>(args[0].0, args[0].1, "rope_attention")?;
+            let k = data::<T>(args[1].0, args[1].1, "rope_attention")?;
+            let v = data::<T>(args[2].0, args[2].1, "rope_attention")?;
+            Ok((
+                T::to_cpu_storage_owned(op.forward(q, k, v, dims)),
+                args[0].1.shape().clone(),
+            ))
+        }
         dispatch!(
             s1.dtype(),
             self.name(),
-            attention_grads_packed((s1, l1), (s2, l2), (s3, l3), &self.dout)
-        )
-    }
-}
-
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "causal_attention"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(
-            s1.dtype(),
-            self.name(),
-            attention_fwd(s1, l1, s2, l2, s3, l3)
+            run(self, [(s1, l1), (s2, l2), (s3, l3)])
         )
     }
     fn bwd(
@@ -973,44 +1020,97 @@ impl CustomOp3 for CausalAttention {
         _out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dout = dout.contiguous()?;
-        // dQ, dK and dV come out of one pass; candle's ops return one tensor each, so the pass
-        // is packed into a tensor [3, n] with n the largest and split here.
-        let grads = q.apply_op3_no_bwd(k, v, &CausalAttentionBackwardAll { dout })?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let flat = |i: usize, n: usize, like: &Tensor| -> Result<Tensor> {
-            grads.get(i)?.narrow(0, 0, n)?.reshape(like.shape())
+        fn run<T: Real + candle_core::WithDType>(
+            op: &RopeAttention,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            dout: &Tensor,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            let dims = op.dims(q.layout(), k.layout())?;
+            let flat = |x: &Tensor| -> Result<Vec<T>> { x.flatten_all()?.to_vec1::<T>() };
+            let (dq, dk, dv) = op.backward(
+                &flat(q)?,
+                &flat(k)?,
+                &flat(v)?,
+                &flat(&dout.contiguous()?)?,
+                dims,
+            );
+            let dev = q.device();
+            Ok((
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dk, k.shape(), dev)?,
+                Tensor::from_vec(dv, v.shape(), dev)?,
+            ))
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run::<f32>(self, q, k, v, dout)?,
+            DType::F64 => run::<f64>(self, q, k, v, dout)?,
+            dt => {
+                return Err(Error::Msg(format!(
+                    "rope_attention: unsupported dtype {dt:?}"
+                )))
+            }
         };
-        Ok((
-            Some(flat(0, nq, q)?),
-            Some(flat(1, nk, k)?),
-            Some(flat(2, nk, v)?),
-        ))
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
-/// Causal self-attention of q `[B, H, T, D]` (scaled) over k, v `[B, KVH, T, D]`; the output is
-/// `[B, H, T, D]`. Fused on the CPU, composed elsewhere.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if fused_ok(q) {
-        q.contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention)
-    } else {
-        causal_attention_composed(q, k, v)
+/// Rotary embedding (tables `[1, 1, T, D/2]`), scaling by `scale` and causal self-attention for
+/// projections q `[B, T, H·D]` and k, v `[B, T, KVH·D]`; the output is `[B, T, H·D]`. Fused on
+/// the CPU, composed elsewhere.
+pub fn rope_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    if !fused_ok(q) || cos.dim(0)? != 1 {
+        return rope_attention_composed(q, k, v, (cos, sin), (heads, kv_heads), scale);
     }
+    let table =
+        |x: &Tensor| -> Result<Vec<f64>> { x.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
+    let op = RopeAttention {
+        heads,
+        kv_heads,
+        scale,
+        cos: table(cos)?,
+        sin: table(sin)?,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let qg = q.reshape((b, kvh, (h / kvh) * t, d))?;
+pub fn rope_attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (h, kvh): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, w) = q.dims3()?;
+    let d = w / h;
+    let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+        x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+    };
+    let q = (rope_composed(&heads(q, h)?, cos, sin)? * scale)?;
+    let k = rope_composed(&heads(k, kvh)?, cos, sin)?;
+    let v = heads(v, kvh)?;
     // Grouped heads stacked along time: row r·t + i of a group is query i of head r.
-    let scores = qg.matmul(&k.t()?)?.reshape((b, h, t, t))?;
+    let scores = q
+        .reshape((b, kvh, (h / kvh) * t, d))?
+        .matmul(&k.t()?)?
+        .reshape((b, h, t, t))?;
     let probs = causal_softmax_composed(&scores)?;
     probs
         .reshape((b, kvh, (h / kvh) * t, t))?
-        .matmul(v)?
-        .reshape((b, h, t, d))
+        .matmul(&v)?
+        .reshape((b, h, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))
 }
 
 #[cfg(test)]
@@ -1122,16 +1222,33 @@ mod tests {
         assert!(token_nll(logits.as_tensor(), &bad).is_err());
     }
 
+    type AttentionFn =
+        fn(&Tensor, &Tensor, &Tensor, (&Tensor, &Tensor), (usize, usize), f64) -> Result<Tensor>;
+
     #[test]
-    fn causal_attention_matches_composed_with_grouped_heads() {
+    fn rope_attention_matches_composed_with_grouped_heads() {
+        let (t, d) = (6, 4);
+        let c = randn(&[1, 1, t, d / 2], 13).as_tensor().detach();
+        let s = randn(&[1, 1, t, d / 2], 14).as_tensor().detach();
         for (h, kvh) in [(2, 2), (4, 2), (3, 1)] {
-            let q = randn(&[2, h, 6, 4], 10);
-            let k = randn(&[2, kvh, 6, 4], 11);
-            let v = randn(&[2, kvh, 6, 4], 12);
+            let q = randn(&[2, t, h * d], 10);
+            let k = randn(&[2, t, kvh * d], 11);
+            let v = randn(&[2, t, kvh * d], 12);
+            let run = |f: AttentionFn| {
+                f(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    (&c, &s),
+                    (h, kvh),
+                    0.5,
+                )
+                .unwrap()
+            };
             agree(
                 &[&q, &k, &v],
-                || causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap(),
-                || causal_attention_composed(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap(),
+                || run(rope_attention),
+                || run(rope_attention_composed),
             );
         }
     }

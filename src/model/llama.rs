@@ -246,7 +246,7 @@ pub(super) fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
         .collect()
 }
 
-use super::kernels::{causal_attention, causal_softmax, rms_norm, rope, swiglu, token_nll};
+use super::kernels::{causal_softmax, rms_norm, rope, rope_attention, swiglu, token_nll};
 
 impl Attention {
     fn forward(
@@ -259,21 +259,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let q = (rope(&q.contiguous()?, cos, sin)? * (1.0 / (d as f64).sqrt()))?;
-        let k = rope(&k.contiguous()?, cos, sin)?;
-        let v = v.contiguous()?;
-        let uncached = cache.is_none();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        if cache.is_none() && mask.is_none() {
+            // Training and plain scoring: rotation and attention as one node on the projections'
+            // layout (see kernels::rope_attention).
+            let out = rope_attention(&q, &k, &v, (cos, sin), (h, kvh), scale)?;
+            return self.o.forward(&out);
+        }
+        let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let q = (rope(&heads(q, h)?, cos, sin)? * scale)?;
+        let k = rope(&heads(k, kvh)?, cos, sin)?;
+        let v = heads(v, kvh)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -285,13 +282,6 @@ impl Attention {
             }
             None => (k, v),
         };
-        if uncached && mask.is_none() {
-            // Training and plain scoring: one fused node (see kernels::causal_attention).
-            let out = causal_attention(&q, &k, &v)?
-                .transpose(1, 2)?
-                .reshape((b, t, h * d))?;
-            return self.o.forward(&out);
-        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: the `rep` query heads that share a key/value
         // head are stacked along the time axis and multiplied against that head once.
