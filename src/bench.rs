@@ -127,12 +127,11 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         acc.add(&optimizer.params, &loss.backward()?)?;
         let (grads, _) = acc.finish(&optimizer.params, 1.0)?;
         optimizer.apply(&grads, 1e-3)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
+        let loss = loss.to_scalar::<f32>()? as f64;
         let secs = start.elapsed().as_secs_f64();
         if step >= opts.warmup {
             step_seconds.push(secs);
-        } else {
-            losses.pop();
+            losses.push(loss);
         }
         pb.inc(1);
         pb.set_message(format!("{:.0} tok/s", (b * t) as f64 / secs));
