@@ -35,19 +35,35 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The model and batch of a training-step benchmark.
-#[derive(Clone, Debug, Serialize)]
+/// The model and batch of a training-step benchmark (default: the GPT-2-small-like config of
+/// issue 10: 6 layers, width 384, 6 heads, context 256, vocab 8192, batch 8).
+#[derive(Clone, Debug, Serialize, clap::Args)]
 pub struct TrainBenchOptions {
+    #[arg(long, default_value_t = 6)]
     pub layers: usize,
+    #[arg(long, default_value_t = 384)]
     pub width: usize,
+    #[arg(long, default_value_t = 6)]
     pub heads: usize,
+    /// Key/value heads (fewer than --heads for grouped-query attention).
+    #[arg(long, default_value_t = 6)]
     pub kv_heads: usize,
+    /// SwiGLU hidden width (1024 gives the parameters of a 4x GELU MLP).
+    #[arg(long, default_value_t = 1024)]
     pub ffn: usize,
+    #[arg(long, default_value_t = 256)]
     pub context: usize,
+    #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 

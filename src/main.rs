@@ -86,28 +86,8 @@ enum BenchCommand {
     /// Median time of AdamW training steps on random tokens (default: the GPT-2-small-like
     /// config of issue 10: 6 layers, width 384, 6 heads, context 256, vocab 8192, batch 8).
     Train {
-        #[arg(long, default_value_t = 6)]
-        layers: usize,
-        #[arg(long, default_value_t = 384)]
-        width: usize,
-        #[arg(long, default_value_t = 6)]
-        heads: usize,
-        /// Key/value heads (fewer than --heads for grouped-query attention).
-        #[arg(long, default_value_t = 6)]
-        kv_heads: usize,
-        /// SwiGLU hidden width (1024 gives the parameters of a 4x GELU MLP).
-        #[arg(long, default_value_t = 1024)]
-        ffn: usize,
-        #[arg(long, default_value_t = 256)]
-        context: usize,
-        #[arg(long, default_value_t = 8192)]
-        vocab: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
+        #[command(flatten)]
+        model: chatforge::bench::TrainBenchOptions,
         #[arg(long)]
         json: bool,
     },
@@ -1308,32 +1288,8 @@ fn run_bench(b: BenchCommand) -> Result<()> {
     use chatforge::bench;
     let row = |k: &str, v: String| vec![k.to_string(), v];
     match b {
-        BenchCommand::Train {
-            layers,
-            width,
-            heads,
-            kv_heads,
-            ffn,
-            context,
-            vocab,
-            batch,
-            steps,
-            warmup,
-            json,
-        } => {
-            let r = bench::train(&bench::TrainBenchOptions {
-                layers,
-                width,
-                heads,
-                kv_heads,
-                ffn,
-                context,
-                vocab,
-                batch,
-                steps,
-                warmup,
-                seed: 0,
-            })?;
+        BenchCommand::Train { model, json } => {
+            let r = bench::train(&model)?;
             let rows = vec![
                 row(
                     "parameters",

@@ -170,21 +170,7 @@ fn exported_gguf_loads_back_as_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let run = common::base_run(dir.path());
     let export = |quant: &str, out: &Path| {
-        let status = Command::new(env!("CARGO_BIN_EXE_chatforge"))
-            .args([
-                "export",
-                "--model",
-                run.to_str().unwrap(),
-                "--format",
-                "gguf",
-                "--quant",
-                quant,
-            ])
-            .arg("--out")
-            .arg(out)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        common::export(&run, &["--format", "gguf", "--quant", quant], out)
     };
     let (f32_path, q8_path) = (dir.path().join("m-f32.gguf"), dir.path().join("m-q8.gguf"));
     export("f32", &f32_path);
@@ -245,19 +231,7 @@ fn smollm2_gguf_exports_to_a_trainable_hf_directory() {
     let Some(path) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
-        .args([
-            "export",
-            "--model",
-            path.to_str().unwrap(),
-            "--format",
-            "hf",
-            "--out",
-            hf.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::export(&path, &["--format", "hf"], &hf);
     let quantized = chatforge::model::load(&path, &Device::Cpu).unwrap();
     let dense = chatforge::model::load(&hf, &Device::Cpu).unwrap();
     assert!(dense.chat_template.is_some());

@@ -138,19 +138,7 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let run = common::base_run(dir.path());
     let hf = dir.path().join("exported");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
-        .args([
-            "export",
-            "--model",
-            run.to_str().unwrap(),
-            "--format",
-            "hf",
-            "--out",
-            hf.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::export(&run, &["--format", "hf"], &hf);
     // chatforge's greedy tokens (no stopping, so every position is compared).
     let lm = chatforge::model::load(&run, &Device::Cpu).unwrap();
     let template = lm.template().unwrap();
@@ -345,23 +333,7 @@ fn peft_loads_the_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let run = common::base_run(dir.path());
     let hf = dir.path().join("hf");
-    let chatforge = env!("CARGO_BIN_EXE_chatforge");
-    let export = |model: &std::path::Path, out: &std::path::Path| {
-        let s = std::process::Command::new(chatforge)
-            .args([
-                "export",
-                "--model",
-                model.to_str().unwrap(),
-                "--format",
-                "hf",
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(s.success());
-    };
-    export(&run, &hf);
+    common::export(&run, &["--format", "hf"], &hf);
     let out = dir.path().join("lora");
     let mut lora = LoraConfig::new(
         4,

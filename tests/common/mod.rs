@@ -132,3 +132,17 @@ pub fn python_has(modules: &str, install: &str) -> bool {
     }
     ok
 }
+
+/// Runs `chatforge export --model MODEL --out OUT` with the given format options, asserting success.
+pub fn export(model: &Path, format: &[&str], out: &Path) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .arg("export")
+        .arg("--model")
+        .arg(model)
+        .args(format)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chatforge export {format:?} failed");
+}
