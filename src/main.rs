@@ -228,6 +228,9 @@ struct TrainArgs {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
+    /// Steps in a row whose loss is not finite (each skipped) before the run stops.
+    #[arg(long, default_value_t = 5)]
+    max_bad_steps: usize,
     /// Continue from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -262,6 +265,7 @@ impl TrainArgs {
             log_every: 10,
             checkpoint_every: self.checkpoint_every.max(1),
             keep_checkpoints: self.keep_checkpoints,
+            max_bad_steps: self.max_bad_steps,
             resume: self.resume,
             halt_after: self.halt_after,
             quiet: false,

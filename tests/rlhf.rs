@@ -96,6 +96,32 @@ fn reward_model_learns_rankings_and_is_normalised() {
     // A model without a score head is refused by name.
     let e = RewardModel::load(&base).err().unwrap().to_string();
     assert!(e.contains("not a reward model"), "{e}");
+    // A reward model whose tokenizer differs from the policy's is refused, even at the same size.
+    let other = dir.path().join("rm_other_tokenizer");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(&out).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, other.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let policy_tok = chatforge::tokenizer::Tokenizer::load(&base).unwrap();
+    let text = common::mixed_corpus().to_uppercase();
+    let (tok, _) = chatforge::tokenizer::Tokenizer::train(
+        &[text.as_str()],
+        &chatforge::tokenizer::TrainOptions {
+            vocab_size: policy_tok.vocab_size(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    tok.save(&other).unwrap();
+    let prompts = write_cat_prompts(dir.path());
+    let mut o = toy_options(&base, prompts, dir.path().join("x"), Algo::Ppo);
+    o.reward_source = RewardSource::Model;
+    o.reward = Some(other);
+    let e = rlhf(&o).err().unwrap().to_string();
+    assert!(e.contains("different tokenizer"), "{e}");
 }
 
 /// Prompts whose "answer" (the checker) wants the reply to mention 猫 (cat), which the tiny base
@@ -134,6 +160,31 @@ fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfO
         },
         ..Default::default()
     }
+}
+
+#[test]
+fn prompts_longer_than_the_context_are_cut_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let mut text = std::fs::read_to_string(&prompts).unwrap();
+    let long = "Tell me a very long story about the cat and the mat. ".repeat(20);
+    text.push_str(&serde_json::json!({"prompt": long, "answer": {"contains": ["猫"]}}).to_string());
+    text.push('\n');
+    std::fs::write(&prompts, text).unwrap();
+    let mut o = toy_options(&base, prompts.clone(), dir.path().join("long"), Algo::Grpo);
+    o.train.steps = 2;
+    let r = rlhf(&o).unwrap();
+    assert_eq!(r.truncated_prompts, 1);
+    assert_eq!(r.skipped_steps, 0);
+    // No room for any prompt at all is refused up front.
+    o.max_new_tokens = 64;
+    o.out = dir.path().join("none");
+    let e = rlhf(&o).err().unwrap().to_string();
+    assert!(
+        e.contains("--max-new-tokens 64") && e.contains("context of 64"),
+        "{e}"
+    );
 }
 
 #[test]

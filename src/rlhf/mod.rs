@@ -244,6 +244,10 @@ pub struct RlhfReport {
     pub seconds: f64,
     /// Peak resident memory of the process (MB).
     pub peak_rss_mb: f64,
+    /// Prompts (training and held-out) cut from the left to fit the context.
+    pub truncated_prompts: usize,
+    /// Steps skipped for a non-finite loss.
+    pub skipped_steps: usize,
     #[serde(skip)]
     pub losses: Vec<(usize, f64)>,
 }
@@ -278,12 +282,16 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
     let reward = match &opts.reward {
         Some(dir) => {
             let rm = RewardModel::load(dir).map_err(|e| anyhow::anyhow!("--reward: {e:#}"))?;
-            if rm.tokenizer.vocab_size() != tok.vocab_size() {
+            // Token ids are shared between policy samples and reward scores, so every id must mean
+            // the same token in both.
+            let (n, m) = (rm.tokenizer.vocab_size(), tok.vocab_size());
+            let same =
+                n == m && (0..n as u32).all(|i| rm.tokenizer.id_to_token(i) == tok.id_to_token(i));
+            if !same {
                 bail!(
-                    "--reward {} has a different tokenizer ({} tokens) from the policy ({}); train the reward model from the same base",
+                    "--reward {} has a different tokenizer ({n} tokens) from the policy {} ({m} tokens); train the reward model from the policy's base or SFT run",
                     dir.display(),
-                    rm.tokenizer.vocab_size(),
-                    tok.vocab_size()
+                    opts.policy.display(),
                 );
             }
             Some(rm)
@@ -298,6 +306,25 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         );
     }
     let (train_prompts, eval_prompts) = prompt_sets(opts)?;
+    let context = config.max_position_embeddings;
+    if opts.algo != Algo::Dpo && opts.max_new_tokens >= context {
+        bail!(
+            "--max-new-tokens {} leaves no room for a prompt in the policy's context of {context} tokens; use fewer",
+            opts.max_new_tokens
+        );
+    }
+    let room = context.saturating_sub(opts.max_new_tokens);
+    let mut truncated_prompts = 0;
+    for p in train_prompts.iter().chain(&eval_prompts) {
+        let ids = crate::tokenizer::chat::render(&tok, &template, &p.messages, true)?.ids;
+        truncated_prompts += usize::from(ids.len() > room);
+    }
+    if truncated_prompts > 0 && opts.algo != Algo::Dpo {
+        eprintln!(
+            "warning: {truncated_prompts} prompts are longer than the {room} tokens the context ({context}) leaves beside --max-new-tokens {}; their start is cut off",
+            opts.max_new_tokens
+        );
+    }
     if opts.algo != Algo::Dpo && train_prompts.is_empty() {
         bail!(
             "--algo {:?} needs --prompts (JSONL with \"messages\" or \"prompt\")",
@@ -354,6 +381,8 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         tokens_per_second: r.tokens_per_second,
         seconds: r.seconds,
         peak_rss_mb: r.peak_rss_mb,
+        truncated_prompts,
+        skipped_steps: r.skipped_steps,
         losses: r.losses,
     })
 }

@@ -33,6 +33,10 @@ pub struct LoopOptions {
     pub log_every: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
+    /// A step whose loss or gradient is not finite is skipped (weights untouched); this many in a
+    /// row stop the run.
+    #[serde(default = "default_max_bad_steps")]
+    pub max_bad_steps: usize,
     #[serde(skip)]
     pub resume: bool,
     /// Stop (as if killed) right after this step's checkpoint: for testing resume.
@@ -57,11 +61,16 @@ impl Default for LoopOptions {
             log_every: 10,
             checkpoint_every: 200,
             keep_checkpoints: 3,
+            max_bad_steps: default_max_bad_steps(),
             resume: false,
             halt_after: None,
             quiet: false,
         }
     }
+}
+
+fn default_max_bad_steps() -> usize {
+    5
 }
 
 /// What a stage contributes to the loop.
@@ -122,6 +131,8 @@ pub struct LoopReport {
     /// First evaluation of this invocation, taken before any training step when starting fresh.
     pub eval_before: Vec<(String, f64)>,
     pub tokens_seen: u64,
+    /// Steps skipped because their loss or gradient was not finite.
+    pub skipped_steps: usize,
     pub tokens_per_second: f64,
     pub seconds: f64,
     /// Peak resident memory of the process when training finished.
@@ -274,6 +285,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let mut losses = Vec::new();
     let mut last_loss = f64::NAN;
     let mut last_eval = eval_before.clone();
+    let (mut skipped, mut bad_in_a_row) = (0usize, 0usize);
     while step < opts.steps {
         let lr = lr_at(
             step,
@@ -293,14 +305,33 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             acc.add(&optimizer.params, &scaled.backward()?)?;
         }
         let (grads, grad_norm) = acc.finish(&optimizer.params, opts.grad_clip)?;
-        optimizer.apply(&grads, lr)?;
+        let loss = loss_sum / opts.grad_accum as f64;
         step += 1;
         tokens_seen += step_tokens;
-        last_loss = loss_sum / opts.grad_accum as f64;
-        if !last_loss.is_finite() {
-            bail!("training diverged at step {step} (loss {last_loss}); lower --lr");
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            // A bad batch or a spike: skip the update so the weights stay as they were.
+            skipped += 1;
+            bad_in_a_row += 1;
+            say(
+                &pb,
+                opts.quiet,
+                format!("step {step:>6}: loss {loss}, gradient norm {grad_norm}: not finite, step skipped ({skipped} so far)"),
+            );
+            if bad_in_a_row >= opts.max_bad_steps.max(1) {
+                let last = checkpoint::list_checkpoints(run)?
+                    .pop()
+                    .map(|(_, p)| p.display().to_string())
+                    .unwrap_or_else(|| "none yet".into());
+                bail!(
+                    "the loss was not finite for {bad_in_a_row} steps in a row (up to step {step}); stopped without saving them. Last good checkpoint: {last}. Lower --lr (or check the data), then rerun with --resume"
+                );
+            }
+        } else {
+            bad_in_a_row = 0;
+            optimizer.apply(&grads, lr)?;
+            last_loss = loss;
+            losses.push((step, last_loss));
         }
-        losses.push((step, last_loss));
         let secs = start.elapsed().as_secs_f64();
         let tps = (tokens_seen - tokens_at_start) as f64 / secs.max(1e-9);
         pb.set_position(step as u64);
@@ -365,6 +396,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         eval: last_eval,
         eval_before,
         tokens_seen,
+        skipped_steps: skipped,
         tokens_per_second: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         seconds: elapsed_before + seconds,
         peak_rss_mb: util::peak_rss_mb(),

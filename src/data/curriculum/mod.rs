@@ -22,6 +22,10 @@ pub struct CurriculumSize {
     pub fact_documents: usize,
     pub arithmetic_documents: usize,
     pub code_documents: usize,
+    /// Training-task questions and answers as plain text.
+    pub qa_documents: usize,
+    /// Relation lists ("cat: meow") in several formats.
+    pub list_documents: usize,
     /// Conversations per family and language (train; held-out gets a quarter).
     pub conversations_per_family: usize,
     pub preference_prompts_per_family: usize,
@@ -33,10 +37,12 @@ impl CurriculumSize {
     pub fn scaled(scale: f64) -> Self {
         let n = |base: f64| ((base * scale).round() as usize).max(1);
         CurriculumSize {
-            stories: n(4000.0),
-            fact_documents: n(2000.0),
-            arithmetic_documents: n(1000.0),
-            code_documents: n(600.0),
+            stories: n(8000.0),
+            fact_documents: n(4000.0),
+            arithmetic_documents: n(3000.0),
+            code_documents: n(1000.0),
+            qa_documents: n(4000.0),
+            list_documents: n(3000.0),
             conversations_per_family: n(200.0),
             preference_prompts_per_family: n(40.0),
             rl_prompts_per_family: n(40.0),
@@ -51,7 +57,9 @@ fn story(rng: &mut Rng, lang: Lang) -> String {
     let (col_en, col_zh, _, _) = COLOURS[rng.below(COLOURS.len() as u64) as usize];
     let a = &ANIMALS[rng.below(ANIMALS.len() as u64) as usize];
     let day = DAYS_EN[rng.below(7) as usize];
-    match (lang, rng.below(3)) {
+    let j = (i + 1 + rng.below(NAMES_EN.len() as u64 - 1) as usize) % NAMES_EN.len();
+    let c = &COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize];
+    match (lang, rng.below(6)) {
         (Lang::En, 0) => format!(
             "{n} had a {col_en} {obj_en}. On {day}, {n} took the {obj_en} to the park. The wind was strong, so the {obj_en} flew into a tree. {n} was sad. Then a {a} came and helped. {n} said, \"Thank you!\" and was happy again.",
             n = NAMES_EN[i], a = a.en
@@ -59,6 +67,18 @@ fn story(rng: &mut Rng, lang: Lang) -> String {
         (Lang::En, 1) => format!(
             "One day {n} met a {a} near the {home}. The {a} said \"{s}\" and looked hungry. {n} knew that a {a} eats {food}, so {n} brought some {food}. The {a} ate it and followed {n} home. They became friends.",
             n = NAMES_EN[i], a = a.en, home = a.home_en, s = a.sound_en, food = a.food_en
+        ),
+        (Lang::En, 2) => format!(
+            "{n} and {m} went on a trip to {city}, the capital of {country}. {m} lost a {col_en} {obj_en} on the way. {n} looked everywhere and found it under a bench. {m} smiled and said, \"You are a good friend.\"",
+            n = NAMES_EN[i], m = NAMES_EN[j], city = c.capital_en, country = c.en
+        ),
+        (Lang::En, 3) => format!(
+            "Every {day}, {n} feeds the {a} at the {home}. The {a} has {legs} legs and likes {food}. One {day} there was no {food} left, so {n} asked {m} for help. Together they found more {food}, and the {a} was happy.",
+            n = NAMES_EN[i], m = NAMES_EN[j], a = a.en, legs = a.legs, home = a.home_en, food = a.food_en
+        ),
+        (Lang::En, 4) => format!(
+            "{n} asked {m}, \"How many legs does a {a} have?\" {m} thought for a moment and said, \"A {a} has {legs} legs.\" Then {n} asked, \"And what does it eat?\" \"It eats {food},\" said {m}.",
+            n = NAMES_EN[i], m = NAMES_EN[j], a = a.en, legs = a.legs, food = a.food_en
         ),
         (Lang::En, _) => format!(
             "{n} wanted to bake a cake, but there was no sugar. {n} walked to the shop and bought sugar. Because {n} did not give up, the cake was sweet. Everyone ate the cake and smiled.",
@@ -71,6 +91,18 @@ fn story(rng: &mut Rng, lang: Lang) -> String {
         (Lang::Zh, 1) => format!(
             "有一天，{n}在{home}旁边遇到一只{a}。{a}看起来很饿。{n}知道{a}吃{food}，就拿来一些{food}。{a}吃饱了，跟着{n}回家。他们成了好朋友。",
             n = NAMES_ZH[i], a = a.zh, home = a.home_zh, food = a.food_zh
+        ),
+        (Lang::Zh, 2) => format!(
+            "{n}和{m}去{country}旅行，参观了首都{city}。路上{m}丢了一个{col_zh}的{obj_zh}。{n}到处找，最后在长椅下面找到了。{m}笑着说：“你真是我的好朋友。”",
+            n = NAMES_ZH[i], m = NAMES_ZH[j], city = c.capital_zh, country = c.zh
+        ),
+        (Lang::Zh, 3) => format!(
+            "{n}每天都去{home}喂{a}。{a}有{legs}条腿，喜欢吃{food}。有一天{food}吃完了，{n}请{m}帮忙。他们一起找到了更多的{food}，{a}很高兴。",
+            n = NAMES_ZH[i], m = NAMES_ZH[j], a = a.zh, legs = a.legs, home = a.home_zh, food = a.food_zh
+        ),
+        (Lang::Zh, 4) => format!(
+            "{n}问{m}：“{a}有几条腿？”{m}想了想说：“{a}有{legs}条腿。”{n}又问：“它吃什么？”{m}说：“它吃{food}。”",
+            n = NAMES_ZH[i], m = NAMES_ZH[j], a = a.zh, legs = a.legs, food = a.food_zh
         ),
         (Lang::Zh, _) => format!(
             "{n}想做蛋糕，可是家里没有糖。{n}走到商店买了糖。因为{n}没有放弃，蛋糕很甜。大家吃了蛋糕都笑了。",
@@ -128,14 +160,94 @@ fn arithmetic_document(rng: &mut Rng) -> String {
         if held_out_pair(a, b) {
             continue;
         }
-        lines.push(match rng.below(3) {
+        let (x, y) = (a % 10, b % 10);
+        let (big, small) = (a.max(b), a.min(b));
+        lines.push(match rng.below(9) {
             0 => format!("{a} + {b} = {}.", a + b),
             1 => format!("{a} 加 {b} 等于 {}。", a + b),
-            _ => format!(
+            2 => format!(
                 "If you have {a} apples and get {b} more, you have {} apples.",
                 a + b
             ),
+            // The pieces of step-by-step answers: digit sums, tens, doubling, halving, subtraction.
+            3 => format!("{x} + {y} = {}.", x + y),
+            4 => format!(
+                "{} + {} = {}.",
+                a / 10 * 10,
+                b / 10 * 10,
+                (a / 10 + b / 10) * 10
+            ),
+            5 => format!("{} + {} = {}.", a / 10 * 10, x + y, a / 10 * 10 + x + y),
+            6 => format!("2 × {a} = {}. {} / 2 = {a}.", 2 * a, 2 * a),
+            7 => format!("{big} - {small} = {}.", big - small),
+            _ => format!("{} 减 {small} 等于 {big}。", big + small),
         });
+    }
+    lines.join("\n")
+}
+
+/// Questions and answers from the training tasks as plain text (a "mid-training" mix: the base
+/// model meets the task formats before SFT teaches the chat template).
+fn qa_document(rng: &mut Rng) -> String {
+    let mut parts = Vec::new();
+    for _ in 0..3 {
+        let family = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
+        let lang = if rng.below(2) == 0 {
+            Lang::En
+        } else {
+            Lang::Zh
+        };
+        let t = make(family, lang, Split::Train, rng);
+        let (q, a) = match lang {
+            Lang::En => ("Q: ", "A: "),
+            Lang::Zh => ("问：", "答："),
+        };
+        let mut turns = Vec::new();
+        for m in &t.prompt {
+            let tag = if m.role == Role::User { q } else { a };
+            turns.push(format!("{tag}{}", m.content));
+        }
+        turns.push(format!("{a}{}", t.replies[0]));
+        // One document per exchange: a blank line inside a reply (the emails) would split it.
+        for turn in &mut turns {
+            *turn = turn.replace("\n\n", "\n");
+        }
+        parts.push(turns.join("\n"));
+    }
+    parts.join("\n\n")
+}
+
+/// Separators of list documents, and the (relation, separator) pairs they never use: those are the
+/// few-shot probes', which only in-context examples may reveal.
+const LIST_SEPARATORS: [&str; 6] = [" -> ", " | ", ": ", " = ", " => ", " / "];
+const PROBE_RELATIONS: [(usize, &str); 2] = [(0, " -> "), (4, " | ")];
+
+/// A list of one relation with one separator ("cat: meow"): the kind of text that teaches a model to
+/// continue a pattern from its examples.
+fn list_document(rng: &mut Rng) -> String {
+    let (relation, sep) = loop {
+        let r = rng.below(7) as usize;
+        let sep = LIST_SEPARATORS[rng.below(LIST_SEPARATORS.len() as u64) as usize];
+        if !PROBE_RELATIONS.contains(&(r, sep)) {
+            break (r, sep);
+        }
+    };
+    let n = 3 + rng.below(6) as usize;
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let a = &ANIMALS[rng.below(ANIMALS.len() as u64) as usize];
+        let c = &COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize];
+        let (col_en, _, thing_en, _) = COLOURS[rng.below(COLOURS.len() as u64) as usize];
+        let (k, v) = match relation {
+            0 => (a.en.to_string(), a.legs.to_string()),
+            1 => (a.en.to_string(), a.sound_en.to_string()),
+            2 => (a.en.to_string(), a.food_en.to_string()),
+            3 => (a.en.to_string(), a.zh.to_string()),
+            4 => (c.en.to_string(), c.capital_en.to_string()),
+            5 => (c.capital_en.to_string(), c.capital_zh.to_string()),
+            _ => (thing_en.to_string(), col_en.to_string()),
+        };
+        lines.push(format!("{k}{sep}{v}"));
     }
     lines.join("\n")
 }
@@ -161,7 +273,7 @@ struct RankingRecord<'a> {
     lang: Lang,
     prompt: &'a [Message],
     /// Best first.
-    responses: &'a [String; 4],
+    responses: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -220,6 +332,8 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
     docs.extend((0..size.fact_documents).map(|_| fact_document(&mut rng)));
     docs.extend((0..size.arithmetic_documents).map(|_| arithmetic_document(&mut rng)));
     docs.extend((0..size.code_documents).map(|_| code_document(&mut rng)));
+    docs.extend((0..size.qa_documents).map(|_| qa_document(&mut rng)));
+    docs.extend((0..size.list_documents).map(|_| list_document(&mut rng)));
     // Shuffle so every part of the file mixes all kinds.
     for i in (1..docs.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -269,19 +383,31 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                 }
                 for _ in 0..per(size.preference_prompts_per_family) {
                     let t = make(family, lang, split, &mut rng);
+                    // A fluent answer to some other question, ranked just above the worst reply:
+                    // without it the reward model never sees an off-topic answer, and PPO found
+                    // that any confident "A cat has 4 legs." scored well.
+                    let off_topic = loop {
+                        let f = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
+                        let reply = make(f, lang, split, &mut rng).replies[0].clone();
+                        if f != family && !t.replies.contains(&reply) {
+                            break reply;
+                        }
+                    };
+                    let [best, curt, wrong, worst] = t.replies.clone();
+                    let responses = [best, curt, wrong, off_topic, worst];
                     rankings.push(json_line(&RankingRecord {
                         family,
                         lang,
                         prompt: &t.prompt,
-                        responses: &t.replies,
+                        responses: &responses,
                     }));
-                    for i in 0..4 {
-                        for j in i + 1..4 {
+                    for i in 0..responses.len() {
+                        for j in i + 1..responses.len() {
                             pairs.push(json_line(&PairRecord {
                                 family,
                                 prompt: &t.prompt,
-                                chosen: &t.replies[i],
-                                rejected: &t.replies[j],
+                                chosen: &responses[i],
+                                rejected: &responses[j],
                             }));
                         }
                     }
@@ -431,6 +557,34 @@ mod tests {
                 crate::data::chat::parse_record(&v, crate::data::chat::ChatFormat::Auto).unwrap();
             assert_eq!(conv.last().unwrap().role, Role::Assistant);
         }
+    }
+
+    #[test]
+    fn pretraining_text_never_shows_the_probe_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), 5, &CurriculumSize::scaled(0.2)).unwrap();
+        let text = read(dir.path(), "pretrain_train.txt");
+        let mut lists = 0;
+        for line in text.lines() {
+            for a in &ANIMALS {
+                let legs_arrow = line
+                    .strip_prefix(&format!("{} -> ", a.en))
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+                assert!(!legs_arrow, "legs probe format in {line:?}");
+                lists += usize::from(line.starts_with(&format!("{}: ", a.en)));
+            }
+            for c in &COUNTRIES {
+                assert!(
+                    !line.starts_with(&format!("{} | {}", c.en, c.capital_en)),
+                    "capital probe format in {line:?}"
+                );
+            }
+        }
+        // The separators themselves do appear, with other relations.
+        assert!(lists > 0);
+        assert!(COUNTRIES
+            .iter()
+            .any(|c| text.contains(&format!("{} -> {}", c.en, c.capital_en))));
     }
 
     #[test]
