@@ -16,7 +16,7 @@ common=(--policy "$RUN/sft" --reward "$RUN/reward" --eval-prompts "$D/rl_prompts
 [ -f "$OUT/ppo.json" ]  || $B rlhf --algo ppo  --prompts "$D/rl_prompts_train.jsonl" --prompt-baseline --rollout-prompts 8 --group-size 4 \
                                --lr 3e-5 --warmup-steps 2 --minibatch 16 --out "$OUT/ppo" "${common[@]}" > "$OUT/ppo.json"
 [ -f "$OUT/dpo.json" ]  || $B rlhf --algo dpo  --prefs "$D/prefs_pairs_train.jsonl" --val-prefs "$D/prefs_pairs_heldout.jsonl" \
-                               --lr 5e-5 --out "$OUT/dpo" "${common[@]}" > "$OUT/dpo.json"
+                               --lr 1e-5 --out "$OUT/dpo" "${common[@]}" > "$OUT/dpo.json"
 [ -f "$OUT/grpo.json" ] || $B rlhf --algo grpo --prompts "$D/rl_prompts_train.jsonl" --rollout-prompts 4 --group-size 4 \
                                --lr 5e-5 --out "$OUT/grpo" "${common[@]}" > "$OUT/grpo.json"
 python3 - "$OUT" <<'PY'

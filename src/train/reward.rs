@@ -514,6 +514,13 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
 
 /// The raw score that becomes 0: the mean over the base model's own sampled answers to
 /// `norm_prompts` (InstructGPT's choice), else over the held-out responses.
+/// `n` indices evenly spread over `0..len`: prompt files are often grouped by task, and the first
+/// prompts alone would normalise on one task.
+fn spread(len: usize, n: usize) -> Vec<usize> {
+    let n = n.clamp(1, len.max(1));
+    (0..n).map(|i| i * len / n).filter(|&i| i < len).collect()
+}
+
 fn normalisation(
     rm: &RewardModel,
     opts: &RewardOptions,
@@ -524,7 +531,10 @@ fn normalisation(
         let policy = crate::model::load(&opts.base, &Device::Cpu)?;
         let template = ChatTemplate::detect(&policy.tokenizer)?;
         let stops = stop_ids_of(&policy.model, &policy.tokenizer);
-        let take: Vec<_> = prompts.iter().take(opts.norm_samples.max(1)).collect();
+        let take: Vec<_> = spread(prompts.len(), opts.norm_samples)
+            .into_iter()
+            .map(|i| &prompts[i])
+            .collect();
         let mut answers = Vec::new();
         for chunk in take.chunks(16) {
             let ids = chunk
@@ -571,8 +581,9 @@ fn normalisation(
     let mean = scored.iter().sum::<f64>() / scored.len().max(1) as f64;
     let on = match &opts.norm_prompts {
         Some(p) => format!(
-            "{} answers of the base model to {}",
+            "{} sampled answers of {} to prompts spread over {}",
             scored.len(),
+            opts.base.display(),
             p.display()
         ),
         None => format!("{} held-out responses", scored.len()),
@@ -583,6 +594,17 @@ fn normalisation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalisation_prompts_cover_the_whole_file() {
+        let idx = spread(960, 64);
+        assert_eq!(idx.len(), 64);
+        assert_eq!(idx[0], 0);
+        assert!(idx[63] >= 900, "{idx:?}");
+        assert!(idx.windows(2).all(|w| w[1] == w[0] + 15));
+        assert_eq!(spread(3, 64), [0, 1, 2]);
+        assert!(spread(0, 64).is_empty());
+    }
 
     #[test]
     fn bradley_terry_matches_hand_computed_values() {
