@@ -18,7 +18,7 @@ common=(--policy "$RUN/sft" --reward "$RUN/reward" --eval-prompts "$D/rl_prompts
 [ -f "$OUT/dpo.json" ]  || $B rlhf --algo dpo  --prefs "$D/prefs_pairs_train.jsonl" --val-prefs "$D/prefs_pairs_heldout.jsonl" \
                                --lr 1e-5 --out "$OUT/dpo" "${common[@]}" > "$OUT/dpo.json"
 [ -f "$OUT/grpo.json" ] || $B rlhf --algo grpo --prompts "$D/rl_prompts_train.jsonl" --rollout-prompts 4 --group-size 4 \
-                               --lr 5e-5 --out "$OUT/grpo" "${common[@]}" > "$OUT/grpo.json"
+                               --lr 2e-5 --out "$OUT/grpo" "${common[@]}" > "$OUT/grpo.json"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
