@@ -136,6 +136,13 @@ impl Rng {
     }
 }
 
+/// At most `n` indices evenly spread over `0..len` (all of them when `len <= n`): a sample of a
+/// file that is often grouped by task, where the first entries alone would be one task.
+pub fn spread_indices(len: usize, n: usize) -> Vec<usize> {
+    let n = n.clamp(1, len.max(1));
+    (0..n).map(|i| i * len / n).filter(|&i| i < len).collect()
+}
+
 /// Splits items into (kept, held out), holding out every `k`-th one: deterministic and spread over
 /// the input (which is often grouped by file or task).
 pub fn hold_out_every<T>(items: Vec<T>, k: usize) -> (Vec<T>, Vec<T>) {

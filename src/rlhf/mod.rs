@@ -264,9 +264,9 @@ fn prompt_sets(opts: &RlhfOptions) -> Result<(Vec<RlPrompt>, Vec<RlPrompt>)> {
     };
     // Spread the measured prompts over the file (it is grouped by task family).
     if held.len() > opts.eval_samples {
-        let step = held.len() as f64 / opts.eval_samples as f64;
-        held = (0..opts.eval_samples)
-            .map(|i| held[(i as f64 * step) as usize].clone())
+        held = crate::util::spread_indices(held.len(), opts.eval_samples)
+            .into_iter()
+            .map(|i| held[i].clone())
             .collect();
     }
     Ok((train, held))
@@ -282,12 +282,9 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
     let reward = match &opts.reward {
         Some(dir) => {
             let rm = RewardModel::load(dir).map_err(|e| anyhow::anyhow!("--reward: {e:#}"))?;
-            // Token ids are shared between policy samples and reward scores, so every id must mean
-            // the same token in both.
+            // The reward model scores the policy's token ids as they are.
             let (n, m) = (rm.tokenizer.vocab_size(), tok.vocab_size());
-            let same =
-                n == m && (0..n as u32).all(|i| rm.tokenizer.id_to_token(i) == tok.id_to_token(i));
-            if !same {
+            if !rm.tokenizer.same_ids_as(&tok) {
                 bail!(
                     "--reward {} has a different tokenizer ({n} tokens) from the policy {} ({m} tokens); train the reward model from the policy's base or SFT run",
                     dir.display(),
@@ -313,7 +310,7 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
             opts.max_new_tokens
         );
     }
-    let room = context.saturating_sub(opts.max_new_tokens);
+    let room = rollout::prompt_room(context, opts.max_new_tokens);
     let mut truncated_prompts = 0;
     for p in train_prompts.iter().chain(&eval_prompts) {
         let ids = crate::tokenizer::chat::render(&tok, &template, &p.messages, true)?.ids;

@@ -138,15 +138,17 @@ pub struct Sampling<'a> {
     pub max_new_tokens: usize,
 }
 
+/// Prompt tokens a context of `context` keeps beside `max_new_tokens` of answer; longer prompts lose
+/// their start.
+pub fn prompt_room(context: usize, max_new_tokens: usize) -> usize {
+    context.saturating_sub(max_new_tokens).max(1)
+}
+
 impl Sampling<'_> {
     /// The prompt's ids with the assistant header, cut from the left to leave room to answer.
     pub fn prompt_ids(&self, model: &Llama, p: &RlPrompt) -> Result<Vec<u32>> {
         let mut ids = render(self.tokenizer, self.template, &p.messages, true)?.ids;
-        let room = model
-            .config
-            .max_position_embeddings
-            .saturating_sub(self.max_new_tokens)
-            .max(1);
+        let room = prompt_room(model.config.max_position_embeddings, self.max_new_tokens);
         if ids.len() > room {
             ids.drain(..ids.len() - room);
         }

@@ -312,6 +312,13 @@ impl Tokenizer {
         self.token_bytes.len()
     }
 
+    /// Whether every token id means the same token in `other` (so ids can pass between models).
+    pub fn same_ids_as(&self, other: &Tokenizer) -> bool {
+        let n = self.vocab_size();
+        n == other.vocab_size()
+            && (0..n as u32).all(|i| self.id_to_token(i) == other.id_to_token(i))
+    }
+
     pub fn special_id(&self, token: &str) -> Option<u32> {
         self.special.get(token).copied()
     }

@@ -514,13 +514,6 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
 
 /// The raw score that becomes 0: the mean over the base model's own sampled answers to
 /// `norm_prompts` (InstructGPT's choice), else over the held-out responses.
-/// `n` indices evenly spread over `0..len`: prompt files are often grouped by task, and the first
-/// prompts alone would normalise on one task.
-fn spread(len: usize, n: usize) -> Vec<usize> {
-    let n = n.clamp(1, len.max(1));
-    (0..n).map(|i| i * len / n).filter(|&i| i < len).collect()
-}
-
 fn normalisation(
     rm: &RewardModel,
     opts: &RewardOptions,
@@ -531,7 +524,7 @@ fn normalisation(
         let policy = crate::model::load(&opts.base, &Device::Cpu)?;
         let template = ChatTemplate::detect(&policy.tokenizer)?;
         let stops = stop_ids_of(&policy.model, &policy.tokenizer);
-        let take: Vec<_> = spread(prompts.len(), opts.norm_samples)
+        let take: Vec<_> = util::spread_indices(prompts.len(), opts.norm_samples)
             .into_iter()
             .map(|i| &prompts[i])
             .collect();
@@ -597,13 +590,13 @@ mod tests {
 
     #[test]
     fn normalisation_prompts_cover_the_whole_file() {
-        let idx = spread(960, 64);
+        let idx = util::spread_indices(960, 64);
         assert_eq!(idx.len(), 64);
         assert_eq!(idx[0], 0);
         assert!(idx[63] >= 900, "{idx:?}");
         assert!(idx.windows(2).all(|w| w[1] == w[0] + 15));
-        assert_eq!(spread(3, 64), [0, 1, 2]);
-        assert!(spread(0, 64).is_empty());
+        assert_eq!(util::spread_indices(3, 64), [0, 1, 2]);
+        assert!(util::spread_indices(0, 64).is_empty());
     }
 
     #[test]
