@@ -89,6 +89,10 @@ pub struct TrainBench {
     pub tokens_per_step: usize,
     pub step_seconds: Vec<f64>,
     pub median_step_seconds: f64,
+    /// The step's phases: the loss, its backward pass, and clipping plus the AdamW update.
+    pub median_forward_seconds: f64,
+    pub median_backward_seconds: f64,
+    pub median_update_seconds: f64,
     pub tokens_per_second: f64,
     /// Model FLOPs of one step (6 per weight per token for the matmuls, plus attention scores).
     pub gflop_per_step: f64,
@@ -130,6 +134,8 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     let (b, t) = (opts.batch, opts.context);
     let pb = progress((opts.warmup + opts.steps) as u64, "bench train");
     let mut step_seconds = Vec::new();
+    // Forward, backward, and clipping plus the optimizer update, per timed step.
+    let mut phases: Vec<[f64; 3]> = Vec::new();
     let mut losses = Vec::new();
     for step in 0..opts.warmup + opts.steps {
         let ids: Vec<u32> = (0..b * (t + 1))
@@ -139,13 +145,19 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
         let start = Instant::now();
         let loss = model.loss(&x, &y)?;
+        let forward = start.elapsed().as_secs_f64();
+        let grad_store = loss.backward()?;
+        let backward = start.elapsed().as_secs_f64();
         let mut acc = GradAccumulator::new(optimizer.params.len());
-        acc.add(&optimizer.params, &loss.backward()?)?;
+        acc.add(&optimizer.params, &grad_store)?;
+        drop(grad_store);
         let (grads, _) = acc.finish(&optimizer.params, 1.0)?;
         optimizer.apply(&grads, 1e-3)?;
+        let update = start.elapsed().as_secs_f64();
         let loss = loss.to_scalar::<f32>()? as f64;
         let secs = start.elapsed().as_secs_f64();
         if step >= opts.warmup {
+            phases.push([forward, backward - forward, update - backward]);
             step_seconds.push(secs);
             losses.push(loss);
         }
@@ -161,6 +173,9 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         tokens_per_step: b * t,
         step_seconds,
         median_step_seconds: med,
+        median_forward_seconds: median(&phases.iter().map(|p| p[0]).collect::<Vec<_>>()),
+        median_backward_seconds: median(&phases.iter().map(|p| p[1]).collect::<Vec<_>>()),
+        median_update_seconds: median(&phases.iter().map(|p| p[2]).collect::<Vec<_>>()),
         tokens_per_second: (b * t) as f64 / med,
         gflop_per_step: flops / 1e9,
         gflop_per_second: flops / 1e9 / med,

@@ -1,6 +1,7 @@
 //! Fused CPU kernels with their backward passes, for the operations that dominate a training step
 //! when composed from candle primitives (each primitive is a separate, often single-threaded,
-//! broadcasting pass over memory): causal softmax, RMSNorm, rotary embedding and cross-entropy.
+//! broadcasting pass over memory): causal softmax, RMSNorm, rotary embedding, cross-entropy,
+//! SwiGLU, causal attention and the projections themselves.
 //!
 //! Each kernel has a composed twin built from differentiable candle ops; the model uses the twin on
 //! devices other than the CPU, and the tests check that both agree in value and gradient.
@@ -16,9 +17,117 @@ use rayon::prelude::*;
 trait Real:
     WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
 {
+    /// e^self, inlined and branch-free for f32 so that loops over it vectorise.
+    fn fast_exp(self) -> Self;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        exp_f32(self)
+    }
+}
+impl Real for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+}
+
+/// e^x in f32 to about one ulp, without a call into libm: the softmaxes, cross-entropy and SiLU
+/// of a training step take tens of millions of exponentials, and glibc's scalar `expf` was 6% of
+/// the step. Cody–Waite reduction x = n·ln2 + r with |r| ≤ ln2/2, Cephes' polynomial for e^r,
+/// and 2^n built in the exponent bits (in two halves, so n = 128 does not overflow early).
+/// Below −87.33 (where e^x leaves the normal range) it returns 0; NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2^23: adding it rounds to the nearest integer, held in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    const LOW: f32 = -87.336_54;
+    const HIGH: f32 = 88.722_83;
+    let xc = x.clamp(LOW, HIGH);
+    let t = xc * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let k = t.to_bits() as i32 - SHIFTER.to_bits() as i32;
+    let half = k >> 1;
+    let two = |e: i32| f32::from_bits(((e + 127) << 23) as u32);
+    let y = er * two(half) * two(k - half);
+    let y = if x < LOW { 0.0 } else { y };
+    let y = if x > HIGH { f32::INFINITY } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// Lanes the row reductions below fold in, so that they vectorise.
+const LANES: usize = 8;
+
+/// The largest element of a row (NaNs skipped, as `Float::max` does).
+fn row_max<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            if c[i] > lanes[i] {
+                lanes[i] = c[i];
+            }
+        }
+    }
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(T::neg_infinity(), |m, &v| Float::max(m, v))
+}
+
+/// The sum of a row.
+fn row_sum<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += c[i];
+        }
+    }
+    lanes.iter().chain(tail).fold(T::zero(), |a, &v| a + v)
+}
+
+/// Σ exp(x − max) over a row.
+fn exp_sum<T: Real>(row: &[T], max: T) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += (c[i] - max).fast_exp();
+        }
+    }
+    lanes
+        .iter()
+        .copied()
+        .chain(tail.iter().map(|&x| (x - max).fast_exp()))
+        .fold(T::zero(), |a, v| a + v)
+}
+
+/// Writes exp(x − max) of each element of `row` to `out` and returns their sum.
+fn exp_into<T: Real>(row: &[T], max: T, out: &mut [T]) -> T {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x - max).fast_exp();
+    }
+    row_sum(&out[..row.len()])
+}
 
 fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     let (a, b) = l
@@ -83,15 +192,8 @@ fn causal_softmax_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage
         .enumerate()
         .for_each(|(r, (yr, xr))| {
             let visible = (r % t) + (n - t) + 1;
-            let max = xr[..visible]
-                .iter()
-                .fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-            let mut sum = T::zero();
-            for j in 0..visible {
-                let e = (xr[j] - max).exp();
-                yr[j] = e;
-                sum += e;
-            }
+            let max = row_max(&xr[..visible]);
+            let sum = exp_into(&xr[..visible], max, yr);
             let inv = T::one() / sum;
             yr[..visible].iter_mut().for_each(|v| *v *= inv);
         });
@@ -466,9 +568,8 @@ fn ce_fwd<T: Real>(
                     "cross_entropy: target {t} outside vocabulary {v}"
                 )));
             }
-            let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-            let sum = row.iter().fold(T::zero(), |a, &x| a + (x - max).exp());
-            Ok(sum.ln() + max - row[t])
+            let max = row_max(row);
+            Ok(exp_sum(row, max).ln() + max - row[t])
         })
         .collect();
     Ok((T::to_cpu_storage_owned(out?), Shape::from(ll.dims()[0])))
@@ -491,12 +592,9 @@ fn ce_bwd<T: Real>(
         .zip(logits.par_chunks(v))
         .enumerate()
         .for_each(|(i, (dr, row))| {
-            let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-            let sum = row.iter().fold(T::zero(), |a, &x| a + (x - max).exp());
-            let scale = g[i] / sum;
-            for j in 0..v {
-                dr[j] = (row[j] - max).exp() * scale;
-            }
+            let max = row_max(row);
+            let scale = g[i] / exp_into(row, max, dr);
+            dr.iter_mut().for_each(|d| *d *= scale);
             let t = targets[i] as usize;
             dr[t] -= g[i];
         });
@@ -557,7 +655,7 @@ struct SwiGluBackward {
 }
 
 fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).fast_exp())
 }
 
 fn swiglu_fwd<T: Real>(
@@ -650,6 +748,370 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(gate)? * up
 }
 
+// ---------------------------------------------------------------- linear projection
+
+/// `x · wᵀ` for x `[.., K]` and a weight `w` `[M, K]`, as one autograd node. candle_nn's Linear
+/// is four nodes (reshape, transpose, matmul, reshape), and candle's backward gives every node's
+/// input a zeroed gradient to add into: three extra passes over the activations per projection and
+/// a transposed add over the weight. As a broadcast matmul, the tied output head also built a
+/// `[B, hidden, vocab]` weight gradient and summed it over the batch.
+struct LinearProj;
+
+/// The two products of the projection's backward pass, given `dy` `[N, M]` and the other operand.
+enum LinearGrad {
+    /// `dx = dy · w`, with `w` `[M, K]`.
+    Input,
+    /// `dw = dyᵀ · x`, with `x` `[N, K]`.
+    Weight,
+}
+
+/// `a (m×k) · b (k×n)` as a new row-major `m×n` matrix, on all of rayon's threads; `a` and `b`
+/// are given by (row, column) strides.
+fn matmul_new<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+) -> Vec<T> {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    assert!(
+        m * k == 0 || last(a_rs, a_cs, m, k) < a.len(),
+        "matmul_new: lhs too short"
+    );
+    assert!(
+        n * k == 0 || last(b_rs, b_cs, k, n) < b.len(),
+        "matmul_new: rhs too short"
+    );
+    if k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    // Left uninitialised: gemm writes every element when it does not read the destination, and
+    // zeroing first was a tenth of the step's memory traffic.
+    let mut dst = Vec::with_capacity(m * n);
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every read inside `a` and `b`; `dst` has room for m×n
+    // values, all of which gemm writes (k > 0, read_dst false) before the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        dst.set_len(m * n);
+    };
+    dst
+}
+
+/// (rows N, weight rows M, inner K) of `x` `[.., K]` against `w` `[M, K]`.
+fn linear_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
+    let k = xl.dims().last().copied().unwrap_or(0);
+    let (m, wk) = wl.shape().dims2()?;
+    if wk != k {
+        return Err(Error::Msg(format!(
+            "linear: input width {k} does not match weight {:?}",
+            wl.dims()
+        )));
+    }
+    Ok((xl.shape().elem_count() / k.max(1), m, k))
+}
+
+fn linear_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, m, k) = linear_dims(xl, wl)?;
+    let x = data::<T>(xs, xl, "linear")?;
+    let w = data::<T>(ws, wl, "linear")?;
+    let y = matmul_new((n, m, k), x, (k, 1), w, (1, k));
+    let mut dims = xl.dims().to_vec();
+    *dims.last_mut().expect("linear_dims checked the rank") = m;
+    Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
+}
+
+fn linear_bwd<T: Real>(
+    ds: &CpuStorage,
+    dl: &Layout,
+    os: &CpuStorage,
+    ol: &Layout,
+    grad: &LinearGrad,
+) -> Result<(CpuStorage, Shape)> {
+    let dy = data::<T>(ds, dl, "linear_backward")?;
+    let other = data::<T>(os, ol, "linear_backward")?;
+    let m = dl.dims().last().copied().unwrap_or(0);
+    let n = dl.shape().elem_count() / m.max(1);
+    Ok(match grad {
+        LinearGrad::Input => {
+            let (wm, k) = ol.shape().dims2()?;
+            debug_assert_eq!(wm, m);
+            let dx = matmul_new((n, k, m), dy, (m, 1), other, (k, 1));
+            let mut dims = dl.dims().to_vec();
+            *dims.last_mut().expect("dy has a last axis") = k;
+            (T::to_cpu_storage_owned(dx), Shape::from(dims))
+        }
+        LinearGrad::Weight => {
+            let k = ol.dims().last().copied().unwrap_or(0);
+            let dw = matmul_new((m, k, n), dy, (1, m), other, (k, 1));
+            (T::to_cpu_storage_owned(dw), Shape::from((m, k)))
+        }
+    })
+}
+
+impl CustomOp2 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "linear_backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), linear_bwd(s1, l1, s2, l2, self))
+    }
+}
+
+impl CustomOp2 for LinearProj {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1.dtype(), self.name(), linear_fwd(s1, l1, s2, l2))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(w, &LinearGrad::Input)?;
+        let dw = dy.apply_op2_no_bwd(x, &LinearGrad::Weight)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x · wᵀ` for x `[.., K]` and w `[M, K]` (a projection without bias). Fused on the CPU,
+/// candle_nn's Linear elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && x.dtype() == w.dtype() {
+        x.contiguous()?.apply_op2(&w.contiguous()?, LinearProj)
+    } else {
+        linear_composed(x, w)
+    }
+}
+
+pub fn linear_composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    candle_nn::Linear::new(w.clone(), None).forward(x)
+}
+
+// ---------------------------------------------------------------- output head with cross-entropy
+
+/// The output projection and cross-entropy as one node: hidden `[N, C]`, head weight `[V, C]` and
+/// u32 targets `[N]` give each row's negative log-likelihood `[N]`. Separately, the logits
+/// (`N·V`, 64 MB in the benchmark step) were a node of their own: cross-entropy's backward
+/// allocated their gradient zeroed, candle allocated another zeroed one to add it into, and
+/// the projection's backward read it again. Here the backward pass turns the logits the forward
+/// pass kept into their gradient in place and multiplies straight from it.
+struct HeadNll {
+    /// The forward pass's logits, taken by the backward pass (recomputed if already taken).
+    logits: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// (rows N, vocabulary V, width C) of hidden `[.., C]` against the head `[V, C]`.
+fn head_dims(hl: &Layout, wl: &Layout, tl: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, v, c) = linear_dims(hl, wl)?;
+    if tl.shape().elem_count() != n {
+        return Err(Error::Msg(format!(
+            "head_nll: {} targets for {n} hidden rows",
+            tl.shape().elem_count()
+        )));
+    }
+    Ok((n, v, c))
+}
+
+fn head_logits<T: Real>(
+    hs: &CpuStorage,
+    hl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<Vec<T>> {
+    let (n, v, c) = linear_dims(hl, wl)?;
+    let h = data::<T>(hs, hl, "head_nll")?;
+    let w = data::<T>(ws, wl, "head_nll")?;
+    Ok(matmul_new((n, v, c), h, (c, 1), w, (1, c)))
+}
+
+fn head_nll_fwd<T: Real>(
+    op: &HeadNll,
+    hs: &CpuStorage,
+    hl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, v, _) = head_dims(hl, wl, tl)?;
+    let targets = data::<u32>(ts, tl, "head_nll")?;
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(Error::Msg(format!(
+            "head_nll: target {t} outside vocabulary {v}"
+        )));
+    }
+    let logits = head_logits::<T>(hs, hl, ws, wl)?;
+    let nll: Vec<T> = logits
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let max = row_max(row);
+            exp_sum(row, max).ln() + max - row[t as usize]
+        })
+        .collect();
+    let nll = T::to_cpu_storage_owned(nll);
+    *op.logits.lock().expect("head_nll cache") = Some(Box::new(logits));
+    Ok((nll, Shape::from(n)))
+}
+
+/// (hidden, head weight) gradients from `dnll` `[N]`.
+fn head_nll_bwd<T: Real>(
+    op: &HeadNll,
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    dnll: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (hs, hl) = h.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (ts, tl) = targets.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(hs),
+        candle_core::Storage::Cpu(ws),
+        candle_core::Storage::Cpu(ts),
+    ) = (&*hs, &*ws, &*ts)
+    else {
+        return Err(Error::Msg("head_nll: operands must be on the CPU".into()));
+    };
+    let (n, v, c) = head_dims(hl, wl, tl)?;
+    let g = dnll.contiguous()?.to_vec1::<T>()?;
+    let targets = data::<u32>(ts, tl, "head_nll")?;
+    let cached = op.logits.lock().expect("head_nll cache").take();
+    let mut d: Vec<T> = match cached.and_then(|c| c.downcast::<Vec<T>>().ok()) {
+        Some(logits) => *logits,
+        None => head_logits::<T>(hs, hl, ws, wl)?,
+    };
+    // dlogits = g · (softmax(logits) − onehot(target)), row by row in place.
+    d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+        let max = row_max(row);
+        row.iter_mut().for_each(|x| *x = (*x - max).fast_exp());
+        let scale = g[i] / row_sum(row);
+        row.iter_mut().for_each(|x| *x *= scale);
+        row[targets[i] as usize] -= g[i];
+    });
+    let hd = data::<T>(hs, hl, "head_nll")?;
+    let wd = data::<T>(ws, wl, "head_nll")?;
+    let dh = matmul_new((n, c, v), &d, (v, 1), wd, (c, 1));
+    let dw = matmul_new((v, c, n), &d, (1, v), hd, (c, 1));
+    let dev = h.device();
+    Ok((
+        Tensor::from_vec(dh, h.shape(), dev)?,
+        Tensor::from_vec(dw, w.shape(), dev)?,
+    ))
+}
+
+impl CustomOp3 for HeadNll {
+    fn name(&self) -> &'static str {
+        "head_nll"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1.dtype(),
+            self.name(),
+            head_nll_fwd(self, s1, l1, s2, l2, s3, l3)
+        )
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _nll: &Tensor,
+        dnll: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dh, dw) = dispatch!(
+            h.dtype(),
+            self.name(),
+            head_nll_bwd(self, h, w, targets, dnll)
+        )?;
+        Ok((Some(dh), Some(dw), None))
+    }
+}
+
+/// Negative log-likelihood `[N]` of u32-convertible `targets` `[N]` under the logits
+/// `hidden · headᵀ` (hidden `[.., C]` with N rows, head `[V, C]`), without a logits node on the
+/// CPU.
+pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_ok(hidden) && hidden.dtype() == head.dtype() {
+        let op = HeadNll {
+            logits: std::sync::Mutex::new(None),
+        };
+        hidden.contiguous()?.apply_op3(
+            &head.contiguous()?,
+            &targets.to_dtype(DType::U32)?.flatten_all()?.contiguous()?,
+            op,
+        )
+    } else {
+        head_nll_composed(hidden, head, targets)
+    }
+}
+
+pub fn head_nll_composed(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let c = hidden.dim(D::Minus1)?;
+    let logits = linear_composed(&hidden.reshape(((), c))?, head)?;
+    token_nll_composed(&logits, &targets.flatten_all()?)
+}
+
 // ---------------------------------------------------------------- causal attention
 
 /// Rotary embedding, scaling and causal attention as one autograd node, on the projections'
@@ -721,14 +1183,11 @@ unsafe fn small_matmul<T: Real>(
 /// Row-wise causal softmax of a `t × t` score block in place (row i sees columns 0..=i).
 fn causal_softmax_rows<T: Real>(p: &mut [T], t: usize) {
     for (i, row) in p.chunks_mut(t).enumerate() {
-        let max = row[..=i]
-            .iter()
-            .fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-        let mut sum = T::zero();
+        let max = row_max(&row[..=i]);
         for v in row[..=i].iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
+            *v = (*v - max).fast_exp();
         }
+        let sum = row_sum(&row[..=i]);
         let inv = T::one() / sum;
         row[..=i].iter_mut().for_each(|v| *v *= inv);
         row[i + 1..].iter_mut().for_each(|v| *v = T::zero());
@@ -1251,6 +1710,72 @@ mod tests {
                 || run(rope_attention_composed),
             );
         }
+    }
+
+    #[test]
+    fn linear_matches_composed_for_any_leading_shape() {
+        let w = randn(&[5, 7], 20);
+        for dims in [vec![3, 7], vec![2, 3, 7]] {
+            let x = randn(&dims, 21);
+            agree(
+                &[&x, &w],
+                || linear(x.as_tensor(), w.as_tensor()).unwrap(),
+                || linear_composed(x.as_tensor(), w.as_tensor()).unwrap(),
+            );
+        }
+        // One output row and one output column take gemm's vector paths.
+        let (x1, w1) = (randn(&[1, 7], 26), randn(&[1, 7], 27));
+        agree(
+            &[&x1, &w1],
+            || linear(x1.as_tensor(), w1.as_tensor()).unwrap(),
+            || linear_composed(x1.as_tensor(), w1.as_tensor()).unwrap(),
+        );
+        let wrong = randn(&[5, 6], 22);
+        assert!(linear(randn(&[3, 7], 23).as_tensor(), wrong.as_tensor()).is_err());
+    }
+
+    #[test]
+    fn head_nll_matches_composed_and_rejects_bad_targets() {
+        let h = randn(&[2, 3, 6], 24);
+        let w = randn(&[11, 6], 25);
+        let targets = Tensor::new(&[[0u32, 3, 10], [5, 5, 1]], &Device::Cpu).unwrap();
+        agree(
+            &[&h, &w],
+            || head_nll(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
+            || head_nll_composed(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
+        );
+        let bad = Tensor::new(&[[0u32, 3, 11], [5, 5, 1]], &Device::Cpu).unwrap();
+        assert!(head_nll(h.as_tensor(), w.as_tensor(), &bad).is_err());
+        let short = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+        assert!(head_nll(h.as_tensor(), w.as_tensor(), &short).is_err());
+    }
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_and_keeps_the_edge_cases() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.7 {
+            let exact = (x as f64).exp();
+            worst = worst.max(((exp_f32(x) as f64) - exact).abs() / exact);
+            x += 0.000_731;
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        // The lane-folded reductions agree with the plain ones, remainders included.
+        let row: Vec<f32> = (0..21)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.37 - 4.0)
+            .collect();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row_max(&row), max);
+        let plain: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+        assert!((exp_sum(&row, max) - plain).abs() < 1e-5 * plain);
+        let mut out = vec![0.0f32; row.len()];
+        assert!((exp_into(&row, max, &mut out) - plain).abs() < 1e-5 * plain);
     }
 
     #[test]

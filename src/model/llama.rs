@@ -143,7 +143,7 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 impl Proj {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Proj::Dense(l) => l.forward(x),
+            Proj::Dense(l) => add_bias(linear(x, l.weight())?, &l.bias().cloned()),
             Proj::Quantized { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Block { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Lora { base, a, b, scale } => super::lora::forward(base, a, b, *scale, x),
@@ -220,7 +220,7 @@ fn param<S: Into<candle_core::Shape>>(
     vb.get_with_hints(shape, name, initial_value(c, &full))
 }
 
-fn linear(
+fn projection(
     vb: &VarBuilder,
     c: &LlamaConfig,
     inp: usize,
@@ -246,7 +246,9 @@ pub(super) fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
         .collect()
 }
 
-use super::kernels::{causal_softmax, rms_norm, rope, rope_attention, swiglu, token_nll};
+use super::kernels::{
+    causal_softmax, head_nll, linear, rms_norm, rope, rope_attention, swiglu, token_nll,
+};
 
 impl Attention {
     fn forward(
@@ -326,7 +328,7 @@ impl Llama {
             let l = m.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             let attn = Attention {
-                q: linear(
+                q: projection(
                     &a,
                     c,
                     hid,
@@ -334,18 +336,18 @@ impl Llama {
                     c.attention_bias,
                     "q_proj",
                 )?,
-                k: linear(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "k_proj")?,
-                v: linear(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "v_proj")?,
-                o: linear(&a, c, c.num_attention_heads * hd, hid, false, "o_proj")?,
+                k: projection(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "k_proj")?,
+                v: projection(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "v_proj")?,
+                o: projection(&a, c, c.num_attention_heads * hd, hid, false, "o_proj")?,
                 heads: c.num_attention_heads,
                 kv_heads: c.kv_heads(),
                 head_dim: hd,
             };
             let p = l.pp("mlp");
             let mlp = Mlp {
-                gate: linear(&p, c, hid, c.intermediate_size, c.mlp_bias, "gate_proj")?,
-                up: linear(&p, c, hid, c.intermediate_size, c.mlp_bias, "up_proj")?,
-                down: linear(&p, c, c.intermediate_size, hid, c.mlp_bias, "down_proj")?,
+                gate: projection(&p, c, hid, c.intermediate_size, c.mlp_bias, "gate_proj")?,
+                up: projection(&p, c, hid, c.intermediate_size, c.mlp_bias, "up_proj")?,
+                down: projection(&p, c, c.intermediate_size, hid, c.mlp_bias, "down_proj")?,
             };
             layers.push(Block {
                 input_norm: param(&l.pp("input_layernorm"), c, hid, "weight")?,
@@ -518,8 +520,7 @@ impl Llama {
         if let Some(q) = &self.quant_head {
             return q.forward(hidden);
         }
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden.broadcast_matmul(&w.t()?)
+        linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
     /// Logits [B, T, vocab].
@@ -543,6 +544,10 @@ impl Llama {
     /// (for callers that also read the hidden states, such as a value head).
     pub fn hidden_token_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t) = targets.dims2()?;
+        if self.quant_head.is_none() {
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            return head_nll(hidden, head, targets)?.reshape((b, t));
+        }
         let logits = self
             .logits(hidden)?
             .reshape((b * t, self.config.vocab_size))?;

@@ -164,8 +164,7 @@ pub(super) fn forward(
     scale: f64,
     x: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    use candle_core::Module;
-    let h = a.forward(x)?;
+    let h = super::kernels::linear(x, a.weight())?;
     let b_scaled = (b.weight() * scale)?;
     match base {
         Proj::Dense(l) if x.device().is_cpu() && x.dtype() == DType::F32 => {

@@ -2,7 +2,11 @@
 //! accumulation and the warmup + cosine learning-rate schedule. candle-nn's AdamW has no per-tensor
 //! decay, no clipping and no access to its moments for checkpoints, hence this file.
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Storage,
+    Tensor, Var,
+};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -81,20 +85,27 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, p) in self.params.iter().enumerate() {
-            let lr = lr * p.lr_scale;
-            let g = &grads[i];
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let theta = p.var.as_tensor();
-            let theta = if p.decay {
-                (theta * (1.0 - lr * c.weight_decay))?
-            } else {
-                theta.clone()
+            let step = AdamStep {
+                lr: lr * p.lr_scale,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                bc1,
+                bc2,
+                eps: c.eps,
+                decay: if p.decay { c.weight_decay } else { 0.0 },
             };
-            p.var.set(&(theta - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            let (theta, g) = (p.var.as_tensor(), &grads[i]);
+            if [theta, g, &self.m[i], &self.v[i]]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+            {
+                step.fused(theta, g, &self.m[i], &self.v[i])?;
+            } else {
+                let (m, v, theta) = step.composed(theta, g, &self.m[i], &self.v[i])?;
+                p.var.set(&theta)?;
+                self.m[i] = m;
+                self.v[i] = v;
+            }
         }
         Ok(())
     }
@@ -123,12 +134,162 @@ impl AdamW {
                         slot.shape()
                     );
                 }
-                *slot = t.to_dtype(slot.dtype())?;
+                // A copy: the update writes the moments in place.
+                *slot = t.to_dtype(slot.dtype())?.copy()?;
             }
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update of one tensor, with its hyperparameters resolved.
+struct AdamStep {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    /// Bias corrections 1 − β^t.
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    /// Decoupled weight decay (0 for vectors).
+    decay: f64,
+}
+
+/// Elements per parallel task of the fused update.
+const CHUNK: usize = 1 << 14;
+
+impl AdamStep {
+    /// The update from candle ops, for any device and dtype: new (m, v, θ).
+    fn composed(
+        &self,
+        theta: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+        let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        let update = ((&m / self.bc1)? / ((&v / self.bc2)?.sqrt()? + self.eps)?)?;
+        let theta = (theta * (1.0 - self.lr * self.decay))?;
+        let theta = (theta - (update * self.lr)?)?;
+        Ok((m, v, theta))
+    }
+
+    /// The same update in place on contiguous f32 CPU tensors: the moments in one pass, then the
+    /// weights in another. Composed, it is a dozen passes that each allocate a weight-sized tensor.
+    fn fused(&self, theta: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
+        m.inplace_op2(
+            g,
+            &Moment {
+                beta: self.beta1,
+                squared: false,
+            },
+        )?;
+        v.inplace_op2(
+            g,
+            &Moment {
+                beta: self.beta2,
+                squared: true,
+            },
+        )?;
+        theta.inplace_op3(m, v, self)
+    }
+}
+
+/// A contiguous f32 CPU operand as a slice.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("adamw: operand must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("adamw: operand must be contiguous".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: fused update needs f32"),
+    }
+}
+
+/// A moment's exponential average in place: `m ← β·m + (1 − β)·g` (or `g²`).
+struct Moment {
+    beta: f64,
+    squared: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw_moment"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let (m, g) = (f32s_mut(dst, dst_l)?, f32s(gs, gl)?);
+        let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
+        let squared = self.squared;
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    *m = beta * *m + rest * if squared { g * g } else { g };
+                }
+            });
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for AdamStep {
+    fn name(&self) -> &'static str {
+        "adamw_step"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let theta = f32s_mut(dst, dst_l)?;
+        let (m, v) = (f32s(ms, ml)?, f32s(vs, vl)?);
+        let keep = (1.0 - self.lr * self.decay) as f32;
+        let (step1, inv_bc2) = ((self.lr / self.bc1) as f32, (1.0 / self.bc2) as f32);
+        let eps = self.eps as f32;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(t, (m, v))| {
+                for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                    *t = keep * *t - step1 * m / ((v * inv_bc2).sqrt() + eps);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// Σ g² in f64: one pass over a contiguous f32 CPU gradient, candle ops otherwise.
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    {
+        let (storage, layout) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(all[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum());
+        }
+    }
+    g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 /// Sums gradients over micro-batches; parameters a micro-batch did not reach count as zero.
@@ -169,11 +330,7 @@ impl GradAccumulator {
             .collect::<Result<_>>()?;
         let mut sq = 0.0f64;
         for g in &grads {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            sq += sum_of_squares(g)?;
         }
         let norm = sq.sqrt();
         if max_norm > 0.0 && norm > max_norm {
@@ -235,6 +392,61 @@ mod tests {
         }
         let final_w: f32 = w.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(final_w < 0.1, "{final_w}");
+    }
+
+    #[test]
+    fn fused_update_matches_the_composed_one() {
+        let dev = Device::Cpu;
+        let r = |seed: u64, n: usize| {
+            let mut rng = crate::util::Rng::new(seed);
+            let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            Tensor::from_vec(v, n, &dev).unwrap()
+        };
+        let n = 3 * CHUNK + 17;
+        let (theta, g, m) = (r(1, n), r(2, n), r(3, n));
+        let v = r(4, n).abs().unwrap();
+        for decay in [0.0, 0.1] {
+            let step = AdamStep {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.95,
+                bc1: 0.3,
+                bc2: 0.2,
+                eps: 1e-8,
+                decay,
+            };
+            let (m1, v1, t1) = step.composed(&theta, &g, &m, &v).unwrap();
+            let (t2, m2, v2) = (theta.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+            step.fused(&t2, &g, &m2, &v2).unwrap();
+            for (a, b) in [(&m1, &m2), (&v1, &v2), (&t1, &t2)] {
+                let diff: f32 = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(diff < 1e-5, "fused and composed differ by {diff}");
+            }
+            // The inputs really moved (the fused update wrote in place).
+            let moved: f32 = (&t2 - &theta)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(moved > 1e-3);
+        }
+        let exact: f64 = g
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum();
+        assert!((sum_of_squares(&g).unwrap() - exact).abs() < 1e-9 * exact);
     }
 
     #[test]
