@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """One training step, chatforge vs PyTorch eager (fp32 and bf16 autocast), on the same model and machine.
+chatforge runs fp32 and, on CPUs with AMX, `--precision bf16` (its mixed precision).
 
 The PyTorch side builds the model `chatforge bench train` builds (Llama family: RMSNorm, rotary
 embeddings, multi-head attention through scaled_dot_product_attention, SwiGLU, tied embeddings) and
@@ -134,8 +135,14 @@ def main():
              "--warmup", str(a.warmup), "--json"]
     ours = json.loads(subprocess.run([a.binary, "bench", "train", *shape], check=True, env=env,
                                      capture_output=True, text=True).stdout)
-    our_mm = json.loads(subprocess.run([a.binary, "bench", "matmul", "--json"], check=True, env=env,
-                                       capture_output=True, text=True).stdout)["gflop_per_second"]
+    mm = json.loads(subprocess.run([a.binary, "bench", "matmul", "--json"], check=True, env=env,
+                                   capture_output=True, text=True).stdout)
+    our_mm, our_mm16 = mm["gflop_per_second"], mm.get("bf16_gflop_per_second")
+    # Mixed precision on AMX tiles, where the CPU has them.
+    ours16 = None
+    if our_mm16:
+        ours16 = json.loads(subprocess.run([a.binary, "bench", "train", *shape, "--precision", "bf16"], check=True,
+                                           env=env, capture_output=True, text=True).stdout)
     try:
         import torch
     except ImportError:
@@ -150,6 +157,8 @@ def main():
     rows = [("chatforge fp32", ours["median_step_seconds"], our_mm, ours["peak_rss_mb"]),
             (f"PyTorch {torch.__version__} fp32", t32, mm32, None),
             ("PyTorch bf16 autocast", t16, mm16, None)]
+    if ours16:
+        rows.insert(1, ("chatforge bf16 (AMX)", ours16["median_step_seconds"], our_mm16, ours16["peak_rss_mb"]))
     print(f"training step: {a.layers} layers, width {a.width}, {a.heads} heads ({a.kv_heads} kv), ffn {a.ffn}, "
           f"context {a.context}, vocab {a.vocab}, batch {a.batch}; {a.threads} threads; median of {a.steps} steps")
     print("| implementation | s/step | tokens/s | GFLOP/s | matmul ceiling GFLOP/s | fraction of ceiling |")
@@ -157,11 +166,18 @@ def main():
     for name, s, ceiling, _ in rows:
         print(f"| {name} | {s:.3f} | {tokens / s:,.0f} | {flops / s:.1f} | {ceiling:.0f} | {flops / s / ceiling:.2f} |")
     print(f"| chatforge / PyTorch fp32 | {t32 / ours['median_step_seconds']:.2f}x | | | | |")
-    print(f"| chatforge / PyTorch bf16 | {t16 / ours['median_step_seconds']:.2f}x | | | | |")
+    print(f"| chatforge fp32 / PyTorch bf16 | {t16 / ours['median_step_seconds']:.2f}x | | | | |")
+    if ours16:
+        print(f"| chatforge bf16 / PyTorch bf16 | {t16 / ours16['median_step_seconds']:.2f}x | | | | |")
+        print(f"| chatforge bf16 / PyTorch fp32 | {t32 / ours16['median_step_seconds']:.2f}x | | | | |")
+    if ours16:
+        print(f"bf16 loss after {a.steps} steps: chatforge {ours16['losses'][-1]:.3f} vs its fp32 "
+              f"{ours['losses'][-1]:.3f}")
     print(f"peak RSS: chatforge {ours['peak_rss_mb']:.0f} MB, PyTorch (both runs, one process) {rss:.0f} MB; "
           f"chatforge at {flops / ours['median_step_seconds'] / mm32:.2f} of PyTorch's fp32 matmul ceiling")
     if a.json:
-        json.dump({"chatforge": ours, "chatforge_matmul_gflops": our_mm, "torch_fp32_s": t32, "torch_bf16_s": t16,
+        json.dump({"chatforge": ours, "chatforge_bf16": ours16, "chatforge_matmul_gflops": our_mm,
+                   "chatforge_matmul_bf16_gflops": our_mm16, "torch_fp32_s": t32, "torch_bf16_s": t16,
                    "torch_matmul_fp32_gflops": mm32, "torch_matmul_bf16_gflops": mm16, "torch_peak_rss_mb": rss,
                    "gflop_per_step": flops}, open(a.json, "w"), indent=1)
 

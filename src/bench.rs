@@ -6,6 +6,7 @@
 use crate::model::llama::seeded_init;
 use crate::model::{Llama, LlamaConfig};
 use crate::train::optim::{AdamW, AdamWConfig, GradAccumulator};
+use crate::train::Precision;
 use crate::util::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -65,6 +66,9 @@ pub struct TrainBenchOptions {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// bf16: the projections' matmuls on AMX tiles with bf16 operands (mixed precision).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl TrainBenchOptions {
@@ -122,6 +126,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     }
     let config = opts.config()?;
     let device = Device::Cpu;
+    let _precision = opts.precision.apply()?;
     let varmap = VarMap::new();
     let model = Llama::new(
         &config,
@@ -189,6 +194,8 @@ pub struct MatmulBench {
     pub size: usize,
     pub seconds: f64,
     pub gflop_per_second: f64,
+    /// bf16 operands, f32 sums, on AMX tiles (absent without AMX).
+    pub bf16_gflop_per_second: Option<f64>,
 }
 
 /// The fp32 matmul ceiling: the best of several `[n, n] · [n, n]` products through candle.
@@ -196,19 +203,43 @@ pub fn matmul(size: usize, repeats: usize) -> Result<MatmulBench> {
     let dev = Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (size, size), &dev)?;
     let b = Tensor::randn(0f32, 1.0, (size, size), &dev)?;
-    a.matmul(&b)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        let start = Instant::now();
-        let c = a.matmul(&b)?;
-        c.device().synchronize()?;
-        best = best.min(start.elapsed().as_secs_f64());
-    }
+    let best = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            f()?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let seconds = best(&|| a.matmul(&b)?.device().synchronize().map_err(Into::into))?;
     let flops = 2.0 * (size as f64).powi(3);
+    let bf16_gflop_per_second = if crate::model::amx::available() {
+        let (av, bv) = (
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let strided = |data| crate::model::amx::Strided {
+            data,
+            rows: size,
+            cols: size,
+            rs: size,
+            cs: 1,
+        };
+        let secs = best(&|| {
+            crate::model::amx::matmul(strided(&av), strided(&bv));
+            Ok(())
+        })?;
+        Some(flops / secs / 1e9)
+    } else {
+        None
+    };
     Ok(MatmulBench {
         size,
-        seconds: best,
-        gflop_per_second: flops / best / 1e9,
+        seconds,
+        gflop_per_second: flops / seconds / 1e9,
+        bf16_gflop_per_second,
     })
 }
 
@@ -362,6 +393,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             seed: 0,
+            precision: Precision::F32,
         }
         .config()
         .unwrap();

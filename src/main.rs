@@ -231,6 +231,10 @@ struct TrainArgs {
     /// Steps in a row whose loss is not finite (each skipped) before the run stops.
     #[arg(long, default_value_t = 5)]
     max_bad_steps: usize,
+    /// f32, or bf16: the projections' matmuls with bf16 operands and f32 sums on AMX tiles
+    /// (mixed precision; about 1.5x faster steps on CPUs with AMX).
+    #[arg(long, value_enum, default_value_t = chatforge::train::Precision::F32)]
+    precision: chatforge::train::Precision,
     /// Continue from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -266,6 +270,7 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every.max(1),
             keep_checkpoints: self.keep_checkpoints,
             max_bad_steps: self.max_bad_steps,
+            precision: self.precision,
             resume: self.resume,
             halt_after: self.halt_after,
             quiet: false,
@@ -1319,6 +1324,11 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             let rows = vec![
                 row("size", size.to_string()),
                 row("GFLOP/s (fp32)", format!("{:.1}", r.gflop_per_second)),
+                row(
+                    "GFLOP/s (bf16, AMX)",
+                    r.bf16_gflop_per_second
+                        .map_or("no AMX on this CPU".into(), |g| format!("{g:.1}")),
+                ),
             ];
             print_bench(json, &r, rows)
         }

@@ -19,11 +19,22 @@ trait Real:
 {
     /// e^self, inlined and branch-free for f32 so that loops over it vectorise.
     fn fast_exp(self) -> Self;
+    /// `a · b` in bf16 on AMX tiles when the projections run in bf16 ([`set_bf16_matmuls`]);
+    /// `None` otherwise.
+    fn bf16_matmul(
+        _a: super::amx::Strided<Self>,
+        _b: super::amx::Strided<Self>,
+    ) -> Option<Vec<Self>> {
+        None
+    }
 }
 impl Real for f32 {
     #[inline(always)]
     fn fast_exp(self) -> f32 {
         exp_f32(self)
+    }
+    fn bf16_matmul(a: super::amx::Strided<f32>, b: super::amx::Strided<f32>) -> Option<Vec<f32>> {
+        bf16_matmuls().then(|| super::amx::matmul(a, b))
     }
 }
 impl Real for f64 {
@@ -31,6 +42,23 @@ impl Real for f64 {
     fn fast_exp(self) -> f64 {
         self.exp()
     }
+}
+
+static BF16_MATMULS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the projections' and output head's f32 matmuls (forward and backward) with bf16 operands
+/// and f32 sums on AMX tiles, as mixed-precision training does; weights, gradients, optimizer
+/// state and every other operation stay f32. Returns whether that is now on: false where the CPU
+/// has no AMX. Process-wide, like the thread count.
+pub fn set_bf16_matmuls(on: bool) -> bool {
+    let on = on && super::amx::available();
+    BF16_MATMULS.store(on, std::sync::atomic::Ordering::Relaxed);
+    on
+}
+
+/// Whether the projections run in bf16 now.
+pub fn bf16_matmuls() -> bool {
+    BF16_MATMULS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// e^x in f32 to about one ulp, without a call into libm: the softmaxes, cross-entropy and SiLU
@@ -787,6 +815,19 @@ fn matmul_new<T: Real>(
     );
     if k == 0 {
         return vec![T::zero(); m * n];
+    }
+    let strided = |data, rows, cols, (rs, cs)| super::amx::Strided {
+        data,
+        rows,
+        cols,
+        rs,
+        cs,
+    };
+    if let Some(c) = T::bf16_matmul(
+        strided(a, m, k, (a_rs, a_cs)),
+        strided(b, k, n, (b_rs, b_cs)),
+    ) {
+        return c;
     }
     // Left uninitialised: gemm writes every element when it does not read the destination, and
     // zeroing first was a tenth of the step's memory traffic.

@@ -37,6 +37,9 @@ pub struct LoopOptions {
     /// row stop the run.
     #[serde(default = "default_max_bad_steps")]
     pub max_bad_steps: usize,
+    /// bf16 runs the projections' matmuls on AMX tiles (mixed precision).
+    #[serde(default)]
+    pub precision: super::Precision,
     #[serde(skip)]
     pub resume: bool,
     /// Stop (as if killed) right after this step's checkpoint: for testing resume.
@@ -62,6 +65,7 @@ impl Default for LoopOptions {
             checkpoint_every: 200,
             keep_checkpoints: 3,
             max_bad_steps: default_max_bad_steps(),
+            precision: super::Precision::F32,
             resume: false,
             halt_after: None,
             quiet: false,
@@ -204,6 +208,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         );
     }
     std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
+    let _precision = opts.precision.apply()?;
 
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
