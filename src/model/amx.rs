@@ -31,6 +31,13 @@ fn detect() -> bool {
     if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
         return false;
     }
+    // The packers convert with AVX-512 BF16, which every AMX CPU so far also has.
+    if !(is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512bf16"))
+    {
+        return false;
+    }
     request_tile_permission()
 }
 
@@ -103,6 +110,12 @@ const TILE_VALUES: usize = TILE * DEPTH;
 /// zero beyond the edges.
 fn left_tile(a: &Strided, r0: usize, k0: usize, tile: &mut [u16]) {
     let (rows, depth) = (TILE.min(a.rows - r0), DEPTH.min(a.cols - k0));
+    #[cfg(target_arch = "x86_64")]
+    if rows == TILE && depth == DEPTH && (a.cs == 1 || a.rs == 1) && available() {
+        // SAFETY: `available` checked the AVX-512 features; the tile is whole, so every load
+        // below stays inside the operand.
+        return unsafe { fast::left_tile(a, r0, k0, tile) };
+    }
     if rows < TILE || depth < DEPTH {
         tile.fill(0);
     }
@@ -133,6 +146,11 @@ fn left_tile(a: &Strided, r0: usize, k0: usize, tile: &mut [u16]) {
 /// `tile[(j/2)·32 + c·2 + j%2] = b[k0+j, c0+c]`, zero beyond the edges.
 fn right_tile(b: &Strided, k0: usize, c0: usize, tile: &mut [u16]) {
     let (depth, cols) = (DEPTH.min(b.rows - k0), TILE.min(b.cols - c0));
+    #[cfg(target_arch = "x86_64")]
+    if depth == DEPTH && cols == TILE && (b.cs == 1 || b.rs == 1) && available() {
+        // SAFETY: as in `left_tile`.
+        return unsafe { fast::right_tile(b, k0, c0, tile) };
+    }
     if depth < DEPTH || cols < TILE {
         tile.fill(0);
     }
@@ -155,6 +173,88 @@ fn right_tile(b: &Strided, k0: usize, c0: usize, tile: &mut [u16]) {
         for j in 0..depth {
             for c in 0..cols {
                 tile[slot(j, c)] = bf16_bits(b.at(k0 + j, c0 + c));
+            }
+        }
+    }
+}
+
+/// Whole tiles packed with AVX-512: sixteen conversions to bf16 per instruction, and the
+/// transposes through a small buffer in L1. The scalar loops above are the reference (and handle
+/// the edges); the tests check that both pack the same bits.
+#[cfg(target_arch = "x86_64")]
+mod fast {
+    use super::{Strided, DEPTH, TILE};
+    use std::arch::x86_64::*;
+
+    /// 32 bf16 from 16 floats at `lo` and 16 at `hi` (in that order).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn convert_32(lo: *const f32, hi: *const f32) -> __m512i {
+        std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(hi),
+            _mm512_loadu_ps(lo),
+        ))
+    }
+
+    /// 16 bf16 from 16 floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn convert_16(p: *const f32) -> [u16; 16] {
+        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(p)))
+    }
+
+    /// See `super::left_tile`; whole tiles of an operand with unit row or column stride.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn left_tile(a: &Strided, r0: usize, k0: usize, tile: &mut [u16]) {
+        let base = a.data.as_ptr();
+        if a.cs == 1 {
+            for r in 0..TILE {
+                let p = base.add((r0 + r) * a.rs + k0);
+                _mm512_storeu_si512(
+                    tile[r * DEPTH..].as_mut_ptr().cast(),
+                    convert_32(p, p.add(16)),
+                );
+            }
+        } else {
+            // Columns are contiguous: convert each of the 32 columns' 16 rows, then transpose.
+            let mut columns = [[0u16; TILE]; DEPTH];
+            for (j, col) in columns.iter_mut().enumerate() {
+                *col = convert_16(base.add(r0 + (k0 + j) * a.cs));
+            }
+            for r in 0..TILE {
+                for (j, col) in columns.iter().enumerate() {
+                    tile[r * DEPTH + j] = col[r];
+                }
+            }
+        }
+    }
+
+    /// See `super::right_tile`; whole tiles of an operand with unit row or column stride.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn right_tile(b: &Strided, k0: usize, c0: usize, tile: &mut [u16]) {
+        let base = b.data.as_ptr();
+        if b.cs == 1 {
+            // Rows (depths) are contiguous: convert two depths at once and interleave them.
+            let order: [i16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as i16);
+            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            for pair in 0..DEPTH / 2 {
+                let even = base.add((k0 + 2 * pair) * b.rs + c0);
+                let both = convert_32(even, even.add(b.rs));
+                let interleaved = _mm512_permutexvar_epi16(order, both);
+                _mm512_storeu_si512(tile[pair * DEPTH..].as_mut_ptr().cast(), interleaved);
+            }
+        } else {
+            // Depths are contiguous: each column's 32 depths are 16 pairs, one 32-bit word per
+            // tile row; convert per column, then transpose the words.
+            let mut columns = [[0u32; TILE]; TILE];
+            for (c, col) in columns.iter_mut().enumerate() {
+                let p = base.add(k0 + (c0 + c) * b.cs);
+                *col = std::mem::transmute::<__m512i, [u32; 16]>(convert_32(p, p.add(16)));
+            }
+            let words: &mut [u32] =
+                std::slice::from_raw_parts_mut(tile.as_mut_ptr().cast(), TILE * TILE);
+            for pair in 0..TILE {
+                for (c, col) in columns.iter().enumerate() {
+                    words[pair * TILE + c] = col[pair];
+                }
             }
         }
     }
@@ -355,6 +455,44 @@ mod tests {
         assert_eq!(rounded(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
         assert!(rounded(f32::NAN).is_nan());
         assert_eq!(rounded(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn vector_packers_pack_the_same_bits_as_the_scalar_ones() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX bf16");
+            return;
+        }
+        let mut rng = crate::util::Rng::new(9);
+        let data: Vec<f32> = (0..64 * 80).map(|_| rng.normal() as f32).collect();
+        for (rs, cs) in [(80, 1), (1, 64)] {
+            let m = Strided {
+                data: &data,
+                rows: 64,
+                cols: 80,
+                rs,
+                cs,
+            };
+            let scalar = |tile: &mut [u16], f: &dyn Fn(usize, usize) -> f32, right: bool| {
+                for i in 0..TILE {
+                    for j in 0..DEPTH {
+                        let slot = if right {
+                            (j / 2) * DEPTH + i * 2 + j % 2
+                        } else {
+                            i * DEPTH + j
+                        };
+                        tile[slot] = bf16_bits(f(i, j));
+                    }
+                }
+            };
+            let (mut fast, mut plain) = ([0u16; TILE_VALUES], [0u16; TILE_VALUES]);
+            left_tile(&m, 16, 32, &mut fast);
+            scalar(&mut plain, &|r, j| m.at(16 + r, 32 + j), false);
+            assert_eq!(fast, plain, "left tile, strides ({rs}, {cs})");
+            right_tile(&m, 32, 48, &mut fast);
+            scalar(&mut plain, &|c, j| m.at(32 + j, 48 + c), true);
+            assert_eq!(fast, plain, "right tile, strides ({rs}, {cs})");
+        }
     }
 
     #[test]
