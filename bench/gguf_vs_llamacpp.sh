@@ -76,5 +76,7 @@ print()
 print(f"{'2 threads, ' + str(len(speed['prompt_ids'])) + '-token prompt, ' + str(len(speed['ids'])) + ' new':<40} {'chatforge':>10} {'llama.cpp':>10} {'ratio':>7}")
 print(f"{'prefill tokens/s':<40} {speed['prefill_tokens_per_s']:>10.1f} {peer_prefill:>10.1f} {speed['prefill_tokens_per_s'] / peer_prefill:>7.2f}")
 print(f"{'decode tokens/s':<40} {speed['decode_tokens_per_s']:>10.1f} {peer_decode:>10.1f} {speed['decode_tokens_per_s'] / peer_decode:>7.2f}")
+peer_rss = max(p.get("rss_mb", 0) for p in peer)
+print(f"{'peak RSS MB (llama.cpp: its node process)':<40} {speed['peak_rss_mb']:>10.0f} {peer_rss:>10.0f} {speed['peak_rss_mb'] / peer_rss:>7.2f}")
 print("greedy tokens agree on all prompts" if all_ok else "greedy tokens DIFFER (see above)")
 PY

@@ -215,6 +215,8 @@ impl Pipeline<'_> {
             checkpoint_every: (steps / 4).max(10),
             keep_checkpoints: 1,
             seed: self.opts.seed,
+            // `--precision` reaches every training stage (evaluation stays f32).
+            precision: self.opts.pretrain.train.precision,
             resume: true,
             quiet: self.opts.quiet,
             ..Default::default()

@@ -3,31 +3,15 @@
 
 mod common;
 
-use chatforge::train::pretrain::{pretrain, PretrainOptions, PretrainReport};
-use chatforge::train::trainer::LoopOptions;
+use chatforge::train::pretrain::{pretrain, PretrainReport};
 use chatforge::train::Precision;
 use std::path::Path;
 
 fn run(shards: &Path, cfg: &Path, out: &Path, precision: Precision) -> PretrainReport {
-    pretrain(&PretrainOptions {
-        data: shards.to_path_buf(),
-        out: out.to_path_buf(),
-        config: Some(cfg.to_path_buf()),
-        batch_size: 8,
-        seq_len: 32,
-        eval_tokens: 2048,
-        train: LoopOptions {
-            steps: 80,
-            lr: 1e-2,
-            warmup_steps: 5,
-            eval_every: 1000,
-            checkpoint_every: 1000,
-            precision,
-            quiet: true,
-            ..Default::default()
-        },
-    })
-    .unwrap()
+    let mut opts = common::tiny_pretrain(shards, cfg, out, 80);
+    opts.train.checkpoint_every = 1000;
+    opts.train.precision = precision;
+    pretrain(&opts).unwrap()
 }
 
 #[test]

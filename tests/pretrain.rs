@@ -7,37 +7,16 @@ use chatforge::infer::generate::{
     generate, generate_from_ids, stop_ids, FinishReason, GenerateOptions,
 };
 use chatforge::infer::sampler::SamplingParams;
-use chatforge::train::pretrain::{pretrain, PretrainOptions};
+use chatforge::train::pretrain::pretrain;
 use chatforge::train::trainer::LoopOptions;
 use std::path::Path;
-
-fn options(shards: &Path, cfg: &Path, out: &Path, steps: usize) -> PretrainOptions {
-    PretrainOptions {
-        data: shards.to_path_buf(),
-        out: out.to_path_buf(),
-        config: Some(cfg.to_path_buf()),
-        batch_size: 8,
-        seq_len: 32,
-        eval_tokens: 2048,
-        train: LoopOptions {
-            steps,
-            lr: 1e-2,
-            warmup_steps: 5,
-            eval_every: 1000,
-            checkpoint_every: 4,
-            keep_checkpoints: 2,
-            quiet: true,
-            ..Default::default()
-        },
-    }
-}
 
 #[test]
 fn loss_falls_well_below_unigram_and_the_run_generates() {
     let dir = tempfile::tempdir().unwrap();
     let (shards, cfg) = common::tiny_shards(dir.path());
     let run = dir.path().join("run");
-    let report = pretrain(&options(&shards, &cfg, &run, 120)).unwrap();
+    let report = pretrain(&common::tiny_pretrain(&shards, &cfg, &run, 120)).unwrap();
     let first = report.losses[0].1;
     assert!(
         report.val_loss < first - 1.5,
@@ -180,10 +159,16 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
 fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
     let dir = tempfile::tempdir().unwrap();
     let (shards, cfg) = common::tiny_shards(dir.path());
-    let full = pretrain(&options(&shards, &cfg, &dir.path().join("full"), 14)).unwrap();
+    let full = pretrain(&common::tiny_pretrain(
+        &shards,
+        &cfg,
+        &dir.path().join("full"),
+        14,
+    ))
+    .unwrap();
 
     let run = dir.path().join("killed");
-    let mut first = options(&shards, &cfg, &run, 14);
+    let mut first = common::tiny_pretrain(&shards, &cfg, &run, 14);
     first.train.halt_after = Some(6);
     let part = pretrain(&first).unwrap();
     assert_eq!(part.steps, 6);
@@ -193,12 +178,12 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
     );
 
     // Without --resume an existing run is refused rather than overwritten.
-    let err = pretrain(&options(&shards, &cfg, &run, 14))
+    let err = pretrain(&common::tiny_pretrain(&shards, &cfg, &run, 14))
         .unwrap_err()
         .to_string();
     assert!(err.contains("--resume"), "{err}");
 
-    let mut again = options(&shards, &cfg, &run, 14);
+    let mut again = common::tiny_pretrain(&shards, &cfg, &run, 14);
     again.train.resume = true;
     let resumed = pretrain(&again).unwrap();
     assert_eq!(resumed.steps, 14);
@@ -229,14 +214,14 @@ fn resuming_with_a_different_config_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (shards, cfg) = common::tiny_shards(dir.path());
     let run = dir.path().join("run");
-    let mut o = options(&shards, &cfg, &run, 8);
+    let mut o = common::tiny_pretrain(&shards, &cfg, &run, 8);
     o.train.halt_after = Some(4);
     pretrain(&o).unwrap();
     let mut other = common::tiny_config(320, 64);
     other.hidden_size = 48;
     let other_path = dir.path().join("other.json");
     std::fs::write(&other_path, serde_json::to_string(&other).unwrap()).unwrap();
-    let mut r = options(&shards, &other_path, &run, 8);
+    let mut r = common::tiny_pretrain(&shards, &other_path, &run, 8);
     r.train.resume = true;
     let err = format!("{:#}", pretrain(&r).unwrap_err());
     assert!(

@@ -1,6 +1,7 @@
 // The peer for bench/gguf_vs_llamacpp.sh: llama.cpp through npm's node-llama-cpp (prebuilt CPU
 // binaries). Reads jobs [{prompt_ids, n}] from a JSON file; for each, evaluates the prompt and
-// samples n tokens greedily on 2 threads; prints [{ids, prefill_s, decode_s}] as JSON.
+// samples n tokens greedily on 2 threads; prints [{ids, prefill_s, decode_s, rss_mb}] as JSON
+// (rss_mb: the node process's resident memory after the job, llama.cpp's buffers included).
 import fs from "node:fs";
 import {getLlama} from "node-llama-cpp";
 
@@ -22,7 +23,8 @@ for (const job of jobs) {
         if (ids.length >= job.n) break;
     }
     const end = performance.now();
-    results.push({ids, prefill_s: (first - start) / 1000, decode_s: (end - first) / 1000});
+    results.push({ids, prefill_s: (first - start) / 1000, decode_s: (end - first) / 1000,
+                  rss_mb: process.memoryUsage().rss / 1048576});
     await context.dispose();
 }
 console.log(JSON.stringify(results));

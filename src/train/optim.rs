@@ -418,27 +418,17 @@ mod tests {
             let (m1, v1, t1) = step.composed(&theta, &g, &m, &v).unwrap();
             let (t2, m2, v2) = (theta.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
             step.fused(&t2, &g, &m2, &v2).unwrap();
+            let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .and_then(|d| d.abs()?.max_all()?.to_scalar())
+                    .unwrap()
+            };
             for (a, b) in [(&m1, &m2), (&v1, &v2), (&t1, &t2)] {
-                let diff: f32 = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = max_diff(a, b);
                 assert!(diff < 1e-5, "fused and composed differ by {diff}");
             }
             // The inputs really moved (the fused update wrote in place).
-            let moved: f32 = (&t2 - &theta)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(moved > 1e-3);
+            assert!(max_diff(&t2, &theta) > 1e-3);
         }
         let exact: f64 = g
             .to_vec1::<f32>()

@@ -450,6 +450,15 @@ fn write_run(
     report: &LoopReport,
 ) -> Result<()> {
     let run = spec.out;
+    // The precision that ran, with auto resolved.
+    let recorded = LoopOptions {
+        precision: if crate::model::kernels::bf16_matmuls() {
+            super::Precision::Bf16
+        } else {
+            super::Precision::F32
+        },
+        ..opts.clone()
+    };
     util::write_json_atomic(&run.join("config.json"), spec.config)?;
     spec.tokenizer.save(run)?;
     match (&spec.lora, &spec.start) {
@@ -484,7 +493,7 @@ fn write_run(
             "stage": spec.stage,
             "parents": spec.parents,
             "data": spec.data,
-            "hyperparameters": {"loop": opts, "stage": spec.hyper},
+            "hyperparameters": {"loop": recorded, "stage": spec.hyper},
             "git_commit": checkpoint::git_commit(),
             "chatforge_version": env!("CARGO_PKG_VERSION"),
         }),

@@ -146,3 +146,30 @@ pub fn export(model: &Path, format: &[&str], out: &Path) {
         .unwrap();
     assert!(status.success(), "chatforge export {format:?} failed");
 }
+
+/// Pretraining options for the tiny shards: lr 1e-2, checkpoints every 4 steps (2 kept), quiet.
+pub fn tiny_pretrain(
+    shards: &Path,
+    cfg: &Path,
+    out: &Path,
+    steps: usize,
+) -> chatforge::train::pretrain::PretrainOptions {
+    chatforge::train::pretrain::PretrainOptions {
+        data: shards.to_path_buf(),
+        out: out.to_path_buf(),
+        config: Some(cfg.to_path_buf()),
+        batch_size: 8,
+        seq_len: 32,
+        eval_tokens: 2048,
+        train: chatforge::train::trainer::LoopOptions {
+            steps,
+            lr: 1e-2,
+            warmup_steps: 5,
+            eval_every: 1000,
+            checkpoint_every: 4,
+            keep_checkpoints: 2,
+            quiet: true,
+            ..Default::default()
+        },
+    }
+}
