@@ -8,8 +8,6 @@ use chatforge::infer::generate::{
 };
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::pretrain;
-use chatforge::train::trainer::LoopOptions;
-use std::path::Path;
 
 #[test]
 fn loss_falls_well_below_unigram_and_the_run_generates() {
