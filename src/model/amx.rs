@@ -287,9 +287,11 @@ fn round_up(x: usize, to: usize) -> usize {
 }
 
 /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
+#[cfg(target_arch = "x86_64")]
 fn tile_config() -> TileConfig {
     let mut c = [0u8; 64];
     c[0] = 1;
@@ -362,6 +364,13 @@ unsafe fn kernel_2x2(
 pub fn matmul(a: Strided, b: Strided) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "amx::matmul: inner dimensions differ");
     assert!(available(), "amx::matmul called without AMX");
+    // The vector packers read whole runs through raw pointers: every element must exist.
+    for (x, side) in [(&a, "left"), (&b, "right")] {
+        assert!(
+            x.rows == 0 || x.cols == 0 || (x.rows - 1) * x.rs + (x.cols - 1) * x.cs < x.data.len(),
+            "amx::matmul: the {side} operand is shorter than its shape"
+        );
+    }
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
@@ -385,10 +394,14 @@ pub fn matmul(a: Strided, b: Strided) -> Vec<f32> {
         let (chunk, part) = (task / row_split, task % row_split);
         let cols = chunk * per_task..((chunk + 1) * per_task).min(np);
         let rows = part * row_blocks / row_split..(part + 1) * row_blocks / row_split;
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AMX exists only on x86_64 ({:?})", (&left, &right, rows, cols, out.0));
+        #[cfg(target_arch = "x86_64")]
         let config = tile_config();
         // SAFETY: the configuration is a valid palette-1 layout; every tile pointer below stays
         // inside the packed operands (padded to whole blocks), and each task writes a disjoint
         // set of 32 × 32 blocks of `padded`.
+        #[cfg(target_arch = "x86_64")]
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
             for rb in rows {
