@@ -175,6 +175,25 @@ macro_rules! dispatch {
     };
 }
 
+/// The `name` and `cpu_fwd` of a CustomOp2 whose forward pass is `$f::<T>(s1, l1, s2, l2, ...)`
+/// for the storage's float type, passing the op's listed fields after them.
+macro_rules! op2_forward {
+    ($name:literal, $f:ident $(, $field:ident)*) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            dispatch!(s1.dtype(), $name, $f(s1, l1, s2, l2 $(, self.$field)*))
+        }
+    };
+}
+
 /// Implements a CustomOp3 used only inside backward passes (so it has no backward of its own):
 /// `cpu_fwd` dispatches on dtype to `$f(s1, l1, s2, l2, s3, l3, self.fields...)`.
 macro_rules! forward_only_op3 {
@@ -266,18 +285,7 @@ impl CustomOp1 for CausalSoftmax {
 }
 
 impl CustomOp2 for CausalSoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "causal_softmax_backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), softmax_bwd(s1, l1, s2, l2))
-    }
+    op2_forward!("causal_softmax_backward", softmax_bwd);
 }
 
 /// Causal softmax of attention scores [.., T, S].
@@ -415,18 +423,7 @@ fn rms_bwd_w<T: Real>(
 }
 
 impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "rms_norm"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), rms_fwd(s1, l1, s2, l2, self.eps))
-    }
+    op2_forward!("rms_norm", rms_fwd, eps);
     fn bwd(
         &self,
         x: &Tensor,
@@ -630,18 +627,7 @@ fn ce_bwd<T: Real>(
 }
 
 impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), ce_fwd(s1, l1, s2, l2))
-    }
+    op2_forward!("cross_entropy", ce_fwd);
     fn bwd(
         &self,
         logits: &Tensor,
@@ -735,18 +721,7 @@ fn swiglu_bwd<T: Real>(
 }
 
 impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), swiglu_fwd(s1, l1, s2, l2))
-    }
+    op2_forward!("swiglu", swiglu_fwd);
     fn bwd(
         &self,
         gate: &Tensor,
@@ -785,8 +760,14 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `[B, hidden, vocab]` weight gradient and summed it over the batch.
 struct LinearProj;
 
-/// The two products of the projection's backward pass, given `dy` `[N, M]` and the other operand.
-enum LinearGrad {
+/// One of the two products of the projection's backward pass, given `dy` `[N, M]` and the other
+/// operand.
+struct LinearGrad {
+    of: GradOf,
+}
+
+#[derive(Clone, Copy)]
+enum GradOf {
     /// `dx = dy · w`, with `w` `[M, K]`.
     Input,
     /// `dw = dyᵀ · x`, with `x` `[N, K]`.
@@ -880,18 +861,28 @@ fn linear_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
     Ok((xl.shape().elem_count() / k.max(1), m, k))
 }
 
+/// `x · wᵀ` as row-major values `[N, M]`, for x `[.., K]` and w `[M, K]`.
+fn times_transposed<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<Vec<T>> {
+    let (n, m, k) = linear_dims(xl, wl)?;
+    let x = data::<T>(xs, xl, "linear")?;
+    let w = data::<T>(ws, wl, "linear")?;
+    Ok(matmul_new((n, m, k), x, (k, 1), w, (1, k)))
+}
+
 fn linear_fwd<T: Real>(
     xs: &CpuStorage,
     xl: &Layout,
     ws: &CpuStorage,
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (n, m, k) = linear_dims(xl, wl)?;
-    let x = data::<T>(xs, xl, "linear")?;
-    let w = data::<T>(ws, wl, "linear")?;
-    let y = matmul_new((n, m, k), x, (k, 1), w, (1, k));
+    let y = times_transposed::<T>(xs, xl, ws, wl)?;
     let mut dims = xl.dims().to_vec();
-    *dims.last_mut().expect("linear_dims checked the rank") = m;
+    *dims.last_mut().expect("linear_dims checked the rank") = wl.dims()[0];
     Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
 }
 
@@ -900,14 +891,14 @@ fn linear_bwd<T: Real>(
     dl: &Layout,
     os: &CpuStorage,
     ol: &Layout,
-    grad: &LinearGrad,
+    of: GradOf,
 ) -> Result<(CpuStorage, Shape)> {
     let dy = data::<T>(ds, dl, "linear_backward")?;
     let other = data::<T>(os, ol, "linear_backward")?;
     let m = dl.dims().last().copied().unwrap_or(0);
     let n = dl.shape().elem_count() / m.max(1);
-    Ok(match grad {
-        LinearGrad::Input => {
+    Ok(match of {
+        GradOf::Input => {
             let (wm, k) = ol.shape().dims2()?;
             debug_assert_eq!(wm, m);
             let dx = matmul_new((n, k, m), dy, (m, 1), other, (k, 1));
@@ -915,7 +906,7 @@ fn linear_bwd<T: Real>(
             *dims.last_mut().expect("dy has a last axis") = k;
             (T::to_cpu_storage_owned(dx), Shape::from(dims))
         }
-        LinearGrad::Weight => {
+        GradOf::Weight => {
             let k = ol.dims().last().copied().unwrap_or(0);
             let dw = matmul_new((m, k, n), dy, (1, m), other, (k, 1));
             (T::to_cpu_storage_owned(dw), Shape::from((m, k)))
@@ -924,33 +915,11 @@ fn linear_bwd<T: Real>(
 }
 
 impl CustomOp2 for LinearGrad {
-    fn name(&self) -> &'static str {
-        "linear_backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), linear_bwd(s1, l1, s2, l2, self))
-    }
+    op2_forward!("linear_backward", linear_bwd, of);
 }
 
 impl CustomOp2 for LinearProj {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1.dtype(), self.name(), linear_fwd(s1, l1, s2, l2))
-    }
+    op2_forward!("linear", linear_fwd);
     fn bwd(
         &self,
         x: &Tensor,
@@ -959,8 +928,8 @@ impl CustomOp2 for LinearProj {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &LinearGrad::Input)?;
-        let dw = dy.apply_op2_no_bwd(x, &LinearGrad::Weight)?;
+        let dx = dy.apply_op2_no_bwd(w, &LinearGrad { of: GradOf::Input })?;
+        let dw = dy.apply_op2_no_bwd(x, &LinearGrad { of: GradOf::Weight })?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -1005,18 +974,6 @@ fn head_dims(hl: &Layout, wl: &Layout, tl: &Layout) -> Result<(usize, usize, usi
     Ok((n, v, c))
 }
 
-fn head_logits<T: Real>(
-    hs: &CpuStorage,
-    hl: &Layout,
-    ws: &CpuStorage,
-    wl: &Layout,
-) -> Result<Vec<T>> {
-    let (n, v, c) = linear_dims(hl, wl)?;
-    let h = data::<T>(hs, hl, "head_nll")?;
-    let w = data::<T>(ws, wl, "head_nll")?;
-    Ok(matmul_new((n, v, c), h, (c, 1), w, (1, c)))
-}
-
 fn head_nll_fwd<T: Real>(
     op: &HeadNll,
     hs: &CpuStorage,
@@ -1033,7 +990,7 @@ fn head_nll_fwd<T: Real>(
             "head_nll: target {t} outside vocabulary {v}"
         )));
     }
-    let logits = head_logits::<T>(hs, hl, ws, wl)?;
+    let logits = times_transposed::<T>(hs, hl, ws, wl)?;
     let nll: Vec<T> = logits
         .par_chunks(v)
         .zip(targets.par_iter())
@@ -1072,7 +1029,7 @@ fn head_nll_bwd<T: Real>(
     let cached = op.logits.lock().expect("head_nll cache").take();
     let mut d: Vec<T> = match cached.and_then(|c| c.downcast::<Vec<T>>().ok()) {
         Some(logits) => *logits,
-        None => head_logits::<T>(hs, hl, ws, wl)?,
+        None => times_transposed::<T>(hs, hl, ws, wl)?,
     };
     // dlogits = g · (softmax(logits) − onehot(target)), row by row in place.
     d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
