@@ -13,7 +13,7 @@ OUT=$RUN/compare
 mkdir -p "$OUT"
 common=(--policy "$RUN/sft" --reward "$RUN/reward" --eval-prompts "$D/rl_prompts_heldout.jsonl"
         --eval-samples 128 --max-new-tokens 96 --steps "$STEPS" --eval-every "$STEPS" --weight-decay 0 --resume)
-[ -f "$OUT/ppo.json" ]  || $B rlhf --algo ppo  --prompts "$D/rl_prompts_train.jsonl" --prompt-baseline --rollout-prompts 8 --group-size 4 \
+[ -f "$OUT/ppo.json" ]  || $B rlhf --algo ppo  --prompts "$D/rl_prompts_train.jsonl" --prompt-baseline --rollout-prompts 16 --group-size 4 \
                                --lr 3e-5 --warmup-steps 2 --minibatch 16 --out "$OUT/ppo" "${common[@]}" > "$OUT/ppo.json"
 [ -f "$OUT/dpo.json" ]  || $B rlhf --algo dpo  --prefs "$D/prefs_pairs_train.jsonl" --val-prefs "$D/prefs_pairs_heldout.jsonl" \
                                --lr 1e-5 --out "$OUT/dpo" "${common[@]}" > "$OUT/dpo.json"

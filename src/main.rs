@@ -166,7 +166,7 @@ struct TokenizerTrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Pre-tokenizer split.
-    #[arg(long, value_enum, default_value = "gpt4")]
+    #[arg(long, value_enum, default_value = "digits")]
     pattern: SplitPattern,
     /// Replace the chat special tokens with these (comma-separated), e.g. "<|endoftext|>".
     #[arg(long, value_delimiter = ',')]
@@ -233,9 +233,10 @@ struct TrainArgs {
     max_bad_steps: usize,
     /// Matmul precision: f32; bf16 (the projections' matmuls with bf16 operands and f32 sums on
     /// AMX tiles, mixed precision: the same loss curve, about 1.6x faster steps; refused without
-    /// AMX); or auto (bf16 where the CPU has AMX, else f32).
-    #[arg(long, value_enum, default_value_t = chatforge::train::Precision::F32)]
-    precision: chatforge::train::Precision,
+    /// AMX); or auto (bf16 where the CPU has AMX, else f32). Default: f32, except `speedrun`,
+    /// which uses auto to fit its time budget.
+    #[arg(long, value_enum)]
+    precision: Option<chatforge::train::Precision>,
     /// Continue from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -271,7 +272,7 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every.max(1),
             keep_checkpoints: self.keep_checkpoints,
             max_bad_steps: self.max_bad_steps,
-            precision: self.precision,
+            precision: self.precision.unwrap_or(chatforge::train::Precision::F32),
             resume: self.resume,
             halt_after: self.halt_after,
             quiet: false,
@@ -631,6 +632,10 @@ struct RewardArgs {
     /// How many of --norm-prompts to answer.
     #[arg(long, default_value_t = 64)]
     norm_samples: usize,
+    /// Train only the top N Transformer blocks (with the final norm and the score head); lower
+    /// blocks and the embeddings keep the base model's weights. Default: all.
+    #[arg(long)]
+    train_layers: Option<usize>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -764,6 +769,9 @@ struct EvalArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write each curriculum prompt with the model's reply and the checker's verdict here (JSONL).
+    #[arg(long)]
+    answers: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1093,6 +1101,7 @@ fn run(cli: Cli) -> Result<()> {
                 on_error: a.on_error,
                 norm_prompts: a.norm_prompts,
                 norm_samples: a.norm_samples,
+                train_layers: a.train_layers,
                 train,
             };
             println!("{}", serde_json::to_string_pretty(&train_reward(&opts)?)?);
@@ -1187,6 +1196,7 @@ fn run(cli: Cli) -> Result<()> {
                 cot: a.cot,
                 max_tokens: a.max_tokens,
                 batch_size: a.batch_size,
+                answers: a.answers,
             };
             let results = chatforge::eval::run(&lm, &opts)?;
             print!("{}", chatforge::eval::markdown(&results));
@@ -1208,7 +1218,11 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", a.out.display());
         }
         Command::Bench(b) => run_bench(b)?,
-        Command::Speedrun(a) => {
+        Command::Speedrun(mut a) => {
+            a.train.precision = a
+                .train
+                .precision
+                .or(Some(chatforge::train::Precision::Auto));
             let opts = chatforge::speedrun::SpeedrunOptions {
                 out: a.out.clone(),
                 preset: a.preset,

@@ -94,7 +94,7 @@ impl Preset {
                 max_new_tokens: 48,
             },
             Preset::Small => PresetSpec {
-                curriculum_scale: 1.0,
+                curriculum_scale: 2.0,
                 vocab_size: 2048,
                 hidden: 256,
                 intermediate: 704,
@@ -102,17 +102,17 @@ impl Preset {
                 heads: 8,
                 kv_heads: 4,
                 context: 256,
-                pretrain_steps: 750,
+                pretrain_steps: 1200,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
                 sft_steps: 500,
                 sft_batch: 16,
                 sft_lr: 1e-3,
-                reward_steps: 200,
+                reward_steps: 300,
                 reward_lr: 3e-4,
                 ppo_steps: 120,
                 ppo_lr: 3e-5,
-                rollout_prompts: 8,
+                rollout_prompts: 16,
                 eval_prompts: 128,
                 max_new_tokens: 96,
             },
@@ -224,8 +224,16 @@ impl Pipeline<'_> {
     }
 
     /// Curriculum, few-shot and (for the base model) bits-per-byte evaluation of one model.
-    fn evaluate(&self, run: &Path) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    /// Every curriculum reply and verdict goes to `answers` (JSONL).
+    fn evaluate(
+        &self,
+        run: &Path,
+        answers: &Path,
+    ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let lm = model::load(run, &candle_core::Device::Cpu)?;
+        if let Some(dir) = answers.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut tasks = vec![
             format!(
                 "curriculum:{}",
@@ -244,6 +252,7 @@ impl Pipeline<'_> {
                 cot: false,
                 max_tokens: self.spec.max_new_tokens,
                 batch_size: 16,
+                answers: Some(answers.to_path_buf()),
             },
         )?;
         // Short keys: the files are the same for every stage.
@@ -348,7 +357,10 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         Ok(Some(r.tokens_per_second))
     })?;
     p.stage("eval base", &p.path("eval/base.json"), |p| {
-        write_eval(&p.path("eval/base.json"), &p.evaluate(&base)?)?;
+        write_eval(
+            &p.path("eval/base.json"),
+            &p.evaluate(&base, &p.path("eval/base_answers.jsonl"))?,
+        )?;
         Ok(None)
     })?;
     let sft_dir = p.path("sft");
@@ -368,7 +380,10 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         Ok(Some(r.tokens_per_second))
     })?;
     p.stage("eval sft", &p.path("eval/sft.json"), |p| {
-        write_eval(&p.path("eval/sft.json"), &p.evaluate(&sft_dir)?)?;
+        write_eval(
+            &p.path("eval/sft.json"),
+            &p.evaluate(&sft_dir, &p.path("eval/sft_answers.jsonl"))?,
+        )?;
         Ok(None)
     })?;
     let rm_dir = p.path("reward");
@@ -423,7 +438,10 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
     let rl_eval = p.path("eval/rlhf.json");
     if !rl_eval.exists() {
         eprintln!("      evaluating the RLHF model");
-        write_eval(&rl_eval, &p.evaluate(&rl_dir)?)?;
+        write_eval(
+            &rl_eval,
+            &p.evaluate(&rl_dir, &p.path("eval/rlhf_answers.jsonl"))?,
+        )?;
     }
     let report = write_report(&p)?;
     if let Err(e) = eval::report::report(&rl_dir) {
@@ -555,6 +573,16 @@ fn write_report(p: &Pipeline) -> Result<PathBuf> {
     for (f, a) in &rm.accuracy_by_family {
         let _ = writeln!(md, "| {f} | {a:.3} |");
     }
+    if !rm.accuracy_by_ranks.is_empty() {
+        md.push_str(
+            "\nBy the ranks compared (1 helpful and correct, 2 correct but curt, 3 wrong (a refusal \
+             for a benign look-alike, rude for a harmful request), 4 an answer to another question, \
+             5 rude (compliance for a harmful request)):\n\n| ranks | pairwise accuracy |\n|---|---|\n",
+        );
+        for (r, a) in &rm.accuracy_by_ranks {
+            let _ = writeln!(md, "| {r} | {a:.3} |");
+        }
+    }
     md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
     for k in [
         "reward",
@@ -611,7 +639,7 @@ fn write_report(p: &Pipeline) -> Result<PathBuf> {
     }
     let _ = writeln!(
         md,
-        "Loss curves and per-stage settings: [rlhf/report.md](rlhf/report.md). Talk to it: `chatforge chat --model {}`.",
+        "Loss curves and per-stage settings: [rlhf/report.md](rlhf/report.md). Every held-out prompt with each stage's reply and the checker's verdict: `eval/{{base,sft,rlhf}}_answers.jsonl`. Talk to it: `chatforge chat --model {}`.",
         p.path("rlhf").display()
     );
     let path = p.path("report.md");

@@ -181,7 +181,11 @@ fn exported_gguf_loads_back_as_the_same_model() {
             .tokenizer
             .bos_id()
             .into_iter()
-            .chain(lm.tokenizer.encode("Once upon a time, the cat").unwrap())
+            .chain(
+                lm.tokenizer
+                    .encode("Once upon a time, 12 cats ate 345 fish")
+                    .unwrap(),
+            )
             .collect();
         let opts = GenerateOptions {
             max_tokens: 16,

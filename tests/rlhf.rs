@@ -73,6 +73,15 @@ fn reward_model_learns_rankings_and_is_normalised() {
         r.val_accuracy_before
     );
     assert!(r.info.heldout_margin > 0.5, "{}", r.info.heldout_margin);
+    // Three ranked responses make three rank pairs, whose accuracies average to the overall one
+    // (each pair kind is a third of the pairs).
+    let by_ranks = &r.info.accuracy_by_ranks;
+    assert_eq!(by_ranks.keys().collect::<Vec<_>>(), ["1>2", "1>3", "2>3"]);
+    let mean = by_ranks.values().sum::<f64>() / 3.0;
+    assert!(
+        (mean - r.info.heldout_accuracy).abs() < 1e-9,
+        "{by_ranks:?}"
+    );
     // The stored bias makes the held-out responses average 0.
     let rm = RewardModel::load(&out).unwrap();
     let prefs = chatforge::data::prefs::read_pref_file(&held).unwrap();
@@ -126,6 +135,46 @@ fn reward_model_learns_rankings_and_is_normalised() {
 
 /// Prompts whose "answer" (the checker) wants the reply to mention 猫 (cat), which the tiny base
 /// says in about a third of its samples.
+/// `train_layers` trains the top blocks and the score head only: the lower block and the
+/// embeddings keep the base model's weights exactly, the top block moves, and it still learns.
+#[test]
+fn reward_model_can_train_only_its_top_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let (train, held) = write_prefs(dir.path());
+    let out = dir.path().join("rm_top");
+    let r = train_reward(&RewardOptions {
+        base: base.clone(),
+        data: vec![train],
+        val_data: vec![held],
+        out: out.clone(),
+        batch_size: 6,
+        train_layers: Some(1),
+        train: LoopOptions {
+            weight_decay: 0.1,
+            ..common::quiet_loop(60, 3e-3)
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    // It learns the training rankings (the toy base model's lower block is too weak for the
+    // held-out phrasings, so held-out accuracy is the full model's test above).
+    let (first, last) = (r.losses[0].1, r.losses[r.losses.len() - 1].1);
+    assert!(last < first / 5.0, "training loss {first} -> {last}");
+    let load = |run: &Path| {
+        candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (before, after) = (load(&base), load(&out));
+    let moved = |name: &str| {
+        let diff = (&before[name] - &after[name]).unwrap().abs().unwrap();
+        diff.max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(moved("model.embed_tokens.weight"), 0.0);
+    assert_eq!(moved("model.layers.0.mlp.up_proj.weight"), 0.0);
+    assert!(moved("model.layers.1.mlp.up_proj.weight") > 0.0);
+}
+
 fn write_cat_prompts(dir: &Path) -> PathBuf {
     let mut s = String::new();
     for i in 0..40 {

@@ -4,16 +4,26 @@ use chatforge::tokenizer::{SplitPattern, Tokenizer, TrainOptions, CHAT_SPECIAL_T
 use proptest::prelude::*;
 use std::sync::OnceLock;
 
+/// GPT-4's split: digits merge too, so the small corpus fills a 400-token vocabulary.
 fn mixed_tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let corpus = common::mixed_corpus();
-        let opts = TrainOptions {
-            vocab_size: 400,
-            ..Default::default()
-        };
-        Tokenizer::train(&[corpus.as_str()], &opts).unwrap().0
-    })
+    TOK.get_or_init(|| mixed_tokenizer_with(SplitPattern::Gpt4, 400))
+}
+
+/// The default split (one word per digit) on the same corpus.
+fn mixed_digits_tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| mixed_tokenizer_with(TrainOptions::default().pattern, 380))
+}
+
+fn mixed_tokenizer_with(pattern: SplitPattern, vocab_size: usize) -> Tokenizer {
+    let corpus = common::mixed_corpus();
+    let opts = TrainOptions {
+        vocab_size,
+        pattern,
+        ..Default::default()
+    };
+    Tokenizer::train(&[corpus.as_str()], &opts).unwrap().0
 }
 
 #[test]
@@ -48,16 +58,22 @@ fn reproduces_reference_bpe_merges_on_corpus_en() {
 
 #[test]
 fn round_trips_english_chinese_code_emoji_and_whitespace() {
-    let tok = mixed_tokenizer();
-    for text in [
-        "Hello, world!",
-        "小猫坐在垫子上。",
-        "fn main() {\n    println!(\"hi\");\n}\n",
-        "🎉🐱👩‍👩‍👧 flags 🇯🇵",
-        "   leading\t\ttabs  and   runs   \n\n\n  ",
-        "<|bos|>special<|assistant_end|> inline",
-        "",
-    ] {
+    for (tok, text) in [mixed_tokenizer(), mixed_digits_tokenizer()]
+        .into_iter()
+        .flat_map(|tok| {
+            [
+                "Hello, world!",
+                "小猫坐在垫子上。",
+                "fn main() {\n    println!(\"hi\");\n}\n",
+                "🎉🐱👩‍👩‍👧 flags 🇯🇵",
+                "   leading\t\ttabs  and   runs   \n\n\n  ",
+                "<|bos|>special<|assistant_end|> inline",
+                "",
+                "12 + 345 = 357, 第42天",
+            ]
+            .map(move |text| (tok, text))
+        })
+    {
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
     }
@@ -90,9 +106,44 @@ fn training_compresses_text() {
         ids.len(),
         text.len()
     );
-    // Digits are split in groups of at most three by the GPT-4 pattern.
-    let ids = tok.encode("1234567").unwrap();
-    assert!(ids.len() >= 3);
+}
+
+/// The default split gives every digit its own token however often a number repeats; GPT-4's
+/// learns tokens for groups of up to three digits.
+#[test]
+fn the_default_split_spells_numbers_digit_by_digit() {
+    let corpus = "In 2024 we sold 365 apples and 2024 pears; 365 + 2024 = 2389.\n".repeat(200);
+    let train = |pattern| {
+        let opts = TrainOptions {
+            vocab_size: 320,
+            pattern,
+            ..Default::default()
+        };
+        Tokenizer::train(&[corpus.as_str()], &opts).unwrap().0
+    };
+    let (digits, gpt4) = (
+        train(TrainOptions::default().pattern),
+        train(SplitPattern::Gpt4),
+    );
+    assert_eq!(digits.split_pattern(), Some(SplitPattern::Digits));
+    assert_eq!(gpt4.split_pattern(), Some(SplitPattern::Gpt4));
+    let number = "1234567 and 2024";
+    let ids = digits.encode(number).unwrap();
+    assert_eq!(digits.decode(&ids).unwrap(), number);
+    let numeric: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&id| {
+            digits
+                .decode(&[id])
+                .unwrap()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .collect();
+    assert_eq!(numeric.len(), 11, "one token per digit: {ids:?}");
+    assert!(gpt4.encode("2024").unwrap().len() < 4);
+    assert!(gpt4.encode("1234567").unwrap().len() >= 3);
 }
 
 #[test]
@@ -124,9 +175,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
     #[test]
     fn any_utf8_round_trips(text in any::<String>()) {
-        let tok = mixed_tokenizer();
-        let ids = tok.encode(&text).unwrap();
-        prop_assert_eq!(tok.decode(&ids).unwrap(), text);
+        for tok in [mixed_tokenizer(), mixed_digits_tokenizer()] {
+            let ids = tok.encode(&text).unwrap();
+            prop_assert_eq!(&tok.decode(&ids).unwrap(), &text);
+        }
     }
 
     #[test]

@@ -339,11 +339,13 @@ fn language_of(text: &str) -> Option<Lang> {
 
 /// The curriculum's RL/held-out prompts with their checkers: accuracy per family, and the
 /// chat-level checks (stops at end of turn, refusal on harmful, false refusal on benign, language).
+/// With `answers`, each prompt's reply and verdict is pushed there (for reading what failed).
 pub fn score_curriculum(
     m: &mut dyn Evaluatee,
     path: &Path,
     limit: Option<usize>,
     max_tokens: usize,
+    mut answers: Option<&mut Vec<serde_json::Value>>,
 ) -> Result<BTreeMap<String, f64>> {
     let rows = read_jsonl(path)?;
     let rows = &rows[..limit.unwrap_or(rows.len()).min(rows.len())];
@@ -367,7 +369,14 @@ pub fn score_curriculum(
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let (mut stopped, mut lang_ok, mut lang_n) = (0usize, 0usize, 0usize);
     let (mut refused_harmful, mut harmful, mut refused_benign, mut benign) = (0, 0, 0, 0);
-    for ((family, lang, _, answer), o) in items.iter().zip(&outs) {
+    for ((family, lang, messages, answer), o) in items.iter().zip(&outs) {
+        if let Some(list) = answers.as_deref_mut() {
+            list.push(serde_json::json!({
+                "family": family, "lang": lang,
+                "prompt": messages.last().map(|m| m.content.as_str()).unwrap_or_default(),
+                "reply": o.text, "stopped": o.stopped, "pass": check(answer, &o.text),
+            }));
+        }
         let e = per
             .entry(
                 serde_json::to_value(family)?
@@ -466,6 +475,8 @@ pub struct EvalOptions {
     pub cot: bool,
     pub max_tokens: usize,
     pub batch_size: usize,
+    /// Write every curriculum prompt's reply and verdict here (JSONL).
+    pub answers: Option<std::path::PathBuf>,
 }
 
 /// Runs every task against a loaded model; results keyed by task spec.
@@ -484,6 +495,7 @@ pub fn run(
         .chat
         .unwrap_or_else(|| crate::tokenizer::chat::ChatTemplate::detect(&lm.tokenizer).is_ok());
     let mut results = BTreeMap::new();
+    let mut answers = Vec::new();
     for spec in &opts.tasks {
         m.progress = model::task_progress(spec);
         let (kind, path) = spec.split_once(':').ok_or_else(|| {
@@ -509,7 +521,7 @@ pub fn run(
                 score_choices(&mut m, &items, dev_items.as_deref(), opts.shots, opts.limit)?
             }
             "gsm8k" => score_gsm8k(&mut m, path, chat, opts.cot, opts.shots, opts.limit, opts.max_tokens)?,
-            "curriculum" => score_curriculum(&mut m, path, opts.limit, opts.max_tokens)?,
+            "curriculum" => score_curriculum(&mut m, path, opts.limit, opts.max_tokens, Some(&mut answers))?,
             "probes" => score_probes(&mut m, path, opts.limit)?,
             "bpb" => {
                 let seq = lm.model.config.max_position_embeddings.min(256);
@@ -531,6 +543,10 @@ pub fn run(
         m.truncated_prompts = 0;
         results.insert(spec.clone(), r);
         m.progress.finish_and_clear();
+    }
+    if let Some(file) = &opts.answers {
+        let lines: Vec<String> = answers.iter().map(|a| a.to_string() + "\n").collect();
+        crate::util::write_atomic(file, lines.concat().as_bytes())?;
     }
     Ok(results)
 }
@@ -798,12 +814,18 @@ mod tests {
             best.push(t.replies[0].clone());
         }
         std::fs::write(&p, lines).unwrap();
-        let r = score_curriculum(&mut HalfRight(best), &p, None, 50).unwrap();
+        let mut answers = Vec::new();
+        let r = score_curriculum(&mut HalfRight(best), &p, None, 50, Some(&mut answers)).unwrap();
         assert_eq!(r["accuracy"], 0.5);
         assert_eq!(r["stops_at_end_of_turn"], 0.5);
         assert!(
             r["language_match"] > 0.2 && r["language_match"] <= 0.5,
             "{r:?}"
         );
+        // One answer record per prompt, its verdict agreeing with the accuracy.
+        assert_eq!(answers.len(), 20);
+        let passed = answers.iter().filter(|a| a["pass"] == true).count();
+        assert_eq!(passed, 10);
+        assert_eq!(answers[0]["family"], "arithmetic");
     }
 }

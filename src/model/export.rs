@@ -253,10 +253,15 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
         ),
         ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        // chatforge's GPT-4-style split is the one llama.cpp knows as llama-bpe.
+        // The name llama.cpp knows our split by; GPT-4's for tokenizers that are not ours.
         (
             "tokenizer.ggml.pre".into(),
-            Value::String("llama-bpe".into()),
+            Value::String(
+                tok.split_pattern()
+                    .unwrap_or(crate::tokenizer::SplitPattern::Gpt4)
+                    .gguf_pre()
+                    .into(),
+            ),
         ),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),

@@ -121,8 +121,13 @@ impl Reader<'_> {
 /// no space added in front (candle's generic fallback adds one), and SmolLM's one-digit numbers.
 fn fix_pre_tokenizer(r: &Reader, inner: &mut tokenizers::Tokenizer) {
     use tokenizers::pre_tokenizers::{
-        byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
+        byte_level::ByteLevel,
+        digits::Digits,
+        sequence::Sequence,
+        split::{Split, SplitPattern as SplitRegex},
+        PreTokenizerWrapper,
     };
+    use tokenizers::SplitDelimiterBehavior::Isolated;
     let text = |k: &str| r.meta(k).and_then(|v| v.to_string().ok()).cloned();
     if text("tokenizer.ggml.model").as_deref() != Some("gpt2") {
         return;
@@ -136,10 +141,21 @@ fn fix_pre_tokenizer(r: &Reader, inner: &mut tokenizers::Tokenizer) {
         .and_then(|v| v.to_bool().ok())
         .unwrap_or(false);
     let byte_level: PreTokenizerWrapper = ByteLevel::new(prefix, true, true).into();
-    let wrapper = if pre == "smollm" {
-        Sequence::new(vec![Digits::new(true).into(), byte_level]).into()
-    } else {
-        byte_level
+    let wrapper = match pre.as_str() {
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level]).into(),
+        // Llama 3's split, which chatforge's GPT-4 split also exports as.
+        "llama-bpe" => {
+            let regex = crate::tokenizer::SplitPattern::Gpt4.regex();
+            match Split::new(SplitRegex::Regex(regex.into()), Isolated, false) {
+                Ok(split) => Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, false, false).into(),
+                ])
+                .into(),
+                Err(_) => byte_level,
+            }
+        }
+        _ => byte_level,
     };
     inner.with_pre_tokenizer(Some(wrapper));
 }

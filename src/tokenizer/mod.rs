@@ -41,6 +41,10 @@ pub enum SplitPattern {
     /// GPT-4's split: numbers in groups of at most three digits, punctuation kept apart from
     /// letters, newlines grouped; CJK runs stay whole words.
     Gpt4,
+    /// GPT-4's split with every digit its own word (as Llama 2, Qwen2 and SmolLM split): a small
+    /// vocabulary then never learns a token per number, so arithmetic is learned on digits and
+    /// carries over to numbers not seen in training.
+    Digits,
 }
 
 impl SplitPattern {
@@ -54,6 +58,25 @@ impl SplitPattern {
             SplitPattern::Gpt4 => {
                 r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
             }
+            SplitPattern::Digits => {
+                r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+            }
+        }
+    }
+
+    /// The split a `tokenizer.json` pre-tokenizer regex is, if it is one of ours.
+    pub fn of_regex(regex: &str) -> Option<SplitPattern> {
+        [SplitPattern::Gpt2, SplitPattern::Gpt4, SplitPattern::Digits]
+            .into_iter()
+            .find(|p| p.regex() == regex)
+    }
+
+    /// The name llama.cpp gives this split in a GGUF file's `tokenizer.ggml.pre`.
+    pub fn gguf_pre(self) -> &'static str {
+        match self {
+            SplitPattern::Gpt2 => "gpt-2",
+            SplitPattern::Gpt4 => "llama-bpe",
+            SplitPattern::Digits => "qwen2",
         }
     }
 }
@@ -71,7 +94,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             vocab_size: 2048,
-            pattern: SplitPattern::Gpt4,
+            pattern: SplitPattern::Digits,
             special_tokens: CHAT_SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -263,6 +286,16 @@ impl Tokenizer {
         Self::from_inner(inner)
     }
 
+    /// Which of our pre-tokenizer splits this tokenizer uses (`None` for other pipelines).
+    pub fn split_pattern(&self) -> Option<SplitPattern> {
+        let pre = serde_json::to_value(self.inner.get_pre_tokenizer()?).ok()?;
+        let first = match pre["type"].as_str()? {
+            "Sequence" => pre["pretokenizers"].get(0)?.clone(),
+            _ => pre,
+        };
+        SplitPattern::of_regex(first["pattern"]["Regex"].as_str()?)
+    }
+
     /// Saves `tokenizer.json` into `dir` (atomically).
     pub fn save(&self, dir: &Path) -> Result<PathBuf> {
         let file = dir.join("tokenizer.json");
@@ -440,7 +473,7 @@ mod tests {
     #[test]
     fn cutting_for_parallel_counting_does_not_change_word_counts() {
         let text = "Hello there.\nSecond line  here\n\nThird: 12345 words!\nend\n".repeat(50);
-        for p in [SplitPattern::Gpt2, SplitPattern::Gpt4] {
+        for p in [SplitPattern::Gpt2, SplitPattern::Gpt4, SplitPattern::Digits] {
             let re = fancy_regex::Regex::new(p.regex()).unwrap();
             let whole = bpe::count_words(&[text.as_str()], &re);
             let pieces = split_for_counting(&text, 100);

@@ -76,6 +76,10 @@ pub struct RewardInfo {
     pub heldout_margin: f64,
     pub heldout_pairs: usize,
     pub accuracy_by_family: BTreeMap<String, f64>,
+    /// Accuracy per pair of ranks ("1>2": the best response against the second), which shows
+    /// which distinctions (style, correctness, safety) the model has learned.
+    #[serde(default)]
+    pub accuracy_by_ranks: BTreeMap<String, f64>,
 }
 
 /// The rendered ids of `prompt` followed by an assistant `response`, ending at its end-of-turn.
@@ -164,6 +168,10 @@ pub struct RewardOptions {
     /// Prompts whose answers by the base model define reward 0; default: the held-out responses.
     pub norm_prompts: Option<PathBuf>,
     pub norm_samples: usize,
+    /// Train only the top N Transformer blocks (and the final norm and score head); the rest
+    /// keep the starting model's weights. Default: every weight.
+    #[serde(default)]
+    pub train_layers: Option<usize>,
     #[serde(skip)]
     pub train: LoopOptions,
 }
@@ -181,6 +189,7 @@ impl Default for RewardOptions {
             on_error: OnError::Skip,
             norm_prompts: None,
             norm_samples: 64,
+            train_layers: None,
             train: LoopOptions {
                 steps: 200,
                 lr: 5e-4,
@@ -224,6 +233,8 @@ struct RewardStage {
     pad: u32,
     hidden: usize,
     head: Option<Linear>,
+    /// Blocks below this index keep their starting weights (with the embeddings).
+    first_trained_layer: usize,
 }
 
 /// Scores of every response of a batch and the (better, worse) index pairs into them, with the
@@ -233,6 +244,8 @@ struct ScoredBatch {
     better: Vec<u32>,
     worse: Vec<u32>,
     owner: Vec<usize>,
+    /// Ranks (0 = best) of each pair's two responses within their comparison.
+    ranks: Vec<(u32, u32)>,
 }
 
 /// Pairwise results over comparisons: (loss, accuracy, margin, pairs, per-family accuracy).
@@ -242,6 +255,7 @@ struct PairStats {
     margin: f64,
     pairs: usize,
     by_family: BTreeMap<String, f64>,
+    by_ranks: BTreeMap<String, f64>,
 }
 
 impl RewardStage {
@@ -252,7 +266,8 @@ impl RewardStage {
     /// Scores of every response in `batch` and the (better, worse) index pairs into them.
     fn scores(&self, model: &Llama, batch: &[&Encoded]) -> Result<ScoredBatch> {
         let mut refs: Vec<&[u32]> = Vec::new();
-        let (mut better, mut worse, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut better, mut worse, mut owner, mut ranks) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (c, e) in batch.iter().enumerate() {
             let base = refs.len() as u32;
             let k = e.seqs.len() as u32;
@@ -261,6 +276,7 @@ impl RewardStage {
                     better.push(base + i);
                     worse.push(base + j);
                     owner.push(c);
+                    ranks.push((i, j));
                 }
             }
             refs.extend(e.seqs.iter().map(|s| s.as_slice()));
@@ -271,6 +287,7 @@ impl RewardStage {
             better,
             worse,
             owner,
+            ranks,
         })
     }
 
@@ -284,6 +301,7 @@ impl RewardStage {
     fn stats(&self, model: &Llama, set: &[Encoded]) -> Result<PairStats> {
         let (mut loss, mut correct, mut margin, mut pairs) = (0.0, 0usize, 0.0, 0usize);
         let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut by_ranks: BTreeMap<(u32, u32), (usize, usize)> = BTreeMap::new();
         for chunk in set.chunks(self.batch_size.max(1)) {
             let batch: Vec<&Encoded> = chunk.iter().collect();
             let sb = self.scores(model, &batch)?;
@@ -291,8 +309,11 @@ impl RewardStage {
             let owner = sb.owner;
             let diff: Vec<f32> = diff.to_vec1()?;
             loss += l.to_scalar::<f32>()? as f64 * diff.len() as f64;
-            for (d, &o) in diff.iter().zip(&owner) {
+            for ((d, &o), &r) in diff.iter().zip(&owner).zip(&sb.ranks) {
                 let ok = *d > 0.0;
+                let e = by_ranks.entry(r).or_default();
+                e.0 += ok as usize;
+                e.1 += 1;
                 correct += ok as usize;
                 margin += *d as f64;
                 let f = batch[o].family.clone().unwrap_or_else(|| "all".into());
@@ -303,14 +324,16 @@ impl RewardStage {
             pairs += diff.len();
         }
         let n = pairs.max(1) as f64;
+        let rate = |(c, t): (usize, usize)| c as f64 / t.max(1) as f64;
         Ok(PairStats {
             loss: loss / n,
             accuracy: correct as f64 / n,
             margin: margin / n,
             pairs,
-            by_family: fam
+            by_family: fam.into_iter().map(|(k, v)| (k, rate(v))).collect(),
+            by_ranks: by_ranks
                 .into_iter()
-                .map(|(k, (c, t))| (k, c as f64 / t.max(1) as f64))
+                .map(|((i, j), v)| (format!("{}>{}", i + 1, j + 1), rate(v)))
                 .collect(),
         })
     }
@@ -320,6 +343,17 @@ impl Stage for RewardStage {
     fn build_heads(&mut self, vb: VarBuilder) -> Result<Vec<String>> {
         self.head = Some(candle_nn::linear_no_bias(self.hidden, 1, vb.pp("score"))?);
         Ok(vec!["score.weight".into()])
+    }
+
+    fn trains(&self, name: &str) -> bool {
+        match name.strip_prefix("model.layers.") {
+            Some(rest) => rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_none_or(|i| i >= self.first_trained_layer),
+            None => self.first_trained_layer == 0 || name == "model.norm.weight",
+        }
     }
 
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
@@ -463,6 +497,11 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         pad: tok.special_id("<|pad|>").unwrap_or(0),
         hidden: config.hidden_size,
         head: None,
+        first_trained_layer: match opts.train_layers {
+            Some(0) => bail!("--train-layers must be positive"),
+            Some(n) => config.num_hidden_layers.saturating_sub(n),
+            None => 0,
+        },
     };
     let spec = RunSpec {
         stage: "reward",
@@ -491,6 +530,7 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         info.heldout_margin = st.margin;
         info.heldout_pairs = st.pairs;
         info.accuracy_by_family = st.by_family;
+        info.accuracy_by_ranks = st.by_ranks;
         let (bias, on) = normalisation(&rm, opts, &val_raw)?;
         info.bias = bias;
         info.normalised_on = on;

@@ -92,6 +92,10 @@ pub trait Stage {
     fn head_lr_scale(&self) -> f64 {
         1.0
     }
+    /// Whether a language-model weight trains (a stage may freeze some: 0 learning rate).
+    fn trains(&self, _name: &str) -> bool {
+        true
+    }
     /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss.
     fn step_metrics(&mut self) -> Vec<(String, f64)> {
         Vec::new()
@@ -239,6 +243,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     for p in optimizer.params.iter_mut() {
         if heads.contains(&p.name) {
             p.lr_scale = stage.head_lr_scale();
+        } else if !stage.trains(&p.name) {
+            p.lr_scale = 0.0;
         }
     }
     let metrics_path = run.join("metrics.jsonl");

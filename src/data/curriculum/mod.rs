@@ -197,7 +197,7 @@ fn qa_document(rng: &mut Rng) -> String {
         } else {
             Lang::Zh
         };
-        let t = make(family, lang, Split::Train, rng);
+        let t = make(family, lang, Split::Demo, rng);
         let (q, a) = match lang {
             Lang::En => ("Q: ", "A: "),
             Lang::Zh => ("问：", "答："),
@@ -373,8 +373,13 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                 if matches!(family, Family::Extraction | Family::Email) && lang == Lang::Zh {
                     continue; // these families have one prompt language by design
                 }
+                let demo = if split == Split::Train {
+                    Split::Demo
+                } else {
+                    split
+                };
                 for _ in 0..per(size.conversations_per_family) {
-                    let t = make(family, lang, split, &mut rng);
+                    let t = make(family, lang, demo, &mut rng);
                     let mut messages = t.prompt.clone();
                     messages.push(Message::new(Role::Assistant, t.replies[0].clone()));
                     sft.push(json_line(
@@ -550,6 +555,31 @@ mod tests {
                 assert!(!held_out_pair(ints[0], ints[1]), "{q}");
             }
         }
+        // Some harmful requests are ranked but never demonstrated.
+        let prompts = |file: &str| -> std::collections::BTreeSet<String> {
+            read(dir.path(), file)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v["family"] == "harmful")
+                .map(|v| {
+                    v["prompt"]
+                        .as_array()
+                        .map_or(&v["messages"], |_| &v["prompt"])[0]["content"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        };
+        let (demonstrated, ranked) = (
+            prompts("sft_train.jsonl"),
+            prompts("prefs_rankings_train.jsonl"),
+        );
+        assert!(!demonstrated.is_empty());
+        assert!(
+            ranked.iter().any(|p| !demonstrated.contains(p)),
+            "every ranked request is demonstrated"
+        );
         // Every SFT record renders as a conversation that ends with the assistant.
         for line in held.lines().chain(train.lines()) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
