@@ -562,12 +562,13 @@ mod tests {
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .filter(|v| v["family"] == "harmful")
                 .map(|v| {
-                    v["prompt"]
-                        .as_array()
-                        .map_or(&v["messages"], |_| &v["prompt"])[0]["content"]
-                        .as_str()
-                        .unwrap()
-                        .to_string()
+                    // Rankings hold a "prompt", conversations their "messages".
+                    let turns = if v["prompt"].is_array() {
+                        &v["prompt"]
+                    } else {
+                        &v["messages"]
+                    };
+                    turns[0]["content"].as_str().unwrap().to_string()
                 })
                 .collect()
         };
