@@ -521,7 +521,10 @@ pub fn run(
                 score_choices(&mut m, &items, dev_items.as_deref(), opts.shots, opts.limit)?
             }
             "gsm8k" => score_gsm8k(&mut m, path, chat, opts.cot, opts.shots, opts.limit, opts.max_tokens)?,
-            "curriculum" => score_curriculum(&mut m, path, opts.limit, opts.max_tokens, Some(&mut answers))?,
+            "curriculum" => {
+                let keep = opts.answers.is_some().then_some(&mut answers);
+                score_curriculum(&mut m, path, opts.limit, opts.max_tokens, keep)?
+            }
             "probes" => score_probes(&mut m, path, opts.limit)?,
             "bpb" => {
                 let seq = lm.model.config.max_position_embeddings.min(256);
