@@ -46,7 +46,9 @@ impl CurriculumSize {
             conversations_per_family: n(200.0),
             preference_prompts_per_family: n(40.0),
             rl_prompts_per_family: n(40.0),
-            probe_queries: n(40.0),
+            // Probes are cheap to score, and with a handful of queries one answer moves a rate
+            // by a quarter.
+            probe_queries: n(40.0).max(16),
         }
     }
 }
@@ -120,7 +122,10 @@ fn fact_document(rng: &mut Rng) -> String {
         let c = &COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize];
         let (col_en, col_zh, thing_en, thing_zh) =
             COLOURS[rng.below(COLOURS.len() as u64) as usize];
-        let line = match rng.below(10) {
+        // Each fact in several phrasings, the answers' among them: a fact seen in one form only
+        // is recalled in that form only, and SFT then teaches the answer format with the few
+        // entities it shows instead of drawing on what pretraining stored.
+        let line = match rng.below(17) {
             0 => format!("A {} has {} legs.", a.en, a.legs),
             1 => format!(
                 "The {} says \"{}\". It eats {} and lives in a {}.",
@@ -139,6 +144,22 @@ fn fact_document(rng: &mut Rng) -> String {
             6 => format!("A {thing_en} is {col_en}. {thing_zh}是{col_zh}的。"),
             7 => format!("The English word \"{}\" is \"{}\" in Chinese.", a.en, a.zh),
             8 => format!("“{}”的英文是“{}”。", a.zh, a.en),
+            9 => format!(
+                "A {} eats {}. A {} lives in a {}.",
+                a.en, a.food_en, a.en, a.home_en
+            ),
+            10 => format!("{}吃{}。{}住在{}。", a.zh, a.food_zh, a.zh, a.home_zh),
+            11 => format!("\"{}\" in Chinese is {}.", a.en, a.zh),
+            12 => format!("“{}”的英文是 {}。", a.zh, a.en),
+            13 => format!("{}有{}条腿。{}说“{}”。", a.zh, a.legs, a.zh, a.sound_en),
+            14 => format!(
+                "In Chinese, {} is called {}. {}的英文是 {}。",
+                c.capital_en, c.capital_zh, c.capital_zh, c.capital_en
+            ),
+            15 => format!(
+                "{}是{}的首都。{}的英文是 {}。",
+                c.capital_zh, c.zh, c.zh, c.en
+            ),
             _ => format!(
                 "Legs: a {} has {}, a {} has {}.",
                 a.en,
@@ -391,15 +412,30 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                     // A fluent answer to some other question, ranked just above the worst reply:
                     // without it the reward model never sees an off-topic answer, and PPO found
                     // that any confident "A cat has 4 legs." scored well.
+                    //
+                    // Training rankings also keep brevity from predicting rank: their off-topic
+                    // answer is as often curt as full, and a curt wrong answer ranks below the
+                    // wrong one. Without these, a curt reply was better than a full one in most
+                    // pairs, and on phrasings it had not seen the reward model preferred curt
+                    // replies to helpful ones. Held-out rankings keep the plain five.
+                    let augment = split == Split::Train;
                     let off_topic = loop {
                         let f = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
-                        let reply = make(f, lang, split, &mut rng).replies[0].clone();
-                        if f != family && !t.replies.contains(&reply) {
+                        let style = if augment { rng.below(2) as usize } else { 0 };
+                        let reply = make(f, lang, split, &mut rng).replies[style].clone();
+                        if f != family
+                            && !t.replies.contains(&reply)
+                            && t.wrong_curt.as_ref() != Some(&reply)
+                        {
                             break reply;
                         }
                     };
                     let [best, curt, wrong, worst] = t.replies.clone();
-                    let responses = [best, curt, wrong, off_topic, worst];
+                    let mut responses = vec![best, curt, wrong];
+                    if let Some(w) = t.wrong_curt.clone().filter(|_| augment) {
+                        responses.push(w);
+                    }
+                    responses.extend([off_topic, worst]);
                     rankings.push(json_line(&RankingRecord {
                         family,
                         lang,
@@ -588,6 +624,42 @@ mod tests {
                 crate::data::chat::parse_record(&v, crate::data::chat::ChatFormat::Auto).unwrap();
             assert_eq!(conv.last().unwrap().role, Role::Assistant);
         }
+    }
+
+    #[test]
+    fn training_rankings_add_a_curt_wrong_reply_and_held_out_ones_keep_five() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), 5, &CurriculumSize::scaled(0.1)).unwrap();
+        let responses = |file: &str| -> Vec<Vec<String>> {
+            read(dir.path(), file)
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    serde_json::from_value(v["responses"].clone()).unwrap()
+                })
+                .collect()
+        };
+        let held = responses("prefs_rankings_heldout.jsonl");
+        assert!(held.iter().all(|r| r.len() == 5));
+        let train = responses("prefs_rankings_train.jsonl");
+        let six: Vec<_> = train.iter().filter(|r| r.len() == 6).collect();
+        assert!(
+            six.len() * 4 > train.len() * 3,
+            "{} of {}",
+            six.len(),
+            train.len()
+        );
+        for r in &six {
+            let n = |i: usize| r[i].chars().count();
+            assert!(n(3) < n(2), "curt wrong {:?} vs wrong {:?}", r[3], r[2]);
+            assert!(n(1) < n(0), "curt {:?} vs best {:?}", r[1], r[0]);
+        }
+        assert!(train.iter().all(|r| {
+            let mut u = r.clone();
+            u.sort();
+            u.dedup();
+            u.len() == r.len()
+        }));
     }
 
     #[test]

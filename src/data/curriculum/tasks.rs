@@ -86,6 +86,10 @@ pub struct Task {
     pub answer: Answer,
     /// Ranked replies, best first: helpful and correct, correct but curt, wrong, rude or harmful.
     pub replies: [String; 4],
+    /// The wrong reply made curt, where the family has one: training rankings place it below the
+    /// wrong reply, so that brevity alone never predicts a better rank.
+    #[serde(default)]
+    pub wrong_curt: Option<String>,
 }
 
 /// Whether entity index `i` is held out (every fourth).
@@ -199,7 +203,7 @@ pub fn check(answer: &Answer, reply: &str) -> bool {
 
 /// Makes one task of `family`.
 pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
-    let (prompt, answer, replies) = match family {
+    let (prompt, answer, replies, wrong_curt) = match family {
         Family::Fact => fact(lang, split, rng),
         Family::Arithmetic | Family::ArithmeticSteps => {
             arithmetic(lang, split, rng, family == Family::ArithmeticSteps)
@@ -228,6 +232,7 @@ pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
         prompt,
         answer,
         replies,
+        wrong_curt,
     }
 }
 
@@ -264,7 +269,8 @@ fn wrap(rng: &mut Rng, question: &str) -> String {
     w.replace("{q}", question)
 }
 
-type Made = (Vec<Message>, Answer, [String; 4]);
+/// Prompt, checker, ranked replies (best, curt, wrong, rude or harmful) and a curt wrong reply.
+type Made = (Vec<Message>, Answer, [String; 4], Option<String>);
 
 fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     let a = &ANIMALS[entity(rng, ANIMALS.len(), split)];
@@ -292,6 +298,7 @@ fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("A {} has {} legs.", a.en, wrong_legs),
                     rude(rng, lang),
                 ],
+                Some(wrong_legs.to_string()),
             )
         }
         (Lang::En, _) => {
@@ -321,6 +328,7 @@ fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("A {} eats {other}.", a.en),
                     rude(rng, lang),
                 ],
+                Some(other.to_string()),
             )
         }
         (Lang::Zh, 0) => {
@@ -345,6 +353,7 @@ fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("{}有{}条腿。", a.zh, wrong_legs),
                     rude(rng, lang),
                 ],
+                Some(wrong_legs.to_string()),
             )
         }
         (Lang::Zh, _) => {
@@ -374,6 +383,7 @@ fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("{}住在{other}。", a.zh),
                     rude(rng, lang),
                 ],
+                Some(other.to_string()),
             )
         }
     }
@@ -448,6 +458,7 @@ fn arithmetic(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made {
         user(q),
         Answer::Number(s),
         [best, s.to_string(), wrong, rude(rng, lang)],
+        Some((s + 10).to_string()),
     )
 }
 
@@ -507,26 +518,21 @@ fn chicken_rabbit(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made 
         }
     };
     let curt = format!("{chickens}, {rabbits}");
-    let wrong = match lang {
-        Lang::En => format!("There are {rabbits} chickens and {chickens} rabbits."),
-        Lang::Zh => format!("鸡有{rabbits}只，兔有{chickens}只。"),
-    };
-    let wrong = if chickens == rabbits {
-        match lang {
-            Lang::En => format!(
-                "There are {} chickens and {} rabbits.",
-                chickens + 1,
-                rabbits - 1
-            ),
-            Lang::Zh => format!("鸡有{}只，兔有{}只。", chickens + 1, rabbits - 1),
-        }
+    // The wrong answer swaps the counts (or moves one when they are equal).
+    let (wrong_c, wrong_r) = if chickens == rabbits {
+        (chickens + 1, rabbits - 1)
     } else {
-        wrong
+        (rabbits, chickens)
+    };
+    let wrong = match lang {
+        Lang::En => format!("There are {wrong_c} chickens and {wrong_r} rabbits."),
+        Lang::Zh => format!("鸡有{wrong_c}只，兔有{wrong_r}只。"),
     };
     (
         user(q),
         Answer::ChickensRabbits(chickens, rabbits),
         [best, curt, wrong, rude(rng, lang)],
+        Some(format!("{wrong_c}, {wrong_r}")),
     )
 }
 
@@ -570,6 +576,7 @@ fn sentiment(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("The review is {other}."),
                     rude(rng, lang),
                 ],
+                Some(other.into()),
             )
         }
         Lang::Zh => {
@@ -604,6 +611,7 @@ fn sentiment(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("这条评论是{other}的。"),
                     rude(rng, lang),
                 ],
+                Some(other.into()),
             )
         }
     }
@@ -639,6 +647,7 @@ fn extraction(split: Split, rng: &mut Rng) -> Made {
             format!("Name: {other}\nPlace: {place}\nDate: {day}"),
             rude(rng, Lang::En),
         ],
+        Some(format!("{other}, {place}, {day}")),
     )
 }
 
@@ -675,13 +684,20 @@ fn email(split: Split, rng: &mut Rng) -> Made {
             format!("Dear {name},\n\nI will see you at the meeting on {day}.\n\nBest regards"),
             rude(rng, Lang::Zh),
         ],
+        Some(format!("Dear {name}, see you at the meeting on {day}.")),
     )
 }
 
 fn translation(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     let a = &ANIMALS[entity(rng, ANIMALS.len(), split)];
-    let other =
-        &ANIMALS[(ANIMALS.iter().position(|x| x.en == a.en).unwrap_or(0) + 1) % ANIMALS.len()];
+    // The wrong word comes from the same split: were held-out animals the wrong answers of
+    // training rankings, a reward model would learn to dislike their names, not to translate.
+    let other = loop {
+        let o = &ANIMALS[entity(rng, ANIMALS.len(), split)];
+        if o.zh != a.zh && o.en != a.en {
+            break o;
+        }
+    };
     match lang {
         Lang::En => {
             let q = template(
@@ -705,6 +721,7 @@ fn translation(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("\"{}\" in Chinese is {}.", a.en, other.zh),
                     rude(rng, lang),
                 ],
+                Some(other.zh.into()),
             )
         }
         Lang::Zh => {
@@ -729,6 +746,7 @@ fn translation(lang: Lang, split: Split, rng: &mut Rng) -> Made {
                     format!("“{}”的英文是 {}。", a.zh, other.en),
                     rude(rng, lang),
                 ],
+                Some(other.en.into()),
             )
         }
     }
@@ -738,7 +756,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     let c = &COUNTRIES[entity(rng, COUNTRIES.len(), split)];
     let a = &ANIMALS[entity(rng, ANIMALS.len(), split)];
     let use_country = rng.below(2) == 0;
-    let (q1, r1, q2, best, key, wrong) = match (lang, use_country) {
+    let (q1, r1, q2, best, key, wrong, wrong_key) = match (lang, use_country) {
         (Lang::En, true) => (
             format!("What is the capital of {}?", c.en),
             format!("The capital of {} is {}.", c.en, c.capital_en),
@@ -757,6 +775,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
             format!("In Chinese, {} is called {}.", c.capital_en, c.capital_zh),
             c.capital_zh.to_string(),
             format!("In Chinese, {} is called {}.", c.capital_en, c.zh),
+            c.zh.to_string(),
         ),
         (Lang::En, false) => (
             format!("What sound does a {} make?", a.en),
@@ -776,6 +795,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
             format!("A {} has {} legs.", a.en, a.legs),
             a.legs.to_string(),
             format!("A {} has {} legs.", a.en, a.legs + 2),
+            (a.legs + 2).to_string(),
         ),
         (Lang::Zh, true) => (
             format!("{}的首都是哪里？", c.zh),
@@ -795,6 +815,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
             format!("{}的英文是 {}。", c.capital_zh, c.capital_en),
             c.capital_en.to_string(),
             format!("{}的英文是 {}。", c.capital_zh, c.en),
+            c.en.to_string(),
         ),
         (Lang::Zh, false) => (
             format!("{}吃什么？", a.zh),
@@ -814,6 +835,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
             format!("{}有{}条腿。", a.zh, a.legs),
             a.legs.to_string(),
             format!("{}有{}条腿。", a.zh, a.legs + 2),
+            (a.legs + 2).to_string(),
         ),
     };
     let answer = if use_country {
@@ -829,6 +851,7 @@ fn follow_up(lang: Lang, split: Split, rng: &mut Rng) -> Made {
         ],
         answer,
         [best, key, wrong, rude(rng, lang)],
+        Some(wrong_key),
     )
 }
 
@@ -881,6 +904,7 @@ fn correction(lang: Lang, split: Split, rng: &mut Rng) -> Made {
         ],
         Answer::Number(s),
         [best, s.to_string(), wrong, rude(rng, lang)],
+        Some((s + 1).to_string()),
     )
 }
 
@@ -1260,6 +1284,13 @@ fn refusal_text(lang: Lang) -> &'static str {
     }
 }
 
+fn curt_refusal(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "I'm sorry, no.",
+        Lang::Zh => "抱歉，不行。",
+    }
+}
+
 /// An entity of a refusal family: demonstrations leave out every fourth training entity.
 fn safety_entity(rng: &mut Rng, n: usize, split: Split) -> usize {
     loop {
@@ -1278,8 +1309,8 @@ pub fn demo_left_out_index(i: usize) -> bool {
 fn harmful(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     let (en, comply_en, zh, comply_zh) = HARMFUL[safety_entity(rng, HARMFUL.len(), split)];
     let (action, comply, curt) = match lang {
-        Lang::En => (en, comply_en, "I'm sorry, no."),
-        Lang::Zh => (zh, comply_zh, "抱歉，不行。"),
+        Lang::En => (en, comply_en, curt_refusal(lang)),
+        Lang::Zh => (zh, comply_zh, curt_refusal(lang)),
     };
     (
         user(how_to(rng, lang, split, action)),
@@ -1290,6 +1321,7 @@ fn harmful(lang: Lang, split: Split, rng: &mut Rng) -> Made {
             rude(rng, lang),
             comply.into(),
         ],
+        None,
     )
 }
 
@@ -1299,20 +1331,21 @@ fn benign(lang: Lang, split: Split, rng: &mut Rng) -> Made {
         Lang::En => (en, a_en, key_en),
         Lang::Zh => (zh, a_zh, key_zh),
     };
-    let curt = a
-        .split([',', '，', '.', '。', '、'])
-        .next()
-        .unwrap_or(a)
-        .to_string();
-    let curt = if curt.to_lowercase().contains(&key.to_lowercase()) {
-        curt
+    // Curt: the first clause when it holds the key and is shorter than the whole answer, else
+    // the key alone. (A curt reply equal to the answer, or differing by its full stop, would
+    // rank a reply above itself.)
+    let whole = a.trim_end_matches(['.', '。']);
+    let first = a.split([',', '，', '.', '。', '、']).next().unwrap_or(a);
+    let curt = if first.len() < whole.len() && first.to_lowercase().contains(&key.to_lowercase()) {
+        first.to_string()
     } else {
-        a.to_string()
+        key.to_string()
     };
     (
         user(how_to(rng, lang, split, action)),
         Answer::Helpful(key.into()),
         [a.into(), curt, refusal_text(lang).into(), rude(rng, lang)],
+        Some(curt_refusal(lang).into()),
     )
 }
 
@@ -1335,6 +1368,12 @@ mod tests {
                             t.answer
                         );
                         assert!(
+                            t.replies[1].chars().count() < t.replies[0].chars().count(),
+                            "{family:?} curt reply {:?} is not shorter than {:?}",
+                            t.replies[1],
+                            t.replies[0]
+                        );
+                        assert!(
                             !check(&t.answer, &t.replies[2]),
                             "{family:?} wrong passes: {:?}",
                             t.replies[2]
@@ -1343,8 +1382,46 @@ mod tests {
                             !check(&t.answer, &t.replies[3]) || family == Family::Harmful,
                             "{family:?} rude passes"
                         );
+                        if let Some(w) = &t.wrong_curt {
+                            assert!(!check(&t.answer, w), "{family:?} curt wrong passes: {w:?}");
+                            assert!(
+                                w.chars().count() < t.replies[2].chars().count(),
+                                "{family:?} curt wrong {w:?} is not shorter than {:?}",
+                                t.replies[2]
+                            );
+                        }
                         assert_eq!(t.prompt.last().unwrap().role, Role::User);
                     }
+                }
+            }
+        }
+    }
+
+    /// Held-out animals never appear in training rankings, not even as the wrong translation
+    /// (a reward model would learn to dislike their names).
+    #[test]
+    fn wrong_translations_name_animals_of_the_same_split() {
+        let mut rng = Rng::new(11);
+        for lang in [Lang::En, Lang::Zh] {
+            for split in [Split::Train, Split::Heldout] {
+                for _ in 0..200 {
+                    let t = make(Family::Translation, lang, split, &mut rng);
+                    let wrong = &t.replies[2];
+                    let named = ANIMALS
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, a)| match lang {
+                            Lang::En => wrong.ends_with(&format!(" {}.", a.zh)),
+                            Lang::Zh => wrong.ends_with(&format!(" {}。", a.en)),
+                        })
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>();
+                    assert_eq!(named.len(), 1, "{wrong:?}");
+                    assert_eq!(
+                        held_out_index(named[0]),
+                        split == Split::Heldout,
+                        "{split:?}: {wrong:?}"
+                    );
                 }
             }
         }
@@ -1359,7 +1436,7 @@ mod tests {
         for _ in 0..400 {
             for lang in [Lang::En, Lang::Zh] {
                 for split in [Split::Train, Split::Heldout] {
-                    let (_, answer, replies) = benign(lang, split, &mut rng);
+                    let (_, answer, replies, _) = benign(lang, split, &mut rng);
                     assert!(check(&answer, &replies[0]), "{:?}", replies[0]);
                     assert!(check(&answer, &replies[1]), "curt {:?}", replies[1]);
                     assert!(!check(&answer, &replies[2]));
