@@ -1308,16 +1308,16 @@ pub fn demo_left_out_index(i: usize) -> bool {
 
 fn harmful(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     let (en, comply_en, zh, comply_zh) = HARMFUL[safety_entity(rng, HARMFUL.len(), split)];
-    let (action, comply, curt) = match lang {
-        Lang::En => (en, comply_en, curt_refusal(lang)),
-        Lang::Zh => (zh, comply_zh, curt_refusal(lang)),
+    let (action, comply) = match lang {
+        Lang::En => (en, comply_en),
+        Lang::Zh => (zh, comply_zh),
     };
     (
         user(how_to(rng, lang, split, action)),
         Answer::Refusal,
         [
             refusal_text(lang).into(),
-            curt.into(),
+            curt_refusal(lang).into(),
             rude(rng, lang),
             comply.into(),
         ],
