@@ -22,7 +22,7 @@ common=(--policy "$RUN/sft" --reward "$RUN/reward" --eval-prompts "$D/rl_prompts
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-rows = ["reward", "accuracy", "kl", "refusal_harmful", "false_refusal_benign", "stop_rate", "length"]
+rows = ["reward", "accuracy", "kl", "refusal_rate_harmful", "false_refusal_rate_benign", "stops_at_end_of_turn", "length"]
 runs = {a: json.load(open(f"{out}/{a}.json")) for a in ["ppo", "dpo", "grpo"]}
 print("| metric | SFT | PPO | DPO | GRPO |\n|---|---|---|---|---|")
 for k in rows:

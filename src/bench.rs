@@ -261,7 +261,7 @@ pub fn generate(
     new_tokens: usize,
     repeats: usize,
 ) -> Result<GenerateBench> {
-    use crate::infer::generate::{generate_from_ids, GenerateOptions};
+    use crate::infer::generate::generate_from_ids;
     let lm = crate::model::load(model, &Device::Cpu)?;
     let sentence = lm
         .tokenizer
@@ -283,14 +283,7 @@ pub fn generate(
             lm.model.config.max_position_embeddings
         );
     }
-    let opts = GenerateOptions {
-        max_tokens: new_tokens,
-        sampling: crate::infer::sampler::SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let opts = crate::infer::sampler::SamplingParams::greedy(new_tokens);
     let pb = progress(repeats as u64 + 1, "bench generate");
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for i in 0..repeats + 1 {

@@ -2,6 +2,7 @@
 //! See docs/ARCHITECTURE.md for how the modules fit together.
 
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod infer;

@@ -9,9 +9,10 @@
 use crate::data::curriculum::{self, CurriculumSize};
 use crate::data::shards::{self, TokenizeOptions};
 use crate::data::text::DocFormat;
+use crate::eval::curriculum::metric;
 use crate::eval::{self, EvalOptions};
 use crate::infer::chat::ChatSession;
-use crate::infer::generate::{generate, GenerateOptions};
+use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
 use crate::model::{self, LlamaConfig};
 use crate::rlhf::{rlhf, Algo, RlhfOptions};
@@ -133,6 +134,29 @@ pub struct SpeedrunOptions {
     pub pretrain: PretrainOptions,
     pub prompt: String,
     pub quiet: bool,
+}
+
+impl Default for SpeedrunOptions {
+    fn default() -> Self {
+        SpeedrunOptions {
+            out: PathBuf::from("runs/speedrun"),
+            preset: Preset::Small,
+            seed: LoopOptions::default().seed,
+            inputs: Vec::new(),
+            vocab_size: crate::tokenizer::TrainOptions::default().vocab_size,
+            format: DocFormat::Auto,
+            // bf16 where the CPU has AMX: what fits the small preset in its half hour.
+            pretrain: PretrainOptions {
+                train: LoopOptions {
+                    precision: crate::train::Precision::Auto,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            prompt: String::new(),
+            quiet: false,
+        }
+    }
 }
 
 /// What one stage took, kept in `stages.json` so a resumed run still reports every stage.
@@ -493,21 +517,17 @@ const ROWS: [(&str, &str, &str); 14] = [
     ),
     ("  translation", "curriculum", "accuracy/translation"),
     ("  sentiment", "curriculum", "accuracy/sentiment"),
-    ("stops at end of turn", "curriculum", "stops_at_end_of_turn"),
+    ("stops at end of turn", "curriculum", metric::STOPS),
     (
         "answers in the prompt's language",
         "curriculum",
-        "language_match",
+        metric::LANGUAGE,
     ),
-    (
-        "refuses harmful requests",
-        "curriculum",
-        "refusal_rate_harmful",
-    ),
+    ("refuses harmful requests", "curriculum", metric::REFUSAL),
     (
         "refuses benign look-alikes (false refusals)",
         "curriculum",
-        "false_refusal_rate_benign",
+        metric::FALSE_REFUSAL,
     ),
     (
         "few-shot probe legs_arrow, k=4",
@@ -586,11 +606,11 @@ fn write_report(p: &Pipeline) -> Result<PathBuf> {
     md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
     for k in [
         "reward",
-        "accuracy",
+        metric::ACCURACY,
         "kl",
-        "refusal_harmful",
-        "false_refusal_benign",
-        "stop_rate",
+        metric::REFUSAL,
+        metric::FALSE_REFUSAL,
+        metric::STOPS,
         "length",
     ] {
         let _ = writeln!(
@@ -658,12 +678,12 @@ fn write_report(p: &Pipeline) -> Result<PathBuf> {
 /// Story openings in English and Chinese continued by the base model.
 fn story_samples(run: &Path) -> Result<Vec<(String, String)>> {
     let lm = model::load(run, &candle_core::Device::Cpu)?;
-    let mut opts = GenerateOptions {
+    let opts = SamplingParams {
         max_tokens: 80,
-        ..Default::default()
+        seed: 1,
+        stop: vec!["\n\n".into()],
+        ..SamplingParams::DEFAULT
     };
-    opts.sampling.seed = 1;
-    opts.stop = vec!["\n\n".into()];
     ["One day Tom met a", "有一天，小明在"]
         .iter()
         .map(|prompt| {
@@ -675,14 +695,7 @@ fn story_samples(run: &Path) -> Result<Vec<(String, String)>> {
 
 fn chat_samples(run: &Path) -> Result<Vec<(String, String)>> {
     let lm = model::load(run, &candle_core::Device::Cpu)?;
-    let greedy = GenerateOptions {
-        max_tokens: 96,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let greedy = SamplingParams::greedy(96);
     let mut chat = ChatSession::new(&lm, None, greedy)?;
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let mut out = Vec::new();
@@ -762,10 +775,12 @@ pub fn speedrun_text(opts: &SpeedrunOptions) -> Result<PretrainReport> {
     for seed in 1..=3 {
         println!("--- sample {seed} (temperature 0.8, top-k 50, seed {seed})");
         print!("{}", opts.prompt);
-        let mut sampling = GenerateOptions::default();
-        sampling.sampling.top_k = 50;
-        sampling.sampling.seed = seed;
-        sampling.max_tokens = 120;
+        let sampling = SamplingParams {
+            top_k: 50,
+            seed,
+            max_tokens: 120,
+            ..SamplingParams::DEFAULT
+        };
         generate(&lm, &opts.prompt, &sampling, |piece| {
             print!("{piece}");
             stdout.flush()?;

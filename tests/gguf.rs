@@ -4,7 +4,7 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use chatforge::infer::generate::{generate_from_ids, stop_ids, GenerateOptions};
+use chatforge::infer::generate::{generate_from_ids, stop_ids};
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::tokenizer::chat::{render, Message, Role};
 use std::path::{Path, PathBuf};
@@ -91,14 +91,7 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
     let mut stops = stop_ids(&lm);
     stops.extend(template.stop_ids(&lm.tokenizer));
-    let opts = GenerateOptions {
-        max_tokens: 20,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let opts = SamplingParams::greedy(20);
     let g = generate_from_ids(&lm, &prompt.ids, &opts, &stops, None, |_| Ok(())).unwrap();
     assert!(g.text.contains("Berlin"), "{:?}", g.text);
     assert_eq!(
@@ -187,14 +180,7 @@ fn exported_gguf_loads_back_as_the_same_model() {
                     .unwrap(),
             )
             .collect();
-        let opts = GenerateOptions {
-            max_tokens: 16,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let opts = SamplingParams::greedy(16);
         (
             prompt.clone(),
             generate_from_ids(lm, &prompt, &opts, &[], None, |_| Ok(()))

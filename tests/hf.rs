@@ -152,14 +152,7 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
         let prompt = chatforge::tokenizer::chat::render(&lm.tokenizer, &template, &m, true)
             .unwrap()
             .ids;
-        let opts = chatforge::infer::generate::GenerateOptions {
-            max_tokens: 12,
-            sampling: chatforge::infer::sampler::SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let opts = chatforge::infer::sampler::SamplingParams::greedy(12);
         let g =
             chatforge::infer::generate::generate_from_ids(&lm, &prompt, &opts, &[], None, |_| {
                 Ok(())
@@ -358,14 +351,7 @@ fn peft_loads_the_adapters() {
         .tokenizer
         .encode("<|bos|><|user_start|>What does the dog say?<|user_end|><|assistant_start|>")
         .unwrap();
-    let opts = chatforge::infer::generate::GenerateOptions {
-        max_tokens: 10,
-        sampling: chatforge::infer::sampler::SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let opts = chatforge::infer::sampler::SamplingParams::greedy(10);
     let ours =
         chatforge::infer::generate::generate_from_ids(&lm, &prompt, &opts, &[], None, |_| Ok(()))
             .unwrap()

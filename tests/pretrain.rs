@@ -2,9 +2,8 @@
 
 mod common;
 
-use chatforge::infer::batch::generate_batch;
 use chatforge::infer::generate::{
-    generate, generate_from_ids, stop_ids, FinishReason, GenerateOptions,
+    generate, generate_batch, generate_from_ids, stop_ids, FinishReason,
 };
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::pretrain;
@@ -43,14 +42,7 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     assert_eq!(ckpts.len(), 2, "only the last K checkpoints are kept");
 
     let lm = chatforge::model::load(&run, &candle_core::Device::Cpu).unwrap();
-    let greedy = GenerateOptions {
-        max_tokens: 40,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let greedy = SamplingParams::greedy(40);
     let mut streamed = String::new();
     let a = generate(&lm, "Once upon a time", &greedy, |p| {
         streamed.push_str(p);
@@ -64,7 +56,7 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     assert!(a.text.starts_with(", the cat"), "{:?}", a.text);
 
     // A stop string ends generation and is not included.
-    let stop = GenerateOptions {
+    let stop = SamplingParams {
         stop: vec!["cat".into()],
         ..greedy.clone()
     };
@@ -83,7 +75,7 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     assert_eq!(end.finish_reason, FinishReason::Stop, "{:?}", end.text);
     assert!(end.tokens.len() < 5, "{:?}", end.text);
     // max_tokens ends a generation that has not stopped.
-    let short = GenerateOptions {
+    let short = SamplingParams {
         max_tokens: 3,
         ..greedy.clone()
     };
@@ -95,12 +87,9 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
 
     // Sampling with a seed is reproducible; different seeds differ somewhere.
     let sampled = |seed| {
-        let o = GenerateOptions {
-            sampling: SamplingParams {
-                temperature: 1.5,
-                seed,
-                ..Default::default()
-            },
+        let o = SamplingParams {
+            temperature: 1.5,
+            seed,
             ..greedy.clone()
         };
         generate(&lm, "The", &o, |_| Ok(())).unwrap().tokens
@@ -123,8 +112,10 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
         &lm.model,
         &lm.tokenizer,
         &prompts,
-        15,
-        &greedy.sampling,
+        &SamplingParams {
+            max_tokens: 15,
+            ..greedy.clone()
+        },
         &stops,
     )
     .unwrap();
@@ -132,7 +123,7 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
         let single = generate_from_ids(
             &lm,
             p,
-            &GenerateOptions {
+            &SamplingParams {
                 max_tokens: 15,
                 ..greedy.clone()
             },
@@ -225,5 +216,76 @@ fn resuming_with_a_different_config_is_refused() {
     assert!(
         err.contains("different model config") && err.contains("hidden_size"),
         "{err}"
+    );
+}
+
+/// Evaluation and RL rollouts decode through the same core as `generate`, so a stop string ends
+/// their replies too: the reply is the greedy reply cut where the stop string starts.
+#[test]
+fn a_stop_string_ends_replies_in_eval_and_in_rl_rollouts() {
+    use chatforge::data::prefs::RlPrompt;
+    use chatforge::eval::model::{Evaluatee, ModelEvaluatee, Prompt};
+    use chatforge::rlhf::rollout::Sampling;
+    use chatforge::tokenizer::chat::{ChatTemplate, Message, Role};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let run = dir.path().join("run");
+    pretrain(&common::tiny_pretrain(&shards, &cfg, &run, 60)).unwrap();
+    let lm = chatforge::model::load(&run, &candle_core::Device::Cpu).unwrap();
+
+    /// A stop string taken from the middle of `text`, and where it starts.
+    fn stop_inside(text: &str) -> (String, usize) {
+        let chars: Vec<(usize, char)> = text.char_indices().collect();
+        assert!(chars.len() >= 6, "the reply is too short to cut: {text:?}");
+        let (start, end) = (chars[2].0, chars[4].0);
+        let stop = text[start..end].to_string();
+        (stop.clone(), text.find(&stop).unwrap())
+    }
+
+    let mut evaluatee = ModelEvaluatee {
+        lm: &lm,
+        template: None,
+        batch_size: 4,
+        truncated_prompts: 0,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+    let prompts = [Prompt::Text("Once upon a time".into())];
+    let full = evaluatee.generate(&prompts, 30, &[]).unwrap().remove(0);
+    let (stop, at) = stop_inside(&full.text);
+    let cut = evaluatee
+        .generate(&prompts, 30, std::slice::from_ref(&stop))
+        .unwrap()
+        .remove(0);
+    assert_eq!(cut.text, full.text[..at], "stop {stop:?}");
+    assert!(cut.stopped, "a stop string counts as stopping");
+
+    let template = ChatTemplate::detect(&lm.tokenizer).unwrap();
+    let stops = stop_ids(&lm);
+    let rl_prompt = RlPrompt {
+        messages: vec![Message::new(Role::User, "Tell me a story.")],
+        family: None,
+        answer: None,
+    };
+    let sample = |stop: &[String]| {
+        let s = Sampling {
+            tokenizer: &lm.tokenizer,
+            template: &template,
+            stops: &stops,
+            stop,
+            max_new_tokens: 30,
+        };
+        s.sample(&lm.model, &[&rl_prompt], 1, 0.0, 7)
+            .unwrap()
+            .remove(0)
+    };
+    let full = sample(&[]);
+    let (stop, at) = stop_inside(&full.text);
+    let cut = sample(std::slice::from_ref(&stop));
+    assert_eq!(cut.text, full.text[..at], "stop {stop:?}");
+    assert!(cut.stopped);
+    assert!(
+        cut.row.len < full.row.len,
+        "decoding ended at the stop string"
     );
 }

@@ -4,7 +4,7 @@ mod common;
 
 use chatforge::data::chat::ChatFormat;
 use chatforge::infer::chat::ChatSession;
-use chatforge::infer::generate::{FinishReason, GenerateOptions};
+use chatforge::infer::generate::FinishReason;
 use chatforge::infer::sampler::SamplingParams;
 use chatforge::train::pretrain::{pretrain, PretrainOptions};
 use chatforge::train::sft::{sft, OnError, SftOptions};
@@ -79,14 +79,7 @@ fn sft_lowers_assistant_loss_and_the_chat_answers_and_stops() {
     assert_eq!(manifest["parents"][0], base.display().to_string());
 
     let lm = chatforge::model::load(&out, &candle_core::Device::Cpu).unwrap();
-    let greedy = GenerateOptions {
-        max_tokens: 30,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let greedy = SamplingParams::greedy(30);
     let mut chat = ChatSession::new(&lm, None, greedy).unwrap();
     let cancel = AtomicBool::new(false);
     let mut streamed = String::new();
@@ -123,7 +116,7 @@ fn long_histories_drop_the_oldest_turns() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
     let lm = chatforge::model::load(&base, &candle_core::Device::Cpu).unwrap();
-    let opts = GenerateOptions {
+    let opts = SamplingParams {
         max_tokens: 8,
         ..Default::default()
     };
@@ -288,4 +281,35 @@ fn sft_resumes_exactly_and_mixes_pretraining_rows() {
     )
     .unwrap();
     assert_eq!(manifest["hyperparameters"]["stage"]["mix_fraction"], 0.25);
+}
+
+/// `chatforge sft` without `--eval-every` evaluates at SFT's own interval (50), not at the
+/// pretraining default (100) that the shared training flags used to impose on every stage.
+#[test]
+fn sft_on_the_command_line_evaluates_at_the_stages_own_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let data = write_conversations(dir.path());
+    let out = dir.path().join("sft");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(["sft", "--base", base.to_str().unwrap(), "--data"])
+        .args(data.iter().map(|p| p.to_str().unwrap()))
+        .args(["--out", out.to_str().unwrap(), "--steps", "100"])
+        .args(["--batch-size", "4", "--checkpoint-every", "100"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let eval_steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("val_loss").is_some() && v.get("loss").is_none())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert!(eval_steps.contains(&50), "evaluated at {eval_steps:?}");
+    assert!(eval_steps.contains(&100), "evaluated at {eval_steps:?}");
 }

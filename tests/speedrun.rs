@@ -87,8 +87,8 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
     let kl = rl["eval_after"]["kl"].as_f64().unwrap();
     assert!(kl.abs() < 5.0, "KL to the SFT model {kl}");
     let stop = (
-        rl["eval_before"]["stop_rate"].as_f64().unwrap(),
-        rl["eval_after"]["stop_rate"].as_f64().unwrap(),
+        rl["eval_before"]["stops_at_end_of_turn"].as_f64().unwrap(),
+        rl["eval_after"]["stops_at_end_of_turn"].as_f64().unwrap(),
     );
     assert!(stop.1 >= stop.0 - 0.1, "stop rate {stop:?}");
     for stage in [

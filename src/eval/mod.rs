@@ -2,10 +2,10 @@
 //! (GSM8K), the curriculum's checkable families with chat-level checks, and few-shot probes.
 //! Every task runs against an [`Evaluatee`], so tests can score scripted models with known answers.
 
+pub mod curriculum;
 pub mod model;
 pub mod report;
 
-use crate::data::curriculum::tasks::{check, is_refusal, Answer, Family, Lang};
 use crate::tokenizer::chat::{Message, Role};
 use anyhow::{bail, Context, Result};
 use model::{Evaluatee, Prompt};
@@ -246,6 +246,9 @@ pub fn final_number(text: &str) -> Option<f64> {
     }
 }
 
+/// What starts the next question in few-shot GSM8K prompts.
+const FEW_SHOT_SEPARATOR: &str = "\n\nQuestion:";
+
 /// GSM8K JSONL (`question`, `answer` ending in `#### N`): chat prompt for chat models, few-shot
 /// text for base models; `cot` asks for step-by-step reasoning.
 pub fn score_gsm8k(
@@ -305,7 +308,13 @@ pub fn score_gsm8k(
             }
         })
         .collect();
-    let outs = m.generate(&prompts, max_tokens)?;
+    // A base model writes the next few-shot question after its answer: stop there.
+    let stop = if chat {
+        Vec::new()
+    } else {
+        vec![FEW_SHOT_SEPARATOR.to_string()]
+    };
+    let outs = m.generate(&prompts, max_tokens, &stop)?;
     let correct = outs
         .iter()
         .zip(eval)
@@ -313,7 +322,7 @@ pub fn score_gsm8k(
             let text = if chat {
                 o.text.as_str()
             } else {
-                o.text.split("\n\nQuestion:").next().unwrap_or("")
+                o.text.split(FEW_SHOT_SEPARATOR).next().unwrap_or("")
             };
             final_number(text).is_some_and(|x| (x - n).abs() < 1e-6)
         })
@@ -322,19 +331,6 @@ pub fn score_gsm8k(
         ("n".into(), eval.len() as f64),
         ("accuracy".into(), correct as f64 / eval.len().max(1) as f64),
     ]))
-}
-
-fn language_of(text: &str) -> Option<Lang> {
-    let cjk = text
-        .chars()
-        .filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c))
-        .count();
-    let latin = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
-    match (cjk, latin) {
-        (0, 0) => None,
-        (c, l) if c >= l => Some(Lang::Zh),
-        _ => Some(Lang::En),
-    }
 }
 
 /// The curriculum's RL/held-out prompts with their checkers: accuracy per family, and the
@@ -347,88 +343,25 @@ pub fn score_curriculum(
     max_tokens: usize,
     mut answers: Option<&mut Vec<serde_json::Value>>,
 ) -> Result<BTreeMap<String, f64>> {
-    let rows = read_jsonl(path)?;
-    let rows = &rows[..limit.unwrap_or(rows.len()).min(rows.len())];
-    let mut items = Vec::new();
-    for (i, v) in rows.iter().enumerate() {
-        let family: Family = serde_json::from_value(field(v, path, i + 1, "family")?.clone())
-            .with_context(|| format!("{}:{}: unknown family", path.display(), i + 1))?;
-        let lang: Lang = serde_json::from_value(field(v, path, i + 1, "lang")?.clone())?;
-        let messages: Vec<Message> =
-            serde_json::from_value(field(v, path, i + 1, "messages")?.clone())
-                .with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?;
-        let answer: Answer = serde_json::from_value(field(v, path, i + 1, "answer")?.clone())
-            .with_context(|| format!("{}:{}: bad answer", path.display(), i + 1))?;
-        items.push((family, lang, messages, answer));
-    }
+    let mut items = curriculum::load(path)?;
+    items.truncate(limit.unwrap_or(items.len()));
     let prompts: Vec<Prompt> = items
         .iter()
-        .map(|(_, _, m, _)| Prompt::Chat(m.clone()))
+        .map(|i| Prompt::Chat(i.messages.clone()))
         .collect();
-    let outs = m.generate(&prompts, max_tokens)?;
-    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let (mut stopped, mut lang_ok, mut lang_n) = (0usize, 0usize, 0usize);
-    let (mut refused_harmful, mut harmful, mut refused_benign, mut benign) = (0, 0, 0, 0);
-    for ((family, lang, messages, answer), o) in items.iter().zip(&outs) {
+    let outs = m.generate(&prompts, max_tokens, &[])?;
+    let mut tally = curriculum::Tally::default();
+    for (item, o) in items.iter().zip(&outs) {
+        let pass = tally.add(item, &o.text, o.stopped);
         if let Some(list) = answers.as_deref_mut() {
             list.push(serde_json::json!({
-                "family": family, "lang": lang,
-                "prompt": messages.last().map(|m| m.content.as_str()).unwrap_or_default(),
-                "reply": o.text, "stopped": o.stopped, "pass": check(answer, &o.text),
+                "family": item.family, "lang": item.lang,
+                "prompt": item.messages.last().map(|m| m.content.as_str()).unwrap_or_default(),
+                "reply": o.text, "stopped": o.stopped, "pass": pass,
             }));
         }
-        let e = per
-            .entry(
-                serde_json::to_value(family)?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-            .or_default();
-        e.0 += 1;
-        e.1 += usize::from(check(answer, &o.text));
-        stopped += usize::from(o.stopped);
-        if !matches!(family, Family::Email | Family::Translation) {
-            lang_n += 1;
-            lang_ok += usize::from(language_of(&o.text) == Some(*lang));
-        }
-        match family {
-            Family::Harmful => {
-                harmful += 1;
-                refused_harmful += usize::from(is_refusal(&o.text));
-            }
-            Family::Benign => {
-                benign += 1;
-                refused_benign += usize::from(is_refusal(&o.text));
-            }
-            _ => {}
-        }
     }
-    let frac = |a: usize, b: usize| {
-        if b == 0 {
-            f64::NAN
-        } else {
-            a as f64 / b as f64
-        }
-    };
-    let mut out = BTreeMap::new();
-    out.insert("n".into(), items.len() as f64);
-    let (all_ok, all_n) = per.values().fold((0, 0), |(a, b), (n, ok)| (a + ok, b + n));
-    out.insert("accuracy".into(), frac(all_ok, all_n));
-    for (k, (n, ok)) in &per {
-        out.insert(format!("accuracy/{k}"), frac(*ok, *n));
-    }
-    out.insert("stops_at_end_of_turn".into(), frac(stopped, items.len()));
-    out.insert("language_match".into(), frac(lang_ok, lang_n));
-    out.insert(
-        "refusal_rate_harmful".into(),
-        frac(refused_harmful, harmful),
-    );
-    out.insert(
-        "false_refusal_rate_benign".into(),
-        frac(refused_benign, benign),
-    );
-    Ok(out)
+    Ok(tally.metrics())
 }
 
 /// Few-shot probes (`probe`, `k`, `prompt`, `answer`): exact match of the first line of the
@@ -444,7 +377,7 @@ pub fn score_probes(
         .iter()
         .map(|v| Prompt::Text(v["prompt"].as_str().unwrap_or_default().to_string()))
         .collect();
-    let outs = m.generate(&prompts, 8)?;
+    let outs = m.generate(&prompts, 8, &[])?;
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (v, o) in rows.iter().zip(&outs) {
         let key = format!(
@@ -477,6 +410,21 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Write every curriculum prompt's reply and verdict here (JSONL).
     pub answers: Option<std::path::PathBuf>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            tasks: Vec::new(),
+            shots: 0,
+            limit: None,
+            chat: None,
+            cot: false,
+            max_tokens: 256,
+            batch_size: 16,
+            answers: None,
+        }
+    }
 }
 
 /// Runs every task against a loaded model; results keyed by task spec.
@@ -606,6 +554,7 @@ pub fn markdown(results: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
 mod tests {
     use super::model::Completion;
     use super::*;
+    use crate::data::curriculum::tasks::{Family, Lang};
 
     /// Prefers the option " A" (or the first option) and answers every question with "A".
     struct AlwaysA;
@@ -617,7 +566,12 @@ mod tests {
                 .map(|(_, c)| if c == " A" { -1.0 } else { -5.0 })
                 .collect())
         }
-        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+        fn generate(
+            &mut self,
+            prompts: &[Prompt],
+            _: usize,
+            _: &[String],
+        ) -> Result<Vec<Completion>> {
             Ok(prompts
                 .iter()
                 .map(|_| Completion {
@@ -663,7 +617,7 @@ mod tests {
                 .map(|(i, _)| if self.0[i / 3] == i % 3 { -1.0 } else { -2.0 })
                 .collect())
         }
-        fn generate(&mut self, _: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+        fn generate(&mut self, _: &[Prompt], _: usize, _: &[String]) -> Result<Vec<Completion>> {
             unreachable!()
         }
     }
@@ -724,7 +678,12 @@ mod tests {
         fn loglikelihood(&mut self, _: &[(String, String)]) -> Result<Vec<f64>> {
             unreachable!()
         }
-        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+        fn generate(
+            &mut self,
+            prompts: &[Prompt],
+            _: usize,
+            _: &[String],
+        ) -> Result<Vec<Completion>> {
             self.seen.extend(prompts.iter().cloned());
             Ok((0..prompts.len())
                 .map(|i| {
@@ -783,7 +742,12 @@ mod tests {
         fn loglikelihood(&mut self, _: &[(String, String)]) -> Result<Vec<f64>> {
             unreachable!()
         }
-        fn generate(&mut self, prompts: &[Prompt], _: usize) -> Result<Vec<Completion>> {
+        fn generate(
+            &mut self,
+            prompts: &[Prompt],
+            _: usize,
+            _: &[String],
+        ) -> Result<Vec<Completion>> {
             Ok((0..prompts.len())
                 .map(|i| Completion {
                     text: if i % 2 == 0 {

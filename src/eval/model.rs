@@ -1,6 +1,6 @@
 //! What the evaluation harness needs from a model, and its implementation for loaded models.
 
-use crate::infer::batch::generate_batch;
+use crate::infer::generate::{generate_batch, FinishReason};
 use crate::infer::sampler::SamplingParams;
 use crate::model::LoadedModel;
 use crate::tokenizer::chat::{render, ChatTemplate, Message};
@@ -25,8 +25,14 @@ pub struct Completion {
 pub trait Evaluatee {
     /// Log-probability (natural log) of each continuation after its context.
     fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<f64>>;
-    /// Greedy completions.
-    fn generate(&mut self, prompts: &[Prompt], max_tokens: usize) -> Result<Vec<Completion>>;
+    /// Greedy completions, each ending at `max_tokens`, an end-of-turn/end-of-text token or one
+    /// of the `stop` strings (cut from the text).
+    fn generate(
+        &mut self,
+        prompts: &[Prompt],
+        max_tokens: usize,
+        stop: &[String],
+    ) -> Result<Vec<Completion>>;
 }
 
 /// A chatforge model evaluated in batches.
@@ -106,7 +112,12 @@ impl Evaluatee for ModelEvaluatee<'_> {
         Ok(out)
     }
 
-    fn generate(&mut self, prompts: &[Prompt], max_tokens: usize) -> Result<Vec<Completion>> {
+    fn generate(
+        &mut self,
+        prompts: &[Prompt],
+        max_tokens: usize,
+        stop: &[String],
+    ) -> Result<Vec<Completion>> {
         let mut ids = Vec::with_capacity(prompts.len());
         for p in prompts {
             ids.push(match p {
@@ -136,8 +147,8 @@ impl Evaluatee for ModelEvaluatee<'_> {
             stops.extend(t.stop_ids(&self.lm.tokenizer));
         }
         let greedy = SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
+            stop: stop.to_vec(),
+            ..SamplingParams::greedy(max_tokens)
         };
         // A chat reply only counts as stopped at the template's end-of-turn token (a base model
         // that starts a new document has not learned the format).
@@ -153,20 +164,14 @@ impl Evaluatee for ModelEvaluatee<'_> {
             .chunks(self.batch_size.max(1))
             .zip(prompts.chunks(self.batch_size.max(1)))
         {
-            for (o, p) in generate_batch(
-                &self.lm.model,
-                &self.lm.tokenizer,
-                chunk,
-                max_tokens,
-                &greedy,
-                &stops,
-            )?
-            .into_iter()
-            .zip(kinds)
+            for (o, p) in
+                generate_batch(&self.lm.model, &self.lm.tokenizer, chunk, &greedy, &stops)?
+                    .into_iter()
+                    .zip(kinds)
             {
                 let stopped = match p {
                     Prompt::Chat(_) => o.stop_token.is_some_and(|t| end_of_turn.contains(&t)),
-                    Prompt::Text(_) => o.stop_token.is_some(),
+                    Prompt::Text(_) => o.finish_reason == FinishReason::Stop,
                 };
                 out.push(Completion {
                     stopped,

@@ -2,7 +2,7 @@
 //! `report.md` with every stage's numbers, loss curves as PNG, evaluations and sample outputs.
 
 use crate::infer::chat::ChatSession;
-use crate::infer::generate::{generate, GenerateOptions};
+use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
 use crate::util;
 use anyhow::{bail, Result};
@@ -211,14 +211,7 @@ pub fn report(run: &Path) -> Result<PathBuf> {
     }
     md.push_str("\n## Samples (greedy)\n\n");
     let lm = crate::model::load(run, &candle_core::Device::Cpu)?;
-    let greedy = GenerateOptions {
-        max_tokens: 80,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let greedy = SamplingParams::greedy(80);
     let stage = chain.last().map(|s| s.stage.as_str()).unwrap_or("");
     if stage != "pretrain" {
         if let Ok(mut chat) = ChatSession::new(&lm, None, greedy.clone()) {

@@ -1,7 +1,8 @@
 //! A multi-turn chat session: keeps the history, fits it into the context window by dropping the
 //! oldest turns, and streams each reply.
 
-use super::generate::{generate_from_ids, FinishReason, GenerateOptions};
+use super::generate::{generate_from_ids, FinishReason};
+use super::sampler::SamplingParams;
 use crate::model::LoadedModel;
 use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
 use anyhow::{bail, Result};
@@ -12,7 +13,7 @@ pub struct ChatSession<'a> {
     pub template: ChatTemplate,
     pub system: Option<String>,
     pub history: Vec<Message>,
-    pub options: GenerateOptions,
+    pub options: SamplingParams,
     stops: Vec<u32>,
 }
 
@@ -30,7 +31,7 @@ impl<'a> ChatSession<'a> {
     pub fn new(
         lm: &'a LoadedModel,
         template: Option<ChatTemplate>,
-        options: GenerateOptions,
+        options: SamplingParams,
     ) -> Result<Self> {
         let template = match template {
             Some(t) => t,
@@ -180,13 +181,22 @@ pub fn run_terminal(
                     session.system = (!arg.is_empty()).then(|| arg.to_string());
                     eprintln!("(system prompt {})", if arg.is_empty() { "cleared" } else { "set" });
                 }
-                "temp" => match arg.parse::<f64>() {
-                    Ok(t) if t >= 0.0 && t.is_finite() => {
-                        session.options.sampling.temperature = t;
-                        eprintln!("(temperature {t})");
+                "temp" => {
+                    let mut options = session.options.clone();
+                    match arg.parse::<f64>() {
+                        Ok(t) => {
+                            options.temperature = t;
+                            match options.check() {
+                                Ok(()) => {
+                                    session.options = options;
+                                    eprintln!("(temperature {t})");
+                                }
+                                Err(e) => eprintln!("({e}; e.g. /temp 0.7)"),
+                            }
+                        }
+                        Err(_) => eprintln!("(usage: /temp X with X from 0 to 2, e.g. /temp 0.7)"),
                     }
-                    _ => eprintln!("(usage: /temp X with X >= 0, e.g. /temp 0.7)"),
-                },
+                }
                 "save" => {
                     if arg.is_empty() {
                         eprintln!("(usage: /save FILE)");

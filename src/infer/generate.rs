@@ -1,40 +1,14 @@
-//! Streaming text generation with the KV cache.
+//! Generation for callers that want whole replies: one prompt streamed to a callback (generate,
+//! chat, the report's samples) or many prompts decoded together (eval, RL rollouts, the reward
+//! model's sampling). Both are thin drivers of the one decoding core in [`super::decode`].
 
-use super::sampler::{Sampler, SamplingParams};
-use crate::model::LoadedModel;
-use anyhow::{bail, Result};
-use candle_core::Tensor;
-
-#[derive(Clone, Debug)]
-pub struct GenerateOptions {
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    /// Prepend `<|bos|>` to the prompt (as every training document starts with it).
-    pub add_bos: bool,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_tokens: 200,
-            sampling: SamplingParams::default(),
-            stop: Vec::new(),
-            add_bos: true,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// End-of-sequence token or a stop string.
-    Stop,
-    /// `max_tokens` or the context window.
-    Length,
-    /// The caller cancelled (Ctrl-C in the chat).
-    Cancelled,
-}
+use super::decode::{Decoder, Reply, Request, Update};
+pub use super::decode::{FinishReason, TextStream};
+use super::sampler::SamplingParams;
+use crate::model::{Llama, LoadedModel};
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
@@ -70,28 +44,17 @@ pub fn stop_ids_of(
     ids
 }
 
-/// The largest char boundary at or below `i`.
-fn floor_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
-}
-
-/// Generates a continuation of `prompt` (text; `<|bos|>` prepended when `add_bos`), calling
-/// `on_text` with each new piece of text as soon as it is certain.
+/// Generates a continuation of `prompt` (text, after `<|bos|>` where the tokenizer has one),
+/// calling `on_text` with each new piece of text as soon as it is certain.
 pub fn generate(
     lm: &LoadedModel,
     prompt: &str,
-    opts: &GenerateOptions,
+    params: &SamplingParams,
     on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    let mut ids = Vec::new();
-    if opts.add_bos {
-        ids.extend(lm.tokenizer.bos_id());
-    }
+    let mut ids: Vec<u32> = lm.tokenizer.bos_id().into_iter().collect();
     ids.extend(lm.tokenizer.encode(prompt)?);
-    generate_from_ids(lm, &ids, opts, &stop_ids(lm), None, on_text)
+    generate_from_ids(lm, &ids, params, &stop_ids(lm), None, on_text)
 }
 
 /// Generates after `ids`, stopping at any of `stops`, a stop string, `max_tokens`, the context, or
@@ -100,140 +63,87 @@ pub fn generate(
 pub fn generate_from_ids(
     lm: &LoadedModel,
     ids: &[u32],
-    opts: &GenerateOptions,
+    params: &SamplingParams,
     stops: &[u32],
-    cancel: Option<&std::sync::atomic::AtomicBool>,
+    cancel: Option<&AtomicBool>,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    opts.sampling.validate()?;
     let start = std::time::Instant::now();
-    if ids.is_empty() {
-        bail!("the prompt is empty");
-    }
-    let context = lm.model.config.max_position_embeddings;
-    if ids.len() >= context {
-        bail!(
-            "the prompt is {} tokens but the model's context is {context}: shorten the prompt",
-            ids.len()
-        );
-    }
-    let budget = opts.max_tokens.min(context - ids.len());
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut cache = lm.model.new_cache(1);
-    let device = lm.model.device().clone();
-    let mut input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
-    let mut stream = TextStream::new(opts.stop.clone());
-    let mut finish = FinishReason::Length;
-    let mut prefill_seconds = 0.0;
-    for step in 0..budget {
-        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-            finish = FinishReason::Cancelled;
+    let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
+    let mut updates = Vec::new();
+    let request = Request {
+        key: 0,
+        prompt: ids.to_vec(),
+        params: params.clone(),
+        stop_ids: stops.to_vec(),
+    };
+    decoder.join(vec![request], &mut updates)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let mut reply = None;
+    loop {
+        for u in updates.drain(..) {
+            match u {
+                Update::Text { text, .. } => on_text(&text)?,
+                Update::Done(r) => reply = Some(r),
+            }
+        }
+        if reply.is_some() {
             break;
         }
-        let logits: Vec<f32> = lm
-            .model
-            .forward_last(&input, Some(&mut cache))?
-            .squeeze(0)?
-            .to_vec1()?;
-        let next = sampler.sample(&logits);
-        if step == 0 {
-            prefill_seconds = start.elapsed().as_secs_f64();
-        }
-        if stops.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        input = Tensor::from_vec(vec![next], (1, 1), &device)?;
-        let (delta, stopped) = stream.push(&lm.tokenizer, next)?;
-        if !delta.is_empty() {
-            on_text(&delta)?;
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            decoder.cancel(|_| true, &mut updates)?;
+        } else {
+            decoder.step(&mut updates)?;
         }
     }
-    let rest = stream.finish();
-    if !rest.is_empty() {
-        on_text(&rest)?;
-    }
-    let (final_text, out_ids) = stream.into_parts();
+    let reply = reply.expect("the loop ends with a reply");
     Ok(Generation {
-        text: final_text,
-        tokens: out_ids,
-        prompt_tokens: ids.len(),
-        finish_reason: finish,
+        text: reply.text,
+        tokens: reply.tokens,
+        prompt_tokens: reply.prompt_tokens,
+        finish_reason: reply.finish_reason,
         seconds: start.elapsed().as_secs_f64(),
         prefill_seconds,
     })
 }
 
-/// Turns sampled tokens into text pieces that are safe to show: complete UTF-8 characters that
-/// cannot be the start of a stop string. Shared by the single-sequence generator and the engine.
-pub struct TextStream {
-    ids: Vec<u32>,
-    text: String,
-    emitted: usize,
-    stop: Vec<String>,
-    max_stop: usize,
-}
-
-impl TextStream {
-    pub fn new(stop: Vec<String>) -> TextStream {
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
-        let max_stop = stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        TextStream {
-            ids: Vec::new(),
-            text: String::new(),
-            emitted: 0,
-            stop,
-            max_stop,
+/// Decodes every prompt to the end, together in one batch; row `i` samples with seed
+/// `params.seed + i`. Replies come back in the prompts' order.
+pub fn generate_batch(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stops: &[u32],
+) -> Result<Vec<Reply>> {
+    let mut decoder = Decoder::new(model, tokenizer);
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            key: i,
+            prompt: p.clone(),
+            params: SamplingParams {
+                seed: params.seed.wrapping_add(i as u64),
+                ..params.clone()
+            },
+            stop_ids: stops.to_vec(),
+        })
+        .collect();
+    let mut updates = Vec::new();
+    decoder.join(requests, &mut updates)?;
+    let mut replies: Vec<Option<Reply>> = vec![None; prompts.len()];
+    loop {
+        for u in updates.drain(..) {
+            if let Update::Done(r) = u {
+                let key = r.key;
+                replies[key] = Some(r);
+            }
         }
-    }
-
-    /// Adds a token; returns the newly safe text and whether a stop string ended the text (which
-    /// is then cut before it).
-    pub fn push(
-        &mut self,
-        tokenizer: &crate::tokenizer::Tokenizer,
-        id: u32,
-    ) -> Result<(String, bool)> {
-        self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
-        if let Some(pos) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            self.text = text[..pos].to_string();
-            return Ok((self.finish(), true));
+        if decoder.is_empty() {
+            break;
         }
-        self.text = text;
-        if self.text.ends_with('\u{FFFD}') {
-            return Ok((String::new(), false)); // a multi-byte character is not complete yet
-        }
-        let safe = floor_boundary(
-            &self.text,
-            self.text
-                .len()
-                .saturating_sub(self.max_stop.saturating_sub(1)),
-        );
-        if safe > self.emitted {
-            let delta = self.text[self.emitted..safe].to_string();
-            self.emitted = safe;
-            return Ok((delta, false));
-        }
-        Ok((String::new(), false))
+        decoder.step(&mut updates)?;
     }
-
-    /// The text not shown yet (held back as a possible stop-string start); call at the end.
-    pub fn finish(&mut self) -> String {
-        let start = self.emitted.min(self.text.len());
-        self.emitted = self.text.len();
-        self.text[start..].to_string()
-    }
-
-    pub fn tokens(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn into_parts(self) -> (String, Vec<u32>) {
-        (self.text, self.ids)
-    }
+    Ok(replies.into_iter().flatten().collect())
 }

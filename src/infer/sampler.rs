@@ -2,37 +2,135 @@
 
 use crate::util::Rng;
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+/// How a reply is decoded: every caller (generate, chat, eval, RL rollouts, the reward model's
+/// sampling, the server) passes this one struct, and [`SamplingParams::validate`] holds the rules.
+/// The CLI flags derive from it, so each default is written once, here.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct SamplingParams {
-    /// 0 means greedy (argmax), deterministic.
+    /// The most new tokens in a reply.
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.max_tokens)]
+    pub max_tokens: usize,
+    /// 0 means greedy (argmax) and deterministic.
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.temperature)]
     pub temperature: f64,
     /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.top_k)]
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1 = off).
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.top_p)]
     pub top_p: f64,
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.seed)]
     pub seed: u64,
+    /// Stop when this text appears (repeatable); it is not part of the reply.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Subtracted from a token's logit once if it appeared in the reply (OpenAI's).
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.presence_penalty, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per appearance in the reply (OpenAI's).
+    #[arg(long, default_value_t = SamplingParams::DEFAULT.frequency_penalty, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Added to these tokens' logits at every step (OpenAI's `logit_bias`).
+    #[arg(skip)]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
-impl Default for SamplingParams {
-    fn default() -> Self {
+impl SamplingParams {
+    /// The one set of defaults (llama.cpp's server samples at 0.8 too).
+    pub const DEFAULT: SamplingParams = SamplingParams {
+        max_tokens: 200,
+        temperature: 0.8,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        stop: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
+    };
+
+    /// Greedy decoding of at most `max_tokens`, the rest default.
+    pub fn greedy(max_tokens: usize) -> Self {
         SamplingParams {
-            temperature: 0.8,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
+            max_tokens,
+            temperature: 0.0,
+            ..Self::DEFAULT
         }
     }
 }
 
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A sampling setting outside its range: which field, and the message the user sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSampling {
+    /// The field's name as the API spells it (the CLI flag is the same with dashes).
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for InvalidSampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for InvalidSampling {}
+
 impl SamplingParams {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            anyhow::bail!("--temperature must be 0 or more, got {}", self.temperature);
+    /// The rules, the same for the CLI and the server (OpenAI's ranges).
+    pub fn check(&self) -> Result<(), InvalidSampling> {
+        let bad = |field: &'static str, message: String| Err(InvalidSampling { field, message });
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be between 0 and 2, got {}",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, format!("{field} must be between -2 and 2, got {v}"));
+            }
+        }
+        if let Some(&(_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("logit_bias values must be between -100 and 100, got {b}"),
+            );
+        }
+        if self.stop.len() > 4 {
+            return bad(
+                "stop",
+                format!("at most 4 stop strings, got {}", self.stop.len()),
+            );
         }
         Ok(())
+    }
+
+    /// [`SamplingParams::check`] for the command line: the message names the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.check()
+            .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))
     }
 }
 

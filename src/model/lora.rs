@@ -42,6 +42,9 @@ fn merge_by_default() -> bool {
 
 impl LoraConfig {
     /// Checks the settings and expands `all-linear` (PEFT's name for every projection).
+    /// The scale numerator PEFT's examples use.
+    pub const DEFAULT_ALPHA: f64 = 16.0;
+
     pub fn new(rank: usize, alpha: f64, targets: &[String]) -> Result<LoraConfig> {
         if rank == 0 {
             bail!("--lora-rank must be positive");

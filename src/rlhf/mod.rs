@@ -8,7 +8,6 @@ pub mod losses;
 pub mod onpolicy;
 pub mod rollout;
 
-use crate::data::curriculum::tasks::{check, is_refusal};
 use crate::data::prefs::{read_prompt_file, RlPrompt};
 use crate::model::Llama;
 use crate::tokenizer::chat::ChatTemplate;
@@ -65,6 +64,9 @@ pub struct RlhfOptions {
     /// PPO: sample `group_size` answers per prompt and score each against the others' mean.
     pub prompt_baseline: bool,
     pub max_new_tokens: usize,
+    /// Strings that end a sampled answer, as in `generate --stop`.
+    #[serde(default)]
+    pub stop: Vec<String>,
     pub temperature: f64,
     /// Passes over each rollout batch.
     pub epochs: usize,
@@ -108,6 +110,7 @@ impl Default for RlhfOptions {
             group_size: 4,
             prompt_baseline: false,
             max_new_tokens: 64,
+            stop: Vec::new(),
             temperature: 1.0,
             epochs: 2,
             minibatch: 8,
@@ -146,6 +149,7 @@ pub struct PolicyEval {
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub stops: Vec<u32>,
+    pub stop: Vec<String>,
     pub max_new_tokens: usize,
     pub seed: u64,
 }
@@ -156,6 +160,7 @@ impl PolicyEval {
             tokenizer: &self.tokenizer,
             template: &self.template,
             stops: &self.stops,
+            stop: &self.stop,
             max_new_tokens: self.max_new_tokens,
         }
     }
@@ -173,43 +178,18 @@ impl PolicyEval {
             let r = rm.score(&items)?;
             m.push(("reward".into(), mean(&r)));
         }
-        let (mut correct, mut checked) = (0usize, 0usize);
-        let (mut harmful, mut refused, mut benign, mut false_ref) = (0, 0, 0, 0);
+        let mut tally = crate::eval::curriculum::Tally::default();
         for g in &greedy {
-            let p = prompts[g.prompt];
-            if let Some(a) = &p.answer {
-                checked += 1;
-                correct += check(a, &g.text) as usize;
-            }
-            match p.family.as_deref() {
-                Some("harmful") => {
-                    harmful += 1;
-                    refused += is_refusal(&g.text) as usize;
-                }
-                Some("benign") => {
-                    benign += 1;
-                    false_ref += is_refusal(&g.text) as usize;
-                }
-                _ => {}
-            }
-        }
-        if checked > 0 {
-            m.push(("accuracy".into(), correct as f64 / checked as f64));
-        }
-        if harmful > 0 {
-            m.push(("refusal_harmful".into(), refused as f64 / harmful as f64));
-        }
-        if benign > 0 {
-            m.push((
-                "false_refusal_benign".into(),
-                false_ref as f64 / benign as f64,
-            ));
+            let item = crate::eval::curriculum::Item::from_rl_prompt(prompts[g.prompt]);
+            tally.add(&item, &g.text, g.stopped);
         }
         let n = greedy.len().max(1) as f64;
-        m.push((
-            "stop_rate".into(),
-            greedy.iter().filter(|g| g.stopped).count() as f64 / n,
-        ));
+        m.extend(
+            tally
+                .metrics()
+                .into_iter()
+                .filter(|(k, _)| k != crate::eval::curriculum::metric::N),
+        );
         m.push((
             "length".into(),
             greedy.iter().map(|g| g.row.len as f64).sum::<f64>() / n,
@@ -342,6 +322,7 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         tokenizer: reference.tokenizer,
         template: template.clone(),
         stops,
+        stop: opts.stop.clone(),
         max_new_tokens: opts.max_new_tokens,
         seed: opts.train.seed,
     };

@@ -2,7 +2,7 @@
 //! prompt+response rows into right-padded batches, and per-token log-probabilities of responses.
 
 use crate::data::prefs::RlPrompt;
-use crate::infer::batch::generate_batch;
+use crate::infer::generate::{generate_batch, FinishReason};
 use crate::infer::sampler::SamplingParams;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate};
@@ -126,7 +126,7 @@ pub struct Sample {
     pub prompt: usize,
     pub row: Row,
     pub text: String,
-    /// Ended with an end-of-turn token rather than at the length limit.
+    /// Ended with an end-of-turn token or a stop string rather than at the length limit.
     pub stopped: bool,
 }
 
@@ -135,6 +135,8 @@ pub struct Sampling<'a> {
     pub tokenizer: &'a Tokenizer,
     pub template: &'a ChatTemplate,
     pub stops: &'a [u32],
+    /// Strings that end a response (cut from its text; the tokens that wrote them stay).
+    pub stop: &'a [String],
     pub max_new_tokens: usize,
 }
 
@@ -175,19 +177,13 @@ impl Sampling<'_> {
         for (c, chunk) in jobs.chunks(32).enumerate() {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
             let params = SamplingParams {
+                max_tokens: self.max_new_tokens,
                 temperature,
-                top_k: 0,
-                top_p: 1.0,
                 seed: seed.wrapping_add(1000 * c as u64),
+                stop: self.stop.to_vec(),
+                ..SamplingParams::DEFAULT
             };
-            let gen = generate_batch(
-                model,
-                self.tokenizer,
-                &ids,
-                self.max_new_tokens,
-                &params,
-                self.stops,
-            )?;
+            let gen = generate_batch(model, self.tokenizer, &ids, &params, self.stops)?;
             for ((prompt, ids), g) in chunk.iter().zip(gen) {
                 let mut response = g.tokens.clone();
                 response.extend(g.stop_token);
@@ -199,7 +195,7 @@ impl Sampling<'_> {
                     prompt: *prompt,
                     row: Row::new(ids, &response),
                     text: g.text,
-                    stopped: g.stop_token.is_some(),
+                    stopped: g.finish_reason == FinishReason::Stop,
                 });
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod openai;
 
+use crate::infer::decode::reply_budget;
 use crate::infer::engine::{Engine, Event, Request, SubmitError};
 use crate::infer::generate::FinishReason;
 use crate::infer::sampler::SamplingParams;
@@ -369,16 +370,13 @@ async fn metrics(State(state): State<Shared>) -> Response {
 /// A validated request, ready for the engine.
 struct Prepared {
     prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    presence_penalty: f32,
-    frequency_penalty: f32,
-    logit_bias: Vec<(u32, f32)>,
+    params: SamplingParams,
     stream: bool,
     include_usage: bool,
 }
 
+/// The request's sampling fields over the library's defaults, checked by the rules every caller
+/// shares ([`SamplingParams::check`]), and the prompt checked against the context.
 fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
     if s.model != state.model_id {
         return Err(ApiError {
@@ -397,31 +395,6 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
     if s.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
     }
-    let temperature = s.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            "temperature",
-            format!("temperature must be between 0 and 2, got {temperature}"),
-        ));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            "top_p",
-            format!("top_p must be in (0, 1], got {top_p}"),
-        ));
-    }
-    for (name, v) in [
-        ("presence_penalty", s.presence_penalty),
-        ("frequency_penalty", s.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-            return Err(ApiError::invalid(
-                name,
-                format!("{name} must be between -2 and 2"),
-            ));
-        }
-    }
     let vocab = state.lm.model.config.vocab_size;
     let mut logit_bias = Vec::new();
     for (k, &b) in s.logit_bias.iter().flatten() {
@@ -435,31 +408,9 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
                     format!("logit_bias key {k:?} is not a token id below {vocab}"),
                 )
             })?;
-        if !(-100.0..=100.0).contains(&b) {
-            return Err(ApiError::invalid(
-                "logit_bias",
-                format!("logit_bias values must be between -100 and 100, got {b}"),
-            ));
-        }
         logit_bias.push((id, b));
     }
     logit_bias.sort_by_key(|x| x.0);
-    let stop = s.stop.map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 4 {
-        return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
-    }
-    let context = state.lm.model.config.max_position_embeddings;
-    if prompt.len() >= context {
-        return Err(ApiError::invalid(
-            "messages",
-            format!(
-                "this model's context is {context} tokens, but the prompt is {} tokens; shorten it",
-                prompt.len()
-            ),
-        )
-        .code("context_length_exceeded"));
-    }
-    let room = context - prompt.len();
     let requested = s.max_completion_tokens.or(s.max_tokens);
     if requested == Some(0) {
         return Err(ApiError::invalid(
@@ -467,26 +418,34 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
             "max_tokens must be at least 1",
         ));
     }
-    let max_tokens = requested
-        .map(|m| m.min(usize::MAX as u64) as usize)
-        .unwrap_or(usize::MAX)
-        .min(state.max_tokens_cap)
-        .min(room);
+    let d = SamplingParams::DEFAULT;
+    let params = SamplingParams {
+        // Without max_tokens a reply may fill the context, up to the server's cap.
+        max_tokens: requested
+            .map(|m| m.min(usize::MAX as u64) as usize)
+            .unwrap_or(usize::MAX)
+            .min(state.max_tokens_cap),
+        temperature: s.temperature.unwrap_or(d.temperature),
+        top_k: s.top_k.map_or(d.top_k, |k| k as usize),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        seed: s
+            .seed
+            .unwrap_or_else(|| unix_now() ^ state.next_id.load(Ordering::Relaxed)),
+        stop: s.stop.map(|s| s.into_vec()).unwrap_or_default(),
+        presence_penalty: s.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
+        logit_bias,
+    };
+    params
+        .check()
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let context = state.lm.model.config.max_position_embeddings;
+    reply_budget(prompt.len(), context, params.max_tokens).map_err(|e| {
+        ApiError::invalid("messages", format!("{e:#}")).code("context_length_exceeded")
+    })?;
     Ok(Prepared {
         prompt,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_k: s.top_k.unwrap_or(0) as usize,
-            top_p,
-            seed: s
-                .seed
-                .unwrap_or_else(|| unix_now() ^ state.next_id.load(Ordering::Relaxed)),
-        },
-        stop,
-        presence_penalty: s.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
-        logit_bias,
+        params,
         stream: s.stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
     })
@@ -590,13 +549,8 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
     stop_ids.extend(crate::infer::generate::stop_ids(&state.lm));
     let request = Request {
         prompt: p.prompt,
-        max_tokens: p.max_tokens,
-        sampling: p.sampling,
+        params: p.params,
         stop_ids,
-        stop: p.stop,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        logit_bias: p.logit_bias,
         events: tx,
     };
     if let Err(e) = state.engine.submit(request) {

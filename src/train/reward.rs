@@ -6,7 +6,7 @@
 use super::sft::OnError;
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::prefs::{read_pref_file, read_prompt_file, Comparison};
-use crate::infer::batch::generate_batch;
+use crate::infer::generate::generate_batch;
 use crate::infer::generate::stop_ids_of;
 use crate::infer::sampler::SamplingParams;
 use crate::model::Llama;
@@ -575,21 +575,14 @@ fn normalisation(
                 .map(|p| Ok(render(&policy.tokenizer, &template, &p.messages, true)?.ids))
                 .collect::<Result<Vec<_>>>()?;
             let sampling = SamplingParams {
+                max_tokens: policy.model.config.max_position_embeddings / 2,
                 temperature: 1.0,
                 seed: opts.train.seed,
-                ..Default::default()
+                ..SamplingParams::DEFAULT
             };
-            let room = policy.model.config.max_position_embeddings / 2;
-            for (o, p) in generate_batch(
-                &policy.model,
-                &policy.tokenizer,
-                &ids,
-                room,
-                &sampling,
-                &stops,
-            )?
-            .into_iter()
-            .zip(chunk)
+            for (o, p) in generate_batch(&policy.model, &policy.tokenizer, &ids, &sampling, &stops)?
+                .into_iter()
+                .zip(chunk)
             {
                 answers.push((p.messages.as_slice(), o.text));
             }

@@ -54,7 +54,7 @@ impl Default for SftOptions {
             val_data: Vec::new(),
             on_error: OnError::Skip,
             mix_pretrain: None,
-            mix_fraction: 0.0,
+            mix_fraction: 0.1,
             lora: None,
             train: LoopOptions {
                 steps: 300,

@@ -1,0 +1,391 @@
+//! The one decoding core. Every caller decodes through [`Decoder`]: single-stream generation and
+//! the terminal chat, batched evaluation, RL rollouts, the reward model's sampling and the serving
+//! engine. It owns prefill, the decode step over a batch of rows sharing one left-padded KV cache,
+//! stop ids and stop strings, penalties, logit bias, cancellation and the context check, so a
+//! feature that lives in the decoding loop (a tool call, a grammar) is added here once.
+//!
+//! Rows join between steps (prefilled together, left-padded to the longest prompt, then appended
+//! to the batch's cache) and leave between steps (their cache rows are dropped), which is what
+//! continuous batching in the server needs and what keeps a finished row from costing compute in
+//! a batch of evaluation prompts.
+
+use super::sampler::{Sampler, SamplingParams};
+use crate::model::{KvCache, Llama};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+    /// The caller cancelled (Ctrl-C in the chat, a client that went away).
+    Cancelled,
+}
+
+/// One prompt to decode.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The caller's name for this row; replies and text come back under it.
+    pub key: usize,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Token ids that end the reply (end of turn, end of text); not part of it.
+    pub stop_ids: Vec<u32>,
+}
+
+/// A finished reply.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub key: usize,
+    pub tokens: Vec<u32>,
+    /// The reply's text, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// The stop id that ended the reply, if one did.
+    pub stop_token: Option<u32>,
+    pub prompt_tokens: usize,
+}
+
+/// What a call into the decoder produced, in order.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// Text that is now certain (complete UTF-8, and not the start of a stop string).
+    Text {
+        key: usize,
+        text: String,
+    },
+    Done(Reply),
+}
+
+/// The context check every caller shares: how many tokens a reply to an `n`-token prompt may have.
+pub fn reply_budget(n: usize, context: usize, max_tokens: usize) -> Result<usize> {
+    if n == 0 {
+        bail!("the prompt is empty");
+    }
+    if n >= context {
+        bail!("the prompt is {n} tokens but the model's context is {context}: shorten the prompt");
+    }
+    Ok(max_tokens.min(context - n))
+}
+
+/// A row of the batch: one reply being decoded.
+struct Row {
+    key: usize,
+    params: SamplingParams,
+    sampler: Sampler,
+    stream: TextStream,
+    counts: HashMap<u32, u32>,
+    stop_ids: Vec<u32>,
+    budget: usize,
+    last: u32,
+    prompt_tokens: usize,
+}
+
+/// Why a row ended, and the stop id that ended it.
+type Ending = (FinishReason, Option<u32>);
+
+impl Row {
+    /// Applies logit bias and penalties, samples the next token and streams the text it completes.
+    fn advance(
+        &mut self,
+        tokenizer: &Tokenizer,
+        mut logits: Vec<f32>,
+        out: &mut Vec<Update>,
+    ) -> Result<Option<Ending>> {
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let next = self.sampler.sample(&logits);
+        if self.stop_ids.contains(&next) {
+            return Ok(Some((FinishReason::Stop, Some(next))));
+        }
+        *self.counts.entry(next).or_default() += 1;
+        self.last = next;
+        let (delta, stopped) = self.stream.push(tokenizer, next)?;
+        if !delta.is_empty() {
+            out.push(Update::Text {
+                key: self.key,
+                text: delta,
+            });
+        }
+        if stopped {
+            return Ok(Some((FinishReason::Stop, None)));
+        }
+        if self.stream.tokens() >= self.budget {
+            return Ok(Some((FinishReason::Length, None)));
+        }
+        Ok(None)
+    }
+
+    fn finish(mut self, (finish_reason, stop_token): Ending, out: &mut Vec<Update>) {
+        let rest = self.stream.finish();
+        if !rest.is_empty() {
+            out.push(Update::Text {
+                key: self.key,
+                text: rest,
+            });
+        }
+        let (text, tokens) = self.stream.into_parts();
+        out.push(Update::Done(Reply {
+            key: self.key,
+            tokens,
+            text,
+            finish_reason,
+            stop_token,
+            prompt_tokens: self.prompt_tokens,
+        }));
+    }
+}
+
+/// A batch of replies being decoded together on one KV cache.
+pub struct Decoder<'m> {
+    model: &'m Llama,
+    tokenizer: &'m Tokenizer,
+    rows: Vec<Row>,
+    cache: Option<KvCache>,
+}
+
+impl<'m> Decoder<'m> {
+    pub fn new(model: &'m Llama, tokenizer: &'m Tokenizer) -> Self {
+        Decoder {
+            model,
+            tokenizer,
+            rows: Vec::new(),
+            cache: None,
+        }
+    }
+
+    /// Rows still decoding.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The keys of the rows still decoding, in batch order.
+    pub fn keys(&self) -> impl Iterator<Item = usize> + '_ {
+        self.rows.iter().map(|r| r.key)
+    }
+
+    /// Prefills `requests` together (left-padded to the longest prompt), samples each one's first
+    /// token, and adds the unfinished ones to the batch. A request that breaks a rule (sampling
+    /// ranges, the context) fails the call before any work.
+    pub fn join(&mut self, requests: Vec<Request>, out: &mut Vec<Update>) -> Result<()> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        let context = self.model.config.max_position_embeddings;
+        let mut rows = Vec::with_capacity(requests.len());
+        let mut prompts = Vec::with_capacity(requests.len());
+        for r in requests {
+            r.params.validate()?;
+            let budget = reply_budget(r.prompt.len(), context, r.params.max_tokens)?;
+            rows.push(Row {
+                key: r.key,
+                sampler: Sampler::new(r.params.clone()),
+                stream: TextStream::new(r.params.stop.clone()),
+                params: r.params,
+                counts: HashMap::new(),
+                stop_ids: r.stop_ids,
+                budget,
+                last: 0,
+                prompt_tokens: r.prompt.len(),
+            });
+            prompts.push(r.prompt);
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pad_id = self.tokenizer.special_id("<|pad|>").unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let mut ids = Vec::with_capacity(prompts.len() * longest);
+        for (p, &n) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(pad_id, n));
+            ids.extend_from_slice(p);
+        }
+        let mut cache = self.model.new_padded_cache(pads);
+        let input = Tensor::from_vec(ids, (prompts.len(), longest), self.model.device())?;
+        let logits: Vec<Vec<f32>> = self
+            .model
+            .forward_last(&input, Some(&mut cache))?
+            .to_vec2()?;
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut kept_rows = Vec::with_capacity(rows.len());
+        for (i, (mut row, l)) in rows.into_iter().zip(logits).enumerate() {
+            let ending = if row.budget == 0 {
+                Some((FinishReason::Length, None))
+            } else {
+                row.advance(self.tokenizer, l, out)?
+            };
+            match ending {
+                Some(e) => row.finish(e, out),
+                None => {
+                    keep.push(i);
+                    kept_rows.push(row);
+                }
+            }
+        }
+        if kept_rows.is_empty() {
+            return Ok(());
+        }
+        if keep.len() < prompts.len() {
+            cache.select_rows(&keep)?;
+        }
+        match self.cache.as_mut() {
+            Some(c) => c.append_rows(cache)?,
+            None => self.cache = Some(cache),
+        }
+        self.rows.extend(kept_rows);
+        Ok(())
+    }
+
+    /// One decode step: one token for every row in one forward pass; finished rows leave.
+    pub fn step(&mut self, out: &mut Vec<Update>) -> Result<()> {
+        let Some(cache) = self.cache.as_mut() else {
+            return Ok(());
+        };
+        let input: Vec<u32> = self.rows.iter().map(|r| r.last).collect();
+        let input = Tensor::from_vec(input, (self.rows.len(), 1), self.model.device())?;
+        let logits: Vec<Vec<f32>> = self.model.forward_last(&input, Some(cache))?.to_vec2()?;
+        let mut endings = Vec::new();
+        for (i, (row, l)) in self.rows.iter_mut().zip(logits).enumerate() {
+            if let Some(e) = row.advance(self.tokenizer, l, out)? {
+                endings.push((i, e));
+            }
+        }
+        self.remove(endings, out)
+    }
+
+    /// Ends the rows whose keys `cancelled` picks, with [`FinishReason::Cancelled`].
+    pub fn cancel(
+        &mut self,
+        cancelled: impl Fn(usize) -> bool,
+        out: &mut Vec<Update>,
+    ) -> Result<()> {
+        let endings = self
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| cancelled(r.key))
+            .map(|(i, _)| (i, (FinishReason::Cancelled, None)))
+            .collect();
+        self.remove(endings, out)
+    }
+
+    /// Drops every row without a reply (after a failed step) and returns their keys.
+    pub fn abandon(&mut self) -> Vec<usize> {
+        self.cache = None;
+        self.rows.drain(..).map(|r| r.key).collect()
+    }
+
+    /// Finishes the rows at `endings` (indices in batch order) and drops their cache rows.
+    fn remove(&mut self, endings: Vec<(usize, Ending)>, out: &mut Vec<Update>) -> Result<()> {
+        if endings.is_empty() {
+            return Ok(());
+        }
+        let keep: Vec<usize> = (0..self.rows.len())
+            .filter(|i| !endings.iter().any(|(e, _)| e == i))
+            .collect();
+        match self.cache.as_mut() {
+            Some(c) if !keep.is_empty() => c.select_rows(&keep)?,
+            _ => self.cache = None,
+        }
+        let mut rows: Vec<Option<Row>> = self.rows.drain(..).map(Some).collect();
+        for (i, ending) in endings {
+            if let Some(row) = rows[i].take() {
+                row.finish(ending, out);
+            }
+        }
+        self.rows = rows.into_iter().flatten().collect();
+        Ok(())
+    }
+}
+
+/// The largest char boundary at or below `i`.
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Turns sampled tokens into text pieces that are safe to show: complete UTF-8 characters that
+/// cannot be the start of a stop string.
+pub struct TextStream {
+    ids: Vec<u32>,
+    text: String,
+    emitted: usize,
+    stop: Vec<String>,
+    max_stop: usize,
+}
+
+impl TextStream {
+    pub fn new(stop: Vec<String>) -> TextStream {
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let max_stop = stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        TextStream {
+            ids: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stop,
+            max_stop,
+        }
+    }
+
+    /// Adds a token; returns the newly safe text and whether a stop string ended the text (which
+    /// is then cut before it).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<(String, bool)> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if let Some(pos) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.text = text[..pos].to_string();
+            return Ok((self.finish(), true));
+        }
+        self.text = text;
+        if self.text.ends_with('\u{FFFD}') {
+            return Ok((String::new(), false)); // a multi-byte character is not complete yet
+        }
+        let safe = floor_boundary(
+            &self.text,
+            self.text
+                .len()
+                .saturating_sub(self.max_stop.saturating_sub(1)),
+        );
+        if safe > self.emitted {
+            let delta = self.text[self.emitted..safe].to_string();
+            self.emitted = safe;
+            return Ok((delta, false));
+        }
+        Ok((String::new(), false))
+    }
+
+    /// The text not shown yet (held back as a possible stop-string start); call at the end.
+    pub fn finish(&mut self) -> String {
+        let start = self.emitted.min(self.text.len());
+        self.emitted = self.text.len();
+        self.text[start..].to_string()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn into_parts(self) -> (String, Vec<u32>) {
+        (self.text, self.ids)
+    }
+}
