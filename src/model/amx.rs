@@ -389,7 +389,7 @@ pub fn matmul(a: Strided, b: Strided) -> Vec<f32> {
         .div_ceil(tasks)
         .min(row_blocks)
         .max(1);
-    let out = SharedMut(padded.as_mut_ptr());
+    let out = super::kernels::SharedOut(padded.as_mut_ptr());
     (0..tasks * row_split).into_par_iter().for_each(|task| {
         let (chunk, part) = (task / row_split, task % row_split);
         let cols = chunk * per_task..((chunk + 1) * per_task).min(np);
@@ -437,19 +437,6 @@ pub fn matmul(a: Strided, b: Strided) -> Vec<f32> {
         trimmed.extend_from_slice(&padded[r * np..r * np + n]);
     }
     trimmed
-}
-
-/// A pointer tasks write disjoint blocks through.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task writes blocks no other task writes.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
 }
 
 #[cfg(test)]

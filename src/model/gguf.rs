@@ -5,7 +5,7 @@
 //! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
 //! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
 
-use super::llama::{inverse_frequencies, Attention, Block, Llama, Mlp, Proj};
+use super::llama::{Block, Head, Llama, Proj};
 use super::{LlamaConfig, LoadedModel};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -268,7 +268,6 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     config
         .validate(&path.display().to_string())
         .map_err(|e| anyhow!("{e}"))?;
-    let hd = config.head_size();
     let bias = config.attention_bias;
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
@@ -285,24 +284,20 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
                 r.proj(&format!("{b}.attn_k"), bias)?,
             )
         };
-        layers.push(Block {
-            input_norm: r.dense(&format!("{b}.attn_norm.weight"))?,
-            attn: Attention {
+        layers.push(Block::new(
+            &config,
+            r.dense(&format!("{b}.attn_norm.weight"))?,
+            r.dense(&format!("{b}.ffn_norm.weight"))?,
+            [
                 q,
                 k,
-                v: r.proj(&format!("{b}.attn_v"), bias)?,
-                o: r.proj(&format!("{b}.attn_output"), false)?,
-                heads,
-                kv_heads,
-                head_dim: hd,
-            },
-            post_norm: r.dense(&format!("{b}.ffn_norm.weight"))?,
-            mlp: Mlp {
-                gate: r.proj(&format!("{b}.ffn_gate"), false)?,
-                up: r.proj(&format!("{b}.ffn_up"), false)?,
-                down: r.proj(&format!("{b}.ffn_down"), false)?,
-            },
-        });
+                r.proj(&format!("{b}.attn_v"), bias)?,
+                r.proj(&format!("{b}.attn_output"), false)?,
+                r.proj(&format!("{b}.ffn_gate"), false)?,
+                r.proj(&format!("{b}.ffn_up"), false)?,
+                r.proj(&format!("{b}.ffn_down"), false)?,
+            ],
+        ));
     }
     let embed = r.dense("token_embd.weight")?;
     let head_name = if config.tie_word_embeddings {
@@ -310,7 +305,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     } else {
         "output.weight"
     };
-    let quant_head = Some(quantized_proj(r.qtensor(head_name)?, None)?);
+    let quant_head = quantized_proj(r.qtensor(head_name)?, None)?;
     let norm = r.dense("output_norm.weight")?;
     let mut inner =
         <tokenizers::Tokenizer as candle_core::quantized::tokenizer::TokenizerFromGguf>::from_gguf(
@@ -336,17 +331,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .meta("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok())
         .cloned();
-    let model = Llama {
-        inv_freq: inverse_frequencies(&config),
-        config,
-        embed,
-        layers,
-        norm,
-        lm_head: None,
-        quant_head,
-        device: device.clone(),
-        dtype: DType::F32,
-    };
+    let model = Llama::assemble(config, embed, layers, norm, Head::Quantized(quant_head));
     Ok(LoadedModel {
         model,
         tokenizer,

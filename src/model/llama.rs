@@ -2,8 +2,11 @@
 //! SwiGLU MLP, optional biases, tied or untied embeddings. Tensor names follow Hugging Face
 //! (`model.layers.0.self_attn.q_proj.weight`, ...), so the same code loads real checkpoints.
 //!
-//! Every operation is a differentiable composition of candle primitives: candle's fused CPU
-//! kernels (rms_norm, softmax_last_dim, rope) have no backward pass and would silently cut gradients.
+//! One implementation serves training, inference and loaded models (run directories, Hugging Face
+//! directories, GGUF files): [`Llama::assemble`] is where every one is put together. On the CPU
+//! the heavy operations are our fused kernels with backward passes (`super::kernels`; candle's
+//! own fused CPU kernels have none and would silently cut gradients); on other devices each
+//! kernel's composed twin of differentiable candle primitives runs instead.
 
 use super::config::LlamaConfig;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -196,6 +199,69 @@ pub(super) struct Block {
     pub(super) mlp: Mlp,
 }
 
+/// The projections of one block, in Hugging Face's names: `self_attn.{q,k,v,o}_proj` and
+/// `mlp.{gate,up,down}_proj`.
+pub(super) const PROJECTIONS: [(&str, &str); 7] = [
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+];
+
+impl Block {
+    /// A block from its norms and its projections in [`PROJECTIONS`] order.
+    pub(super) fn new(
+        c: &LlamaConfig,
+        input_norm: Tensor,
+        post_norm: Tensor,
+        p: [Proj; 7],
+    ) -> Self {
+        let [q, k, v, o, gate, up, down] = p;
+        Block {
+            input_norm,
+            attn: Attention {
+                q,
+                k,
+                v,
+                o,
+                heads: c.num_attention_heads,
+                kv_heads: c.kv_heads(),
+                head_dim: c.head_size(),
+            },
+            post_norm,
+            mlp: Mlp { gate, up, down },
+        }
+    }
+
+    /// The projections in [`PROJECTIONS`] order, with their names.
+    pub(super) fn projections_mut(&mut self) -> [((&'static str, &'static str), &mut Proj); 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        let [q, k, v, o, gate, up, down] = PROJECTIONS;
+        [
+            (q, &mut a.q),
+            (k, &mut a.k),
+            (v, &mut a.v),
+            (o, &mut a.o),
+            (gate, &mut m.gate),
+            (up, &mut m.up),
+            (down, &mut m.down),
+        ]
+    }
+}
+
+/// Where the logits come from.
+pub(super) enum Head {
+    /// The embedding, transposed (tied weights).
+    Tied,
+    /// Its own dense matrix (`lm_head.weight`).
+    Dense(Tensor),
+    /// A quantized matrix (GGUF), the embedding's or its own.
+    Quantized(Proj),
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     pub(super) embed: Tensor,
@@ -326,53 +392,62 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = m.pp(format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let attn = Attention {
-                q: projection(
-                    &a,
-                    c,
-                    hid,
-                    c.num_attention_heads * hd,
-                    c.attention_bias,
-                    "q_proj",
-                )?,
-                k: projection(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "k_proj")?,
-                v: projection(&a, c, hid, c.kv_heads() * hd, c.attention_bias, "v_proj")?,
-                o: projection(&a, c, c.num_attention_heads * hd, hid, false, "o_proj")?,
-                heads: c.num_attention_heads,
-                kv_heads: c.kv_heads(),
-                head_dim: hd,
+            let dims = |group: &str, name: &str| match (group, name) {
+                (_, "q_proj") => (hid, c.num_attention_heads * hd, c.attention_bias),
+                (_, "k_proj" | "v_proj") => (hid, c.kv_heads() * hd, c.attention_bias),
+                (_, "o_proj") => (c.num_attention_heads * hd, hid, false),
+                (_, "down_proj") => (c.intermediate_size, hid, c.mlp_bias),
+                _ => (hid, c.intermediate_size, c.mlp_bias),
             };
-            let p = l.pp("mlp");
-            let mlp = Mlp {
-                gate: projection(&p, c, hid, c.intermediate_size, c.mlp_bias, "gate_proj")?,
-                up: projection(&p, c, hid, c.intermediate_size, c.mlp_bias, "up_proj")?,
-                down: projection(&p, c, c.intermediate_size, hid, c.mlp_bias, "down_proj")?,
-            };
-            layers.push(Block {
-                input_norm: param(&l.pp("input_layernorm"), c, hid, "weight")?,
-                attn,
-                post_norm: param(&l.pp("post_attention_layernorm"), c, hid, "weight")?,
-                mlp,
-            });
+            let mut projections = Vec::with_capacity(PROJECTIONS.len());
+            for (group, name) in PROJECTIONS {
+                let (inp, out, bias) = dims(group, name);
+                projections.push(projection(&l.pp(group), c, inp, out, bias, name)?);
+            }
+            let projections: [Proj; 7] = projections
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("seven projections"));
+            layers.push(Block::new(
+                c,
+                param(&l.pp("input_layernorm"), c, hid, "weight")?,
+                param(&l.pp("post_attention_layernorm"), c, hid, "weight")?,
+                projections,
+            ));
         }
         let norm = param(&m.pp("norm"), c, hid, "weight")?;
-        let lm_head = if c.tie_word_embeddings {
-            None
+        let head = if c.tie_word_embeddings {
+            Head::Tied
         } else {
-            Some(param(&vb.pp("lm_head"), c, (c.vocab_size, hid), "weight")?)
+            Head::Dense(param(&vb.pp("lm_head"), c, (c.vocab_size, hid), "weight")?)
         };
-        Ok(Llama {
-            config: c.clone(),
+        Ok(Llama::assemble(c.clone(), embed, layers, norm, head))
+    }
+
+    /// The one place a `Llama` is put together, from weights made ([`Llama::new`]) or read
+    /// (GGUF): the rotary table, device and dtype follow from the parts.
+    pub(super) fn assemble(
+        config: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Block>,
+        norm: Tensor,
+        head: Head,
+    ) -> Llama {
+        let (lm_head, quant_head) = match head {
+            Head::Tied => (None, None),
+            Head::Dense(t) => (Some(t), None),
+            Head::Quantized(p) => (None, Some(p)),
+        };
+        Llama {
+            inv_freq: inverse_frequencies(&config),
+            device: embed.device().clone(),
+            dtype: embed.dtype(),
+            config,
             embed,
             layers,
             norm,
             lm_head,
-            quant_head: None,
-            inv_freq: inverse_frequencies(c),
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
-        })
+            quant_head,
+        }
     }
 
     pub fn device(&self) -> &Device {

@@ -244,16 +244,7 @@ impl Llama {
         let scale = cfg.scale();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let l = vb.pp("model").pp(format!("layers.{i}"));
-            let slots: [(&str, &str, &mut Proj); 7] = [
-                ("self_attn", "q_proj", &mut layer.attn.q),
-                ("self_attn", "k_proj", &mut layer.attn.k),
-                ("self_attn", "v_proj", &mut layer.attn.v),
-                ("self_attn", "o_proj", &mut layer.attn.o),
-                ("mlp", "gate_proj", &mut layer.mlp.gate),
-                ("mlp", "up_proj", &mut layer.mlp.up),
-                ("mlp", "down_proj", &mut layer.mlp.down),
-            ];
-            for (group, name, proj) in slots {
+            for ((group, name), proj) in layer.projections_mut() {
                 if !cfg.targets.iter().any(|t| t == name) {
                     continue;
                 }

@@ -1,0 +1,268 @@
+//! Fused CPU kernels with their backward passes, for the operations that dominate a training step
+//! when composed from candle primitives (each primitive is a separate, often single-threaded,
+//! broadcasting pass over memory): causal softmax, RMSNorm, rotary embedding, cross-entropy,
+//! SwiGLU, causal attention and the projections themselves.
+//!
+//! Each kernel has a composed twin built from differentiable candle ops; the model uses the twin on
+//! devices other than the CPU, and the tests check that both agree in value and gradient.
+//!
+//! One file per operation: `softmax`, `norm` (RMSNorm), `rope`, `swiglu`, `linear` (the
+//! projections), `loss` (cross-entropy and the output head fused with it) and `attention`
+//! (rotary embedding, scaling and causal attention as one node). This file holds what they share:
+//! the element trait, the vectorisable exponential and row helpers, the bf16 switch, and
+//! [`SharedOut`], the pointer parallel tasks write disjoint parts of one buffer through (the AMX
+//! GEMM uses it too).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
+    WithDType, D,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+trait Real:
+    WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
+{
+    /// e^self, inlined and branch-free for f32 so that loops over it vectorise.
+    fn fast_exp(self) -> Self;
+    /// `a · b` in bf16 on AMX tiles when the projections run in bf16 ([`set_bf16_matmuls`]);
+    /// `None` otherwise.
+    fn bf16_matmul(
+        _a: crate::model::amx::Strided<Self>,
+        _b: crate::model::amx::Strided<Self>,
+    ) -> Option<Vec<Self>> {
+        None
+    }
+}
+impl Real for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        exp_f32(self)
+    }
+    fn bf16_matmul(
+        a: crate::model::amx::Strided<f32>,
+        b: crate::model::amx::Strided<f32>,
+    ) -> Option<Vec<f32>> {
+        bf16_matmuls().then(|| crate::model::amx::matmul(a, b))
+    }
+}
+impl Real for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+}
+
+static BF16_MATMULS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the projections' and output head's f32 matmuls (forward and backward) with bf16 operands
+/// and f32 sums on AMX tiles, as mixed-precision training does; weights, gradients, optimizer
+/// state and every other operation stay f32. Returns whether that is now on: false where the CPU
+/// has no AMX. Process-wide, like the thread count.
+pub fn set_bf16_matmuls(on: bool) -> bool {
+    let on = on && crate::model::amx::available();
+    BF16_MATMULS.store(on, std::sync::atomic::Ordering::Relaxed);
+    on
+}
+
+/// Whether the projections run in bf16 now.
+pub fn bf16_matmuls() -> bool {
+    BF16_MATMULS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// e^x in f32 within two ulp (tested), without a call into libm: the softmaxes, cross-entropy and SiLU
+/// of a training step take tens of millions of exponentials, and glibc's scalar `expf` was 6% of
+/// the step. Cody–Waite reduction x = n·ln2 + r with |r| ≤ ln2/2, Cephes' polynomial for e^r,
+/// and 2^n built in the exponent bits (in two halves, so n = 128 does not overflow early).
+/// Below −87.33 (where e^x leaves the normal range) it returns 0; NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2^23: adding it rounds to the nearest integer, held in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    const LOW: f32 = -87.336_54;
+    const HIGH: f32 = 88.722_83;
+    let xc = x.clamp(LOW, HIGH);
+    let t = xc * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let k = t.to_bits() as i32 - SHIFTER.to_bits() as i32;
+    let half = k >> 1;
+    let two = |e: i32| f32::from_bits(((e + 127) << 23) as u32);
+    let y = er * two(half) * two(k - half);
+    let y = if x < LOW { 0.0 } else { y };
+    let y = if x > HIGH { f32::INFINITY } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// Lanes the row reductions below fold in, so that they vectorise.
+const LANES: usize = 8;
+
+/// The largest element of a row (NaNs skipped, as `Float::max` does).
+fn row_max<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            if c[i] > lanes[i] {
+                lanes[i] = c[i];
+            }
+        }
+    }
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(T::neg_infinity(), |m, &v| Float::max(m, v))
+}
+
+/// The sum of a row.
+fn row_sum<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += c[i];
+        }
+    }
+    lanes.iter().chain(tail).fold(T::zero(), |a, &v| a + v)
+}
+
+/// Σ exp(x − max) over a row.
+fn exp_sum<T: Real>(row: &[T], max: T) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += (c[i] - max).fast_exp();
+        }
+    }
+    lanes
+        .iter()
+        .copied()
+        .chain(tail.iter().map(|&x| (x - max).fast_exp()))
+        .fold(T::zero(), |a, v| a + v)
+}
+
+/// Writes exp(x − max) of each element of `row` to `out` and returns their sum.
+fn exp_into<T: Real>(row: &[T], max: T, out: &mut [T]) -> T {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x - max).fast_exp();
+    }
+    row_sum(&out[..row.len()])
+}
+
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: input must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Runs `$f::<T>` for the storage's float type.
+macro_rules! dispatch {
+    ($dtype:expr, $op:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => Err(Error::Msg(format!("{}: unsupported dtype {dt:?}", $op))),
+        }
+    };
+}
+
+/// The `name` and `cpu_fwd` of a CustomOp2 whose forward pass is `$f::<T>(s1, l1, s2, l2, ...)`
+/// for the storage's float type, passing the op's listed fields after them.
+macro_rules! op2_forward {
+    ($name:literal, $f:ident $(, $field:ident)*) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            dispatch!(s1.dtype(), $name, $f(s1, l1, s2, l2 $(, self.$field)*))
+        }
+    };
+}
+
+/// Implements a CustomOp3 used only inside backward passes (so it has no backward of its own):
+/// `cpu_fwd` dispatches on dtype to `$f(s1, l1, s2, l2, s3, l3, self.fields...)`.
+macro_rules! forward_only_op3 {
+    ($ty:ty, $name:literal, $f:ident $(, $field:ident)*) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                dispatch!(s1.dtype(), $name, $f(s1, l1, s2, l2, s3, l3 $(, self.$field)*))
+            }
+        }
+    };
+}
+
+/// Whether the fused kernels can run on this tensor.
+pub fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+// ---------------------------------------------------------------- causal softmax
+
+/// A pointer tasks write disjoint, strided parts through.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
+// SAFETY: every task writes rows no other task writes.
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The element `offset` places in (a method, so closures capture the whole Sync wrapper).
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
+mod linear;
+mod norm;
+mod rope;
+mod softmax;
+mod swiglu;
+use linear::{linear_dims, matmul_new, times_transposed};
+mod attention;
+mod loss;
+#[cfg(test)]
+mod tests;
+
+pub use attention::*;
+pub use linear::*;
+pub use loss::*;
+pub use norm::*;
+pub use rope::*;
+pub use softmax::*;
+pub use swiglu::*;
