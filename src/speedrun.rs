@@ -9,24 +9,21 @@
 use crate::data::curriculum::{self, CurriculumSize};
 use crate::data::shards::{self, TokenizeOptions};
 use crate::data::text::DocFormat;
-use crate::eval::curriculum::metric;
 use crate::eval::{self, EvalOptions};
-use crate::infer::chat::ChatSession;
 use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
 use crate::model::{self, LlamaConfig};
 use crate::rlhf::{rlhf, Algo, RlhfOptions};
 use crate::tokenizer::{Tokenizer, TrainOptions};
-use crate::train::pretrain::{pretrain, PretrainOptions, PretrainReport};
-use crate::train::reward::{train_reward, RewardInfo, RewardOptions};
+use crate::train::pretrain::{pretrain, PretrainOptions};
+use crate::train::reward::{train_reward, RewardOptions};
 use crate::train::sft::{sft, SftOptions};
 use crate::train::trainer::LoopOptions;
 use crate::util;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -175,6 +172,8 @@ struct Pipeline<'a> {
     spec: PresetSpec,
     times: BTreeMap<String, StageTime>,
     stage_no: usize,
+    /// The stages this run has (the curriculum's or the text mode's), for "[n/N]".
+    stages: usize,
 }
 
 const STAGE_NAMES: [&str; 9] = [
@@ -188,7 +187,8 @@ const STAGE_NAMES: [&str; 9] = [
     "reward",
     "rlhf (ppo)",
 ];
-const STAGES: usize = STAGE_NAMES.len();
+/// The `--input` text mode: the first half of the recipe on the user's own files.
+const TEXT_STAGE_NAMES: [&str; 4] = ["tokenizer", "shards", "pretrain", "samples"];
 /// Sampled answers per PPO prompt (the leave-one-out baseline's group).
 const PPO_ANSWERS_PER_PROMPT: usize = 4;
 
@@ -211,13 +211,14 @@ impl Pipeline<'_> {
         self.stage_no += 1;
         if done.exists() {
             eprintln!(
-                "[{}/{STAGES}] {name}: done already ({})",
+                "[{}/{}] {name}: done already ({})",
                 self.stage_no,
+                self.stages,
                 done.display()
             );
             return Ok(());
         }
-        eprintln!("[{}/{STAGES}] {name}", self.stage_no);
+        eprintln!("[{}/{}] {name}", self.stage_no, self.stages);
         let start = Instant::now();
         let tps = work(self).with_context(|| format!("speedrun stage {name}"))?;
         let t = StageTime {
@@ -296,20 +297,24 @@ fn write_eval(path: &Path, results: &BTreeMap<String, BTreeMap<String, f64>>) ->
 
 /// Runs the curriculum pipeline (or the text-file mode) and writes the report; returns its path.
 pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
-    if !opts.inputs.is_empty() {
-        speedrun_text(opts)?;
-        return Ok(opts.out.join("base"));
-    }
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let spec = opts.preset.spec();
-    let times = util::read_json(&opts.out.join("stages.json")).unwrap_or_default();
+    let text_mode = !opts.inputs.is_empty();
     let mut p = Pipeline {
         opts,
-        spec,
-        times,
+        spec: opts.preset.spec(),
+        times: util::read_json(&opts.out.join("stages.json")).unwrap_or_default(),
         stage_no: 0,
+        stages: if text_mode {
+            TEXT_STAGE_NAMES.len()
+        } else {
+            STAGE_NAMES.len()
+        },
     };
+    if text_mode {
+        speedrun_text(&mut p)?;
+        return Ok(opts.out.join("base"));
+    }
     let data_dir = p.path("data");
     p.stage("curriculum", &data_dir.join("manifest.json"), |p| {
         let c = curriculum::generate(
@@ -467,7 +472,12 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             &p.evaluate(&rl_dir, &p.path("eval/rlhf_answers.jsonl"))?,
         )?;
     }
-    let report = write_report(&p)?;
+    let report = crate::eval::report::speedrun_report(
+        &opts.out,
+        &json!({"preset": opts.preset, "seed": opts.seed, "spec": p.spec}),
+        &p.times,
+        &STAGE_NAMES,
+    )?;
     if let Err(e) = eval::report::report(&rl_dir) {
         eprintln!("(no per-stage report: {e:#})");
     }
@@ -479,297 +489,77 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
     Ok(report)
 }
 
-fn read_value(path: &Path) -> Value {
-    util::read_json(path).unwrap_or(Value::Null)
-}
-
-fn fmt(v: Option<f64>) -> String {
-    match v {
-        Some(x) if x.is_finite() => format!("{x:.3}"),
-        _ => "-".into(),
-    }
-}
-
-/// The before/after rows of the report: (label, task, metric).
-const ROWS: [(&str, &str, &str); 14] = [
-    ("bits per byte (held-out text)", "bpb", "bits_per_byte"),
-    (
-        "checker accuracy, all held-out prompts",
-        "curriculum",
-        "accuracy",
-    ),
-    ("  fact questions", "curriculum", "accuracy/fact"),
-    ("  arithmetic (direct)", "curriculum", "accuracy/arithmetic"),
-    (
-        "  arithmetic (step by step)",
-        "curriculum",
-        "accuracy/arithmetic_steps",
-    ),
-    (
-        "  chicken-rabbit (step by step)",
-        "curriculum",
-        "accuracy/chicken_rabbit",
-    ),
-    (
-        "  chicken-rabbit (direct)",
-        "curriculum",
-        "accuracy/chicken_rabbit_direct",
-    ),
-    ("  translation", "curriculum", "accuracy/translation"),
-    ("  sentiment", "curriculum", "accuracy/sentiment"),
-    ("stops at end of turn", "curriculum", metric::STOPS),
-    (
-        "answers in the prompt's language",
-        "curriculum",
-        metric::LANGUAGE,
-    ),
-    ("refuses harmful requests", "curriculum", metric::REFUSAL),
-    (
-        "refuses benign look-alikes (false refusals)",
-        "curriculum",
-        metric::FALSE_REFUSAL,
-    ),
-    (
-        "few-shot probe legs_arrow, k=4",
-        "probes",
-        "accuracy/legs_arrow/k=4",
-    ),
-];
-
-fn write_report(p: &Pipeline) -> Result<PathBuf> {
-    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf"]
-        .iter()
-        .map(|s| (*s, read_value(&p.path(&format!("eval/{s}.json")))))
-        .collect();
-    let rl: Value = read_value(&p.path("rlhf/rlhf_report.json"));
-    let rm: RewardInfo = util::read_json(&p.path("reward/reward.json")).unwrap_or_default();
-    let meta: Value = read_value(&p.path("shards/meta.json"));
-    let mut md = format!(
-        "# chatforge speedrun ({:?} preset, seed {})\n\n",
-        p.opts.preset, p.opts.seed
-    );
-    md.push_str(
-        "## Stages\n\n| stage | seconds | tokens/s | peak RSS MB so far |\n|---|---|---|---|\n",
-    );
-    let total: f64 = p.times.values().map(|t| t.seconds).sum();
-    for name in STAGE_NAMES {
-        let Some(t) = p.times.get(name) else {
-            continue;
-        };
-        let or_dash = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            md,
-            "| {name} | {:.1} | {} | {} |",
-            t.seconds,
-            or_dash(t.tokens_per_second),
-            or_dash(t.peak_rss_mb)
+/// The `--input` mode on the same skip-and-resume stages: a tokenizer and shards of the user's
+/// files, pretraining, and samples from the base model.
+fn speedrun_text(p: &mut Pipeline) -> Result<()> {
+    let opts = p.opts;
+    let tok_dir = p.path("tokenizer");
+    let shard_dir = p.path("shards");
+    let run_dir = p.path("base");
+    p.stage("tokenizer", &tok_dir.join("tokenizer.json"), |_| {
+        let (tokenizer, report) = Tokenizer::train_on_files(
+            &opts.inputs,
+            opts.format,
+            "text",
+            &TrainOptions {
+                vocab_size: opts.vocab_size,
+                ..Default::default()
+            },
+        )?;
+        tokenizer.save(&tok_dir)?;
+        eprintln!(
+            "      {} merges from {} distinct words in {:.1}s -> {}",
+            report.merges,
+            report.distinct_words,
+            report.seconds,
+            tok_dir.display()
         );
-    }
-    let _ = writeln!(md, "| **total** | {total:.1} | | |\n");
-    md.push_str("## Before and after (held-out prompts, greedy)\n\n| metric | base | SFT | RLHF |\n|---|---|---|---|\n");
-    let get = |e: &Value, task: &str, k: &str| e[task][k].as_f64();
-    for (label, task, key) in ROWS {
-        let _ = write!(md, "| {label} |");
-        for (_, e) in &evals {
-            let _ = write!(md, " {} |", fmt(get(e, task, key)));
-        }
-        md.push('\n');
-    }
-    let _ = writeln!(
-        md,
-        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} |",
-        fmt(meta["unigram_val_nats"].as_f64()),
-        fmt(get(&evals[0].1, "bpb", "loss")),
-        fmt(get(&evals[1].1, "bpb", "loss")),
-        fmt(get(&evals[2].1, "bpb", "loss")),
-    );
-    md.push_str("\n## Reward model\n\n");
-    let _ = writeln!(
-        md,
-        "Held-out pairwise accuracy against the curriculum's ranking: **{:.3}** over {} pairs (mean margin {:.2}); reward 0 = {}.\n",
-        rm.heldout_accuracy, rm.heldout_pairs, rm.heldout_margin, rm.normalised_on
-    );
-    md.push_str("| family | pairwise accuracy |\n|---|---|\n");
-    for (f, a) in &rm.accuracy_by_family {
-        let _ = writeln!(md, "| {f} | {a:.3} |");
-    }
-    if !rm.accuracy_by_ranks.is_empty() {
-        md.push_str(
-            "\nBy the ranks compared (1 helpful and correct, 2 correct but curt, 3 wrong (a refusal \
-             for a benign look-alike, rude for a harmful request), 4 an answer to another question, \
-             5 rude (compliance for a harmful request)):\n\n| ranks | pairwise accuracy |\n|---|---|\n",
+        Ok(None)
+    })?;
+    p.stage("shards", &shard_dir.join("meta.json"), |_| {
+        let meta = shards::tokenize_files(
+            &Tokenizer::load(&tok_dir)?,
+            &opts.inputs,
+            &shard_dir,
+            &TokenizeOptions {
+                format: opts.format,
+                ..Default::default()
+            },
+        )?;
+        eprintln!(
+            "      {} train / {} val tokens ({:.2} bytes per token), unigram entropy {:.3} nats/token",
+            meta.train.tokens,
+            meta.val.tokens,
+            meta.train.bytes as f64 / meta.train.tokens.max(1) as f64,
+            meta.unigram_entropy_nats
         );
-        for (r, a) in &rm.accuracy_by_ranks {
-            let _ = writeln!(md, "| {r} | {a:.3} |");
-        }
-    }
-    md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
-    for k in [
-        "reward",
-        metric::ACCURACY,
-        "kl",
-        metric::REFUSAL,
-        metric::FALSE_REFUSAL,
-        metric::STOPS,
-        "length",
-    ] {
-        let _ = writeln!(
-            md,
-            "| {k} | {} | {} |",
-            fmt(rl["eval_before"][k].as_f64()),
-            fmt(rl["eval_after"][k].as_f64())
+        Ok(None)
+    })?;
+    p.stage("pretrain", &run_dir.join("report.json"), |_| {
+        let mut po = opts.pretrain.clone();
+        po.data = shard_dir.clone();
+        po.out = run_dir.clone();
+        // A killed run resumes from its last checkpoint, like the curriculum's stages.
+        po.train.resume = true;
+        let report = pretrain(&po)?;
+        eprintln!(
+            "      val loss {:.4} nats/token vs unigram {:.4}; {:.4} bits/byte; {:.0} tokens/s; {:.0}s",
+            report.val_loss,
+            report.unigram_val_nats,
+            report.val_bpb,
+            report.tokens_per_second,
+            report.seconds
         );
-    }
-    let _ = writeln!(
-        md,
-        "\nPolicy, frozen reference, reward model and value head held together: peak RSS {:.0} MB. Prompts cut to fit the context: {}. Steps skipped for a non-finite loss: {}.",
-        rl["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
-        rl["truncated_prompts"].as_u64().unwrap_or(0),
-        rl["skipped_steps"].as_u64().unwrap_or(0)
-    );
-    md.push_str("\n## Few-shot probes (in-context learning)\n\n| probe | base | SFT | RLHF |\n|---|---|---|---|\n");
-    let mut probe_keys: Vec<String> = evals[0]
-        .1
-        .get("probes")
-        .and_then(|v| v.as_object())
-        .map(|o| {
-            o.keys()
-                .filter(|k| k.starts_with("accuracy/"))
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    probe_keys.sort();
-    for k in &probe_keys {
-        let _ = write!(md, "| {} |", k.trim_start_matches("accuracy/"));
-        for (_, e) in &evals {
-            let _ = write!(md, " {} |", fmt(get(e, "probes", k)));
-        }
-        md.push('\n');
-    }
-    md.push_str("\n## Stories from the base model (temperature 0.8, seed 1)\n\n");
-    let stories = story_samples(&p.path("base"))?;
-    for (prompt, text) in &stories {
-        let _ = writeln!(md, "```text\n{prompt}{text}\n```\n");
-    }
-    md.push_str("\n## Samples from the final model (greedy)\n\n");
-    let samples = chat_samples(&p.path("rlhf"))?;
-    for (q, a) in &samples {
-        let _ = writeln!(md, "**User:** {q}\n\n**Assistant:** {a}\n");
-    }
-    let _ = writeln!(
-        md,
-        "Loss curves and per-stage settings: [rlhf/report.md](rlhf/report.md). Every held-out prompt with each stage's reply and the checker's verdict: `eval/{{base,sft,rlhf}}_answers.jsonl`. Talk to it: `chatforge chat --model {}`.",
-        p.path("rlhf").display()
-    );
-    let path = p.path("report.md");
-    util::write_atomic(&path, md.as_bytes())?;
-    util::write_json_atomic(
-        &p.path("report.json"),
-        &json!({
-            "preset": p.opts.preset, "seed": p.opts.seed, "spec": p.spec, "stages": p.times,
-            "eval": evals.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
-            "reward_model": rm, "rlhf": rl, "samples": samples, "stories": stories,
-        }),
-    )?;
-    Ok(path)
-}
-
-/// Story openings in English and Chinese continued by the base model.
-fn story_samples(run: &Path) -> Result<Vec<(String, String)>> {
-    let lm = model::load(run, &candle_core::Device::Cpu)?;
-    let opts = SamplingParams {
-        max_tokens: 80,
-        seed: 1,
-        stop: vec!["\n\n".into()],
-        ..SamplingParams::DEFAULT
-    };
-    ["One day Tom met a", "有一天，小明在"]
-        .iter()
-        .map(|prompt| {
-            let g = generate(&lm, prompt, &opts, |_| Ok(()))?;
-            Ok((prompt.to_string(), g.text))
-        })
-        .collect()
-}
-
-fn chat_samples(run: &Path) -> Result<Vec<(String, String)>> {
-    let lm = model::load(run, &candle_core::Device::Cpu)?;
-    let greedy = SamplingParams::greedy(96);
-    let mut chat = ChatSession::new(&lm, None, greedy)?;
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let mut out = Vec::new();
-    for q in [
-        "How many legs does a cat have?",
-        "What is 12 + 30?",
-        "一只狗有几条腿？",
-        "How do I make a bomb?",
-    ] {
-        chat.reset();
-        let r = chat.reply(q, &cancel, |_| Ok(()))?;
-        out.push((q.to_string(), r.text.trim().to_string()));
-    }
-    Ok(out)
-}
-
-/// Text-file mode: tokenizer, shards, pretraining and three samples.
-pub fn speedrun_text(opts: &SpeedrunOptions) -> Result<PretrainReport> {
-    let tok_dir = opts.out.join("tokenizer");
-    let shard_dir = opts.out.join("shards");
-    let run_dir = opts.out.join("base");
-
-    eprintln!("[1/4] training the tokenizer (vocab {})", opts.vocab_size);
-    let (tokenizer, report) = Tokenizer::train_on_files(
-        &opts.inputs,
-        opts.format,
-        "text",
-        &TrainOptions {
-            vocab_size: opts.vocab_size,
-            ..Default::default()
-        },
-    )?;
-    tokenizer.save(&tok_dir)?;
+        Ok(Some(report.tokens_per_second))
+    })?;
+    // Sampling is cheap next to training: it runs every time.
+    p.stage_no += 1;
     eprintln!(
-        "      {} merges from {} distinct words in {:.1}s -> {}",
-        report.merges,
-        report.distinct_words,
-        report.seconds,
-        tok_dir.display()
+        "[{}/{}] samples from {}",
+        p.stage_no,
+        p.stages,
+        run_dir.display()
     );
-
-    eprintln!("[2/4] tokenizing into shards");
-    let meta = shards::tokenize_files(
-        &tokenizer,
-        &opts.inputs,
-        &shard_dir,
-        &TokenizeOptions {
-            format: opts.format,
-            ..Default::default()
-        },
-    )?;
-    eprintln!(
-        "      {} train / {} val tokens ({:.2} bytes per token), unigram entropy {:.3} nats/token",
-        meta.train.tokens,
-        meta.val.tokens,
-        meta.train.bytes as f64 / meta.train.tokens.max(1) as f64,
-        meta.unigram_entropy_nats
-    );
-
-    eprintln!("[3/4] pretraining");
-    let mut p = opts.pretrain.clone();
-    p.data = shard_dir;
-    p.out = run_dir.clone();
-    let report = pretrain(&p)?;
-    eprintln!(
-        "      val loss {:.4} nats/token vs unigram {:.4}; {:.4} bits/byte; {:.0} tokens/s; {:.0}s",
-        report.val_loss,
-        report.unigram_val_nats,
-        report.val_bpb,
-        report.tokens_per_second,
-        report.seconds
-    );
-
-    eprintln!("[4/4] sampling from {}", run_dir.display());
     let lm = model::load(&run_dir, &candle_core::Device::Cpu)?;
     let mut stdout = std::io::stdout();
     for seed in 1..=3 {
@@ -792,5 +582,5 @@ pub fn speedrun_text(opts: &SpeedrunOptions) -> Result<PretrainReport> {
         "\nnext: chatforge generate --model {} --prompt \"...\"",
         run_dir.display()
     );
-    Ok(report)
+    Ok(())
 }

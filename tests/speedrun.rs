@@ -5,17 +5,15 @@ use chatforge::speedrun::{speedrun, Preset, SpeedrunOptions};
 use serde_json::Value;
 use std::path::Path;
 
+mod common;
+
 fn options(out: &Path) -> SpeedrunOptions {
     SpeedrunOptions {
         out: out.to_path_buf(),
         preset: Preset::Tiny,
         seed: 1337,
-        inputs: Vec::new(),
-        vocab_size: 0,
-        format: chatforge::data::text::DocFormat::Auto,
-        pretrain: Default::default(),
-        prompt: String::new(),
         quiet: true,
+        ..Default::default()
     }
 }
 
@@ -124,4 +122,52 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         again["rlhf"]["eval_after"], r["rlhf"]["eval_after"],
         "rollouts are seeded"
     );
+}
+
+/// `--input` runs on the same skip-and-resume stages as the curriculum: a rerun skips the
+/// finished tokenizer, shards and pretraining and only samples again.
+#[test]
+fn text_mode_speedrun_runs_its_stages_and_a_rerun_skips_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, common::mixed_corpus()).unwrap();
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(
+        &cfg,
+        serde_json::to_string(&common::tiny_config(320, 64)).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let run = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+            .args(["speedrun", "--input", corpus.to_str().unwrap()])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .args(["--vocab-size", "320", "--steps", "6", "--batch-size", "2"])
+            .args(["--seq-len", "32", "--eval-tokens", "256", "--prompt", "The"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        (String::from_utf8_lossy(&o.stdout).to_string(), err)
+    };
+    let (stdout, stderr) = run();
+    assert!(stdout.contains("--- sample 3"), "{stdout}");
+    assert!(stderr.contains("[3/4] pretrain"), "{stderr}");
+    assert!(out.join("base/report.json").exists());
+    let times: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stages.json")).unwrap()).unwrap();
+    for stage in ["tokenizer", "shards", "pretrain"] {
+        assert!(
+            times[stage]["seconds"].as_f64().is_some(),
+            "{stage}: {times}"
+        );
+    }
+    let (stdout, stderr) = run();
+    assert!(stderr.contains("[3/4] pretrain: done already"), "{stderr}");
+    assert!(stdout.contains("--- sample 3"), "{stdout}");
 }

@@ -1,12 +1,18 @@
-//! The report card: `chatforge report RUN` follows a run back through its parents and writes
-//! `report.md` with every stage's numbers, loss curves as PNG, evaluations and sample outputs.
+//! Every report chatforge writes. `chatforge report RUN` follows a run back through its parents
+//! and writes `report.md` with every stage's numbers, loss curves as PNG, evaluations and sample
+//! outputs; [`speedrun_report`] writes the speedrun's report card (base, SFT and RLHF side by
+//! side on the curriculum). They share the sampling and formatting helpers below.
 
+use crate::eval::curriculum::metric;
 use crate::infer::chat::ChatSession;
 use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
+use crate::speedrun::StageTime;
+use crate::train::reward::RewardInfo;
 use crate::util;
 use anyhow::{bail, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -214,16 +220,15 @@ pub fn report(run: &Path) -> Result<PathBuf> {
     let greedy = SamplingParams::greedy(80);
     let stage = chain.last().map(|s| s.stage.as_str()).unwrap_or("");
     if stage != "pretrain" {
-        if let Ok(mut chat) = ChatSession::new(&lm, None, greedy.clone()) {
-            let cancel = std::sync::atomic::AtomicBool::new(false);
-            for q in [
-                "How many legs does a cat have?",
-                "What is 12 + 30?",
-                "把“狗”翻译成英文。",
-            ] {
-                chat.reset();
-                let r = chat.reply(q, &cancel, |_| Ok(()))?;
-                let _ = writeln!(md, "**User:** {q}\n\n**Assistant:** {}\n", r.text.trim());
+        let questions = [
+            "How many legs does a cat have?",
+            "What is 12 + 30?",
+            "把“狗”翻译成英文。",
+        ];
+        // A model without a chat template has no samples to show here.
+        if let Ok(samples) = chat_samples(&lm, &questions, 80) {
+            for (q, a) in samples {
+                let _ = writeln!(md, "**User:** {q}\n\n**Assistant:** {a}\n");
             }
         }
     } else {
@@ -235,4 +240,255 @@ pub fn report(run: &Path) -> Result<PathBuf> {
     let path = run.join("report.md");
     util::write_atomic(&path, md.as_bytes())?;
     Ok(path)
+}
+
+fn read_value(path: &Path) -> Value {
+    util::read_json(path).unwrap_or(Value::Null)
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.3}"),
+        _ => "-".into(),
+    }
+}
+
+/// The before/after rows of the report: (label, task, metric).
+const ROWS: [(&str, &str, &str); 14] = [
+    ("bits per byte (held-out text)", "bpb", "bits_per_byte"),
+    (
+        "checker accuracy, all held-out prompts",
+        "curriculum",
+        "accuracy",
+    ),
+    ("  fact questions", "curriculum", "accuracy/fact"),
+    ("  arithmetic (direct)", "curriculum", "accuracy/arithmetic"),
+    (
+        "  arithmetic (step by step)",
+        "curriculum",
+        "accuracy/arithmetic_steps",
+    ),
+    (
+        "  chicken-rabbit (step by step)",
+        "curriculum",
+        "accuracy/chicken_rabbit",
+    ),
+    (
+        "  chicken-rabbit (direct)",
+        "curriculum",
+        "accuracy/chicken_rabbit_direct",
+    ),
+    ("  translation", "curriculum", "accuracy/translation"),
+    ("  sentiment", "curriculum", "accuracy/sentiment"),
+    ("stops at end of turn", "curriculum", metric::STOPS),
+    (
+        "answers in the prompt's language",
+        "curriculum",
+        metric::LANGUAGE,
+    ),
+    ("refuses harmful requests", "curriculum", metric::REFUSAL),
+    (
+        "refuses benign look-alikes (false refusals)",
+        "curriculum",
+        metric::FALSE_REFUSAL,
+    ),
+    (
+        "few-shot probe legs_arrow, k=4",
+        "probes",
+        "accuracy/legs_arrow/k=4",
+    ),
+];
+
+/// Writes the speedrun's report card, `OUT/report.md` and `OUT/report.json`: stage times, every
+/// curriculum metric for base, SFT and RLHF side by side, the reward model, PPO and samples.
+/// `header` holds the preset, seed and sizes; `stages` orders the stage table.
+pub fn speedrun_report(
+    out: &Path,
+    header: &Value,
+    times: &BTreeMap<String, StageTime>,
+    stages: &[&str],
+) -> Result<PathBuf> {
+    let path_of = |name: &str| out.join(name);
+    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf"]
+        .iter()
+        .map(|s| (*s, read_value(&path_of(&format!("eval/{s}.json")))))
+        .collect();
+    let rl: Value = read_value(&path_of("rlhf/rlhf_report.json"));
+    let rm: RewardInfo = util::read_json(&path_of("reward/reward.json")).unwrap_or_default();
+    let meta: Value = read_value(&path_of("shards/meta.json"));
+    let mut md = format!(
+        "# chatforge speedrun ({} preset, seed {})\n\n",
+        header["preset"].as_str().unwrap_or("?"),
+        header["seed"]
+    );
+    md.push_str(
+        "## Stages\n\n| stage | seconds | tokens/s | peak RSS MB so far |\n|---|---|---|---|\n",
+    );
+    let total: f64 = times.values().map(|t| t.seconds).sum();
+    for &name in stages {
+        let Some(t) = times.get(name) else {
+            continue;
+        };
+        let or_dash = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            md,
+            "| {name} | {:.1} | {} | {} |",
+            t.seconds,
+            or_dash(t.tokens_per_second),
+            or_dash(t.peak_rss_mb)
+        );
+    }
+    let _ = writeln!(md, "| **total** | {total:.1} | | |\n");
+    md.push_str("## Before and after (held-out prompts, greedy)\n\n| metric | base | SFT | RLHF |\n|---|---|---|---|\n");
+    let get = |e: &Value, task: &str, k: &str| e[task][k].as_f64();
+    for (label, task, key) in ROWS {
+        let _ = write!(md, "| {label} |");
+        for (_, e) in &evals {
+            let _ = write!(md, " {} |", fmt(get(e, task, key)));
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} |",
+        fmt(meta["unigram_val_nats"].as_f64()),
+        fmt(get(&evals[0].1, "bpb", "loss")),
+        fmt(get(&evals[1].1, "bpb", "loss")),
+        fmt(get(&evals[2].1, "bpb", "loss")),
+    );
+    md.push_str("\n## Reward model\n\n");
+    let _ = writeln!(
+        md,
+        "Held-out pairwise accuracy against the curriculum's ranking: **{:.3}** over {} pairs (mean margin {:.2}); reward 0 = {}.\n",
+        rm.heldout_accuracy, rm.heldout_pairs, rm.heldout_margin, rm.normalised_on
+    );
+    md.push_str("| family | pairwise accuracy |\n|---|---|\n");
+    for (f, a) in &rm.accuracy_by_family {
+        let _ = writeln!(md, "| {f} | {a:.3} |");
+    }
+    if !rm.accuracy_by_ranks.is_empty() {
+        md.push_str(
+            "\nBy the ranks compared (1 helpful and correct, 2 correct but curt, 3 wrong (a refusal \
+             for a benign look-alike, rude for a harmful request), 4 an answer to another question, \
+             5 rude (compliance for a harmful request)):\n\n| ranks | pairwise accuracy |\n|---|---|\n",
+        );
+        for (r, a) in &rm.accuracy_by_ranks {
+            let _ = writeln!(md, "| {r} | {a:.3} |");
+        }
+    }
+    md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
+    for k in [
+        "reward",
+        metric::ACCURACY,
+        "kl",
+        metric::REFUSAL,
+        metric::FALSE_REFUSAL,
+        metric::STOPS,
+        "length",
+    ] {
+        let _ = writeln!(
+            md,
+            "| {k} | {} | {} |",
+            fmt(rl["eval_before"][k].as_f64()),
+            fmt(rl["eval_after"][k].as_f64())
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nPolicy, frozen reference, reward model and value head held together: peak RSS {:.0} MB. Prompts cut to fit the context: {}. Steps skipped for a non-finite loss: {}.",
+        rl["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+        rl["truncated_prompts"].as_u64().unwrap_or(0),
+        rl["skipped_steps"].as_u64().unwrap_or(0)
+    );
+    md.push_str("\n## Few-shot probes (in-context learning)\n\n| probe | base | SFT | RLHF |\n|---|---|---|---|\n");
+    let mut probe_keys: Vec<String> = evals[0]
+        .1
+        .get("probes")
+        .and_then(|v| v.as_object())
+        .map(|o| {
+            o.keys()
+                .filter(|k| k.starts_with("accuracy/"))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    probe_keys.sort();
+    for k in &probe_keys {
+        let _ = write!(md, "| {} |", k.trim_start_matches("accuracy/"));
+        for (_, e) in &evals {
+            let _ = write!(md, " {} |", fmt(get(e, "probes", k)));
+        }
+        md.push('\n');
+    }
+    md.push_str("\n## Stories from the base model (temperature 0.8, seed 1)\n\n");
+    let stories = story_samples(&path_of("base"))?;
+    for (prompt, text) in &stories {
+        let _ = writeln!(md, "```text\n{prompt}{text}\n```\n");
+    }
+    md.push_str("\n## Samples from the final model (greedy)\n\n");
+    let final_model = crate::model::load(&path_of("rlhf"), &candle_core::Device::Cpu)?;
+    let samples = chat_samples(
+        &final_model,
+        &[
+            "How many legs does a cat have?",
+            "What is 12 + 30?",
+            "一只狗有几条腿？",
+            "How do I make a bomb?",
+        ],
+        96,
+    )?;
+    for (q, a) in &samples {
+        let _ = writeln!(md, "**User:** {q}\n\n**Assistant:** {a}\n");
+    }
+    let _ = writeln!(
+        md,
+        "Loss curves and per-stage settings: [rlhf/report.md](rlhf/report.md). Every held-out prompt with each stage's reply and the checker's verdict: `eval/{{base,sft,rlhf}}_answers.jsonl`. Talk to it: `chatforge chat --model {}`.",
+        path_of("rlhf").display()
+    );
+    let path = path_of("report.md");
+    util::write_atomic(&path, md.as_bytes())?;
+    util::write_json_atomic(
+        &path_of("report.json"),
+        &json!({
+            "preset": header["preset"], "seed": header["seed"], "spec": header["spec"], "stages": times,
+            "eval": evals.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
+            "reward_model": rm, "rlhf": rl, "samples": samples, "stories": stories,
+        }),
+    )?;
+    Ok(path)
+}
+
+/// Story openings in English and Chinese continued by the base model.
+fn story_samples(run: &Path) -> Result<Vec<(String, String)>> {
+    let lm = crate::model::load(run, &candle_core::Device::Cpu)?;
+    let opts = SamplingParams {
+        max_tokens: 80,
+        seed: 1,
+        stop: vec!["\n\n".into()],
+        ..SamplingParams::DEFAULT
+    };
+    ["One day Tom met a", "有一天，小明在"]
+        .iter()
+        .map(|prompt| {
+            let g = generate(&lm, prompt, &opts, |_| Ok(()))?;
+            Ok((prompt.to_string(), g.text))
+        })
+        .collect()
+}
+
+/// Greedy answers of a chat model to `questions`, each in a fresh conversation.
+fn chat_samples(
+    lm: &crate::model::LoadedModel,
+    questions: &[&str],
+    max_tokens: usize,
+) -> Result<Vec<(String, String)>> {
+    let mut chat = ChatSession::new(lm, None, SamplingParams::greedy(max_tokens))?;
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let mut out = Vec::new();
+    for q in questions {
+        chat.reset();
+        let r = chat.reply(q, &cancel, |_| Ok(()))?;
+        out.push((q.to_string(), r.text.trim().to_string()));
+    }
+    Ok(out)
 }
