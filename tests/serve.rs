@@ -438,3 +438,86 @@ fn user_text_cannot_inject_control_tokens_through_a_jinja_template() {
         );
     }
 }
+
+/// A panic inside a decode step fails the requests in flight with a 500 that says so; the engine
+/// goes on with a fresh cache, `/health` reports the restart, `/metrics` counts it, and the next
+/// request is answered.
+#[test]
+fn a_panicking_decode_step_fails_its_requests_and_the_engine_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server =
+        common::server::start_with_env(&model, &[], &[("CHATFORGE_TEST_PANIC_AT_STEP", "3")]);
+    // The end-of-turn and end-of-text tokens are banned, so the reply reaches the third step.
+    let tok = chatforge::tokenizer::Tokenizer::load(&model).unwrap();
+    let bias: serde_json::Map<String, Value> = ["<|assistant_end|>", "<|bos|>"]
+        .iter()
+        .filter_map(|t| tok.special_id(t))
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
+    let body = json!({"model": "model", "max_tokens": 20, "temperature": 0, "logit_bias": bias,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let (status, reply) = post(&server.addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 500, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("panicked") && message.contains("restarted"),
+        "{message}"
+    );
+    let (status, health) = http(&server.addr, "GET", "/health", "", None);
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["engine_restarts"], 1, "{health}");
+    let (_, metrics) = http(&server.addr, "GET", "/metrics", "", None);
+    assert!(
+        metrics.contains("chatforge_engine_restarts_total 1"),
+        "{metrics}"
+    );
+    // Serving goes on: the next request is decoded from a fresh cache.
+    let (status, reply) = post(&server.addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+}
+
+/// Fields the server does not implement yet are refused by name (400), not answered as if they
+/// had been honoured; their "off" values are accepted.
+#[test]
+fn unsupported_fields_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &[]);
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "model", "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(&server.addr, "/v1/chat/completions", &body)
+    };
+    for (field, value) in [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(2)),
+        ("response_format", json!({"type": "json_object"})),
+    ] {
+        let (status, reply) = ask(json!({ field: value }));
+        assert_eq!(status, 400, "{field}: {reply}");
+        assert_eq!(reply["error"]["param"], field, "{reply}");
+        assert!(
+            reply["error"]["message"].as_str().unwrap().contains(field),
+            "{reply}"
+        );
+    }
+    for off in [
+        json!({"logprobs": false}),
+        json!({"response_format": {"type": "text"}}),
+        json!({"tools": null}),
+    ] {
+        let (status, reply) = ask(off.clone());
+        assert_eq!(status, 200, "{off}: {reply}");
+    }
+}

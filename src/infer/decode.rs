@@ -184,6 +184,13 @@ impl<'m> Decoder<'m> {
         self.rows.iter().map(|r| r.key)
     }
 
+    /// The rules a request must meet (sampling ranges, the context); its reply's token budget.
+    pub fn check(&self, r: &Request) -> Result<usize> {
+        r.params.validate()?;
+        let context = self.model.config.max_position_embeddings;
+        reply_budget(r.prompt.len(), context, r.params.max_tokens)
+    }
+
     /// Prefills `requests` together (left-padded to the longest prompt), samples each one's first
     /// token, and adds the unfinished ones to the batch. A request that breaks a rule (sampling
     /// ranges, the context) fails the call before any work.
@@ -191,12 +198,10 @@ impl<'m> Decoder<'m> {
         if requests.is_empty() {
             return Ok(());
         }
-        let context = self.model.config.max_position_embeddings;
         let mut rows = Vec::with_capacity(requests.len());
         let mut prompts = Vec::with_capacity(requests.len());
         for r in requests {
-            r.params.validate()?;
-            let budget = reply_budget(r.prompt.len(), context, r.params.max_tokens)?;
+            let budget = self.check(&r)?;
             rows.push(Row {
                 key: r.key,
                 sampler: Sampler::new(r.params.clone()),

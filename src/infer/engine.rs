@@ -44,6 +44,11 @@ pub struct EngineStats {
     pub completion_tokens: AtomicU64,
     pub decode_steps: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Panics caught in a prefill or decode step: each failed the requests in flight and the
+    /// engine went on with a fresh cache.
+    pub restarts: AtomicU64,
+    /// False once the engine thread has ended (it should not, while the server runs).
+    pub alive: std::sync::atomic::AtomicBool,
 }
 
 pub enum SubmitError {
@@ -65,13 +70,24 @@ impl Engine {
     pub fn start(lm: Arc<LoadedModel>, max_batch: usize, queue: usize) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
         let stats = Arc::new(EngineStats::default());
+        stats.alive.store(true, Ordering::Relaxed);
         let thread_stats = stats.clone();
         let max_batch = max_batch.max(1);
         std::thread::Builder::new()
             .name("chatforge-engine".into())
             // The engine thread is the only one computing: it lives on rayon's pool, so its
             // matrix products split without handing the work off (`util::on_compute_pool`).
-            .spawn(move || crate::util::on_compute_pool(|| run(&lm, rx, max_batch, &thread_stats)))
+            .spawn(move || {
+                /// Marks the engine dead however its thread ends.
+                struct Alive<'a>(&'a EngineStats);
+                impl Drop for Alive<'_> {
+                    fn drop(&mut self) {
+                        self.0.alive.store(false, Ordering::Relaxed);
+                    }
+                }
+                let _alive = Alive(&thread_stats);
+                crate::util::on_compute_pool(|| run(&lm, rx, max_batch, &thread_stats))
+            })
             .expect("spawn the engine thread");
         Engine {
             queue: tx,
@@ -95,7 +111,53 @@ impl Engine {
     }
 }
 
+/// A panic's message, for the error the clients get.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown cause".into())
+}
+
+/// Runs `work` on the decoder; an error fails every request in flight, and so does a panic,
+/// which is counted as a restart: the decoder is emptied and the next request starts on a fresh
+/// cache, so one bad step never ends serving.
+fn supervised(
+    decoder: &mut Decoder,
+    clients: &mut HashMap<usize, UnboundedSender<Event>>,
+    stats: &EngineStats,
+    work: impl FnOnce(&mut Decoder) -> anyhow::Result<()>,
+) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(decoder)));
+    let message = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(panic) => {
+            stats.restarts.fetch_add(1, Ordering::Relaxed);
+            let m = panic_message(panic.as_ref());
+            eprintln!(
+                "engine: a step panicked ({m}); failing the requests in flight and restarting"
+            );
+            format!("internal error: the decoding engine panicked ({m}); it has restarted, retry the request")
+        }
+    };
+    for key in decoder.abandon() {
+        if let Some(c) = clients.remove(&key) {
+            let _ = c.send(Event::Failed(message.clone()));
+        }
+    }
+}
+
+/// A decode step at which to panic, for testing supervision (`CHATFORGE_TEST_PANIC_AT_STEP`).
+fn injected_fault() -> Option<u64> {
+    std::env::var("CHATFORGE_TEST_PANIC_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &EngineStats) {
+    let fault_at = injected_fault();
     let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
     let mut clients: HashMap<usize, UnboundedSender<Event>> = HashMap::new();
     let mut next_key = 0usize;
@@ -130,32 +192,36 @@ fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &Eng
                 params: request.params,
                 stop_ids: request.stop_ids,
             };
-            // A request the decoder refuses (or whose prefill fails) fails alone.
-            if let Err(e) = decoder.join(vec![row], &mut updates) {
+            // A request the decoder refuses fails alone, before it joins.
+            if let Err(e) = decoder.check(&row) {
                 let _ = request.events.send(Event::Failed(format!("{e:#}")));
                 continue;
             }
             clients.insert(key, request.events);
+            supervised(&mut decoder, &mut clients, stats, |d| {
+                d.join(vec![row], &mut updates)
+            });
             deliver(&mut updates, &mut clients, stats);
         }
         stats.active.store(decoder.len(), Ordering::Relaxed);
         if decoder.is_empty() {
             continue;
         }
-        let gone = |key: usize| clients.get(&key).is_none_or(|c| c.is_closed());
-        let mut stepped = decoder.cancel(gone, &mut updates);
-        if stepped.is_ok() && !decoder.is_empty() {
-            stepped = decoder.step(&mut updates);
-            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Err(e) = stepped {
-            // A failed step fails its batch, not the server.
-            for key in decoder.abandon() {
-                if let Some(c) = clients.remove(&key) {
-                    let _ = c.send(Event::Failed(format!("{e:#}")));
-                }
+        let gone: Vec<usize> = decoder
+            .keys()
+            .filter(|k| clients.get(k).is_none_or(|c| c.is_closed()))
+            .collect();
+        supervised(&mut decoder, &mut clients, stats, |d| {
+            d.cancel(|k| gone.contains(&k), &mut updates)?;
+            if d.is_empty() {
+                return Ok(());
             }
-        }
+            let step = stats.decode_steps.fetch_add(1, Ordering::Relaxed) + 1;
+            if fault_at == Some(step) {
+                panic!("injected fault at decode step {step}");
+            }
+            d.step(&mut updates)
+        });
         deliver(&mut updates, &mut clients, stats);
         stats.active.store(decoder.len(), Ordering::Relaxed);
     }

@@ -220,7 +220,7 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     });
     let router = Router::new()
         .route("/", get(|| async { Html(include_str!("ui.html")) }))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -228,6 +228,21 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(state);
     Ok((router, model_id))
+}
+
+/// 200 while the engine runs (with how often it restarted after a panic), 503 once it has stopped.
+async fn health(State(state): State<Shared>) -> Response {
+    let s = &state.engine.stats;
+    let restarts = s.restarts.load(Ordering::Relaxed);
+    if s.alive.load(Ordering::Relaxed) {
+        Json(json!({"status": "ok", "engine_restarts": restarts})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "engine stopped", "engine_restarts": restarts})),
+        )
+            .into_response()
+    }
 }
 
 /// Serves until Ctrl-C.
@@ -305,7 +320,7 @@ async fn metrics(State(state): State<Shared>) -> Response {
     }
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let count = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
-    let series: [(&str, &str, &str, u64); 7] = [
+    let series: [(&str, &str, &str, u64); 8] = [
         (
             "chatforge_prompt_tokens_total",
             "counter",
@@ -323,6 +338,12 @@ async fn metrics(State(state): State<Shared>) -> Response {
             "counter",
             "Batched decode steps.",
             load(&s.decode_steps),
+        ),
+        (
+            "chatforge_engine_restarts_total",
+            "counter",
+            "Panics in a prefill or decode step (each failed the requests in flight).",
+            load(&s.restarts),
         ),
         (
             "chatforge_cancelled_total",
@@ -394,6 +415,11 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
     }
     if s.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    if let Some((field, why)) = s.unsupported.first() {
+        return Err(
+            ApiError::invalid(field, format!("{field}: {why}")).code("unsupported_parameter")
+        );
     }
     let vocab = state.lm.model.config.vocab_size;
     let mut logit_bias = Vec::new();

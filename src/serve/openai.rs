@@ -89,6 +89,46 @@ pub struct Sampling {
     pub frequency_penalty: Option<f32>,
     /// Token id (as a string) → bias added to its logit, -100 to 100.
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Fields of OpenAI's API this server does not implement yet. They are read only so that a
+    /// request using them is refused by name instead of answered as if they were honoured.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Unsupported {
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    pub response_format: Option<Value>,
+}
+
+impl Unsupported {
+    /// The first field given that would change the reply, with what to do instead.
+    pub fn first(&self) -> Option<(&'static str, &'static str)> {
+        let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        let off = [Value::Bool(false), Value::from(0)];
+        let not_off = |v: &Option<Value>| given(v) && !v.as_ref().is_some_and(|v| off.contains(v));
+        let plain_text = self
+            .response_format
+            .as_ref()
+            .is_none_or(|f| f.is_null() || f["type"] == "text");
+        [
+            (given(&self.tools), "tools", "function calling is not supported yet; send the request without tools"),
+            (given(&self.tool_choice), "tool_choice", "function calling is not supported yet; send the request without tool_choice"),
+            (given(&self.functions), "functions", "function calling is not supported yet; send the request without functions"),
+            (given(&self.function_call), "function_call", "function calling is not supported yet; send the request without function_call"),
+            (not_off(&self.logprobs), "logprobs", "log-probabilities are not supported yet; leave logprobs out or false"),
+            (given(&self.top_logprobs), "top_logprobs", "log-probabilities are not supported yet; leave top_logprobs out"),
+            (!plain_text, "response_format", "structured output is not supported yet; leave response_format out or {\"type\": \"text\"}"),
+        ]
+        .into_iter()
+        .find(|(on, _, _)| *on)
+        .map(|(_, field, why)| (field, why))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

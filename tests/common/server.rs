@@ -21,9 +21,15 @@ impl Drop for Server {
 }
 
 pub fn start(model: &Path, extra: &[&str]) -> Server {
+    start_with_env(model, extra, &[])
+}
+
+/// [`start`] with extra environment variables for the server.
+pub fn start_with_env(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatforge"))
         .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
         .args(extra)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start chatforge serve");
