@@ -5,6 +5,26 @@ use std::path::{Path, PathBuf};
 
 /// The temporary name a file or directory is written under before it is renamed into place,
 /// so that a killed process never leaves a partial file that looks valid.
+/// Runs a library call that may panic on malformed input (some decoders and deserialisers do)
+/// and turns a panic into an error, so a bad file gets a message instead of a crash.
+pub fn panic_to_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(anyhow::anyhow!(
+            "the decoder failed ({})",
+            panic_message(p.as_ref())
+        ))
+    })
+}
+
+/// The message a panic carried.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown cause".into())
+}
+
 pub fn temp_path(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()

@@ -298,9 +298,40 @@ fn eval_scores_curriculum_files_and_names_bad_task_specs() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
     assert_eq!(v[&rl]["n"], 8.0);
-    let acc = v[&rl]["accuracy"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&acc));
-    assert!(v[&bpb]["bits_per_byte"].as_f64().unwrap() > 0.0);
+    // The command gives what the library gives for the same options: every flag reached it.
+    let lm = chatforge::model::load(&run, &candle_core::Device::Cpu).unwrap();
+    let expected = chatforge::eval::run(
+        &lm,
+        &chatforge::eval::EvalOptions {
+            tasks: vec![rl.clone(), probes.clone(), bpb.clone()],
+            limit: Some(8),
+            max_tokens: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (task, metrics) in &expected {
+        for (name, want) in metrics {
+            let got = v[task][name].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                (got - want).abs() < 1e-6 || (got.is_nan() && want.is_nan()),
+                "{task} {name}: command {got}, library {want}"
+            );
+            assert!(
+                table.contains(&format!("| {name} |")),
+                "{name} missing from {table}"
+            );
+        }
+    }
+    // Bits per byte follows from the loss: nats per token over bytes per token, in bits.
+    let (loss, bits) = (
+        v[&bpb]["loss"].as_f64().unwrap(),
+        v[&bpb]["bits_per_byte"].as_f64().unwrap(),
+    );
+    assert!(
+        loss > 0.0 && bits > 0.0 && bits < loss / std::f64::consts::LN_2,
+        "{loss} {bits}"
+    );
     fails_with(
         &["eval", "--model", s(&run), "--task", "arc"],
         &["KIND:FILE"],
@@ -396,6 +427,29 @@ fn reward_and_rlhf_refuse_bad_input_by_name() {
         ],
         &["--prefs"],
     );
+    // Numeric options out of range are named (a zero horizon once made β NaN).
+    for (flag, value) in [
+        ("--kl-horizon", "0"),
+        ("--gamma", "1.5"),
+        ("--minibatch", "0"),
+    ] {
+        fails_with(
+            &[
+                "rlhf",
+                "--policy",
+                s(&run),
+                "--reward-source",
+                "checker",
+                "--prompts",
+                s(&prompts),
+                "--out",
+                s(&dir.path().join("rl")),
+                flag,
+                value,
+            ],
+            &[flag],
+        );
+    }
 }
 
 #[test]

@@ -20,10 +20,14 @@ fn bf16_training_follows_the_f32_loss_curve() {
         eprintln!("skipped: this CPU has no AMX, so --precision bf16 is refused");
         let dir = tempfile::tempdir().unwrap();
         let (shards, cfg) = common::tiny_shards(dir.path());
-        let err = std::panic::catch_unwind(|| {
-            run(&shards, &cfg, &dir.path().join("bf16"), Precision::Bf16)
-        });
-        assert!(err.is_err(), "bf16 without AMX must be an error");
+        let mut opts = common::tiny_pretrain(&shards, &cfg, &dir.path().join("bf16"), 2);
+        opts.train.precision = Precision::Bf16;
+        // Refused with an error that says why, not a panic and not a silent f32 run.
+        let err = format!(
+            "{:#}",
+            pretrain(&opts).expect_err("bf16 without AMX must be an error")
+        );
+        assert!(err.contains("AMX") && err.contains("bf16"), "{err}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

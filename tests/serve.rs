@@ -155,6 +155,17 @@ fn openai_api_streams_batches_and_reports_errors() {
                 .to_string()
         })
         .collect();
+    let counter = |name: &str| -> f64 {
+        let (_, m) = http(&addr, "GET", "/metrics", "", None);
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let (steps_before, tokens_before) = (
+        counter("chatforge_decode_steps_total"),
+        counter("chatforge_completion_tokens_total"),
+    );
     let together: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
             .iter()
@@ -171,6 +182,14 @@ fn openai_api_streams_batches_and_reports_errors() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(together, alone);
+    // And they were decoded together: a serial engine needs a step per token (less the first,
+    // sampled at prefill); a batch serves several rows per step.
+    let steps = counter("chatforge_decode_steps_total") - steps_before;
+    let tokens = counter("chatforge_completion_tokens_total") - tokens_before;
+    assert!(
+        tokens >= 40.0 && steps * 2.0 <= tokens,
+        "{steps} decode steps for {tokens} tokens: the requests were not batched"
+    );
 
     // A stop sequence ends the reply before it.
     let first_word: String = text.chars().skip(2).take(2).collect();
@@ -343,8 +362,8 @@ fn the_chat_page_works_in_headless_chromium() {
     let browser =
         Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists();
     if !browser {
-        eprintln!(
-            "SKIP: needs chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        common::skip(
+            "it needs chromium and chromium-driver (apt-get install chromium chromium-driver)",
         );
         return;
     }

@@ -266,7 +266,10 @@ fn read_parquet(
             format!("{}: {what}", path.display()),
         )
     };
-    let builder = match ParquetRecordBatchReaderBuilder::try_new(file) {
+    // The parquet crate can panic on crafted pages: a panic is a damaged file like any other.
+    let opened =
+        crate::util::panic_to_error(|| Ok(ParquetRecordBatchReaderBuilder::try_new(file)?));
+    let builder = match opened {
         Ok(b) => b,
         Err(e) => {
             corrupt(
@@ -288,16 +291,18 @@ fn read_parquet(
     };
     let total_rows = builder.metadata().file_metadata().num_rows().max(1) as u64;
     let mask = ProjectionMask::leaves(schema, [index]);
-    let reader = builder
+    let mut reader = builder
         .with_projection(mask)
         .with_batch_size(1024)
         .build()
         .with_context(|| format!("cannot read {}", path.display()))?;
     let mut docs = 0usize;
     let mut row = 0u64;
-    for batch in reader {
-        let batch = match batch {
-            Ok(b) => b,
+    loop {
+        let next = crate::util::panic_to_error(|| Ok(reader.next().transpose()?));
+        let batch = match next {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
             Err(e) => {
                 corrupt(
                     skipped,
@@ -440,7 +445,12 @@ pub fn for_each_chunk(
             }
         }
         drop(rx);
-        let read = reader.join().expect("reader thread panicked");
+        // A panic on the reader thread (a decoder bug on some input) becomes an error that
+        // names it, like any unreadable input.
+        let read = reader.join().unwrap_or_else(|p| {
+            let why = crate::util::panic_message(p.as_ref());
+            Err(anyhow::anyhow!("the reader failed on this input ({why})"))
+        });
         handled?;
         read
     });

@@ -111,15 +111,6 @@ impl Engine {
     }
 }
 
-/// A panic's message, for the error the clients get.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown cause".into())
-}
-
 /// Runs `work` on the decoder; an error fails every request in flight, and so does a panic,
 /// which is counted as a restart: the decoder is emptied and the next request starts on a fresh
 /// cache, so one bad step never ends serving.
@@ -135,7 +126,7 @@ fn supervised(
         Ok(Err(e)) => format!("{e:#}"),
         Err(panic) => {
             stats.restarts.fetch_add(1, Ordering::Relaxed);
-            let m = panic_message(panic.as_ref());
+            let m = crate::util::panic_message(panic.as_ref());
             eprintln!(
                 "engine: a step panicked ({m}); failing the requests in flight and restarting"
             );

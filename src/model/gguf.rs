@@ -43,6 +43,24 @@ impl Reader<'_> {
             .map_err(|e| anyhow!("{}: metadata `{key}`: {e}", self.path.display()))
     }
 
+    /// Refuses a tensor whose shape is not `want` (candle's order, rows first): a crafted or
+    /// mismatched file is named here instead of indexing out of bounds later.
+    fn expect_shape(&self, name: &str, want: &[usize]) -> Result<()> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let got = info.shape.dims();
+        if got != want {
+            bail!(
+                "{}: tensor `{name}` has shape {got:?}, but the metadata calls for {want:?}",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
     fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
@@ -83,9 +101,31 @@ impl Reader<'_> {
             .ok_or_else(|| anyhow!("{}: tensor `{wname}` is missing", self.path.display()))?;
         let dtype = info.ggml_dtype;
         let dims = info.shape.dims().to_vec();
-        let (rows, cols) = (dims[0], dims[1]);
+        let [rows, cols] = dims[..] else {
+            bail!("{}: tensor `{wname}` is not a matrix", self.path.display());
+        };
+        if heads == 0
+            || !rows.is_multiple_of(heads)
+            || !(rows / heads).is_multiple_of(2)
+            || !cols.is_multiple_of(dtype.block_size())
+        {
+            bail!(
+                "{}: tensor `{wname}` ({rows} x {cols}) does not split into {heads} heads of even size in blocks of {}",
+                self.path.display(),
+                dtype.block_size()
+            );
+        }
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        let mut raw = vec![0u8; rows * row_bytes];
+        let size = rows
+            .checked_mul(row_bytes)
+            .filter(|&n| n as u64 <= self.file.metadata().map(|m| m.len()).unwrap_or(0))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor `{wname}` is larger than the file",
+                    self.path.display()
+                )
+            })?;
+        let mut raw = vec![0u8; size];
         self.file.seek(SeekFrom::Start(
             self.content.tensor_data_offset + info.offset,
         ))?;
@@ -231,6 +271,12 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .get("token_embd.weight")
         .map(|i| i.shape.dims().to_vec())
         .ok_or_else(|| anyhow!("{}: tensor `token_embd.weight` is missing", path.display()))?;
+    let [vocab_size, _] = embed_dims[..] else {
+        bail!(
+            "{}: tensor `token_embd.weight` has shape {embed_dims:?}, not [vocab, hidden]",
+            path.display()
+        );
+    };
     let eps = r
         .meta(&key("attention.layer_norm_rms_epsilon"))
         .and_then(|v| v.to_f32().ok())
@@ -247,7 +293,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             "LlamaForCausalLM".into()
         }],
         model_type: arch.clone(),
-        vocab_size: embed_dims[0],
+        vocab_size,
         hidden_size: hidden,
         intermediate_size: r.meta_u32(&key("feed_forward_length"))? as usize,
         num_hidden_layers: r.meta_u32(&key("block_count"))? as usize,
@@ -268,6 +314,38 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     config
         .validate(&path.display().to_string())
         .map_err(|e| anyhow!("{e}"))?;
+    // Every tensor the model reads has the shape the metadata implies.
+    let c = &config;
+    let (hid, q_rows, kv_rows) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_size(),
+        c.kv_heads() * c.head_size(),
+    );
+    r.expect_shape("token_embd.weight", &[c.vocab_size, hid])?;
+    r.expect_shape("output_norm.weight", &[hid])?;
+    if !c.tie_word_embeddings {
+        r.expect_shape("output.weight", &[c.vocab_size, hid])?;
+    }
+    for i in 0..c.num_hidden_layers {
+        for (name, shape) in [
+            ("attn_norm.weight", vec![hid]),
+            ("ffn_norm.weight", vec![hid]),
+            ("attn_q.weight", vec![q_rows, hid]),
+            ("attn_k.weight", vec![kv_rows, hid]),
+            ("attn_v.weight", vec![kv_rows, hid]),
+            ("attn_output.weight", vec![hid, q_rows]),
+            ("ffn_gate.weight", vec![c.intermediate_size, hid]),
+            ("ffn_up.weight", vec![c.intermediate_size, hid]),
+            ("ffn_down.weight", vec![hid, c.intermediate_size]),
+        ] {
+            r.expect_shape(&format!("blk.{i}.{name}"), &shape)?;
+        }
+        if c.attention_bias {
+            for (name, n) in [("q", q_rows), ("k", kv_rows), ("v", kv_rows)] {
+                r.expect_shape(&format!("blk.{i}.attn_{name}.bias"), &[n])?;
+            }
+        }
+    }
     let bias = config.attention_bias;
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
@@ -307,18 +385,18 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     };
     let quant_head = quantized_proj(r.qtensor(head_name)?, None)?;
     let norm = r.dense("output_norm.weight")?;
-    let mut inner =
-        <tokenizers::Tokenizer as candle_core::quantized::tokenizer::TokenizerFromGguf>::from_gguf(
-            &r.content,
+    use candle_core::quantized::tokenizer::TokenizerFromGguf;
+    let tokenizer = crate::util::panic_to_error(|| {
+        let mut inner = tokenizers::Tokenizer::from_gguf(&r.content).map_err(|e| anyhow!("{e}"))?;
+        fix_pre_tokenizer(&r, &mut inner);
+        Tokenizer::from_tokenizers(inner)
+    })
+    .with_context(|| {
+        format!(
+            "{}: cannot build the tokenizer from its metadata",
+            path.display()
         )
-        .map_err(|e| {
-            anyhow!(
-                "{}: cannot build the tokenizer from its metadata: {e}",
-                path.display()
-            )
-        })?;
-    fix_pre_tokenizer(&r, &mut inner);
-    let tokenizer = Tokenizer::from_tokenizers(inner)?;
+    })?;
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(
             "{}: the tokenizer has {} tokens but the embedding has {} rows",

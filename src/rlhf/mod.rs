@@ -253,7 +253,63 @@ fn prompt_sets(opts: &RlhfOptions) -> Result<(Vec<RlPrompt>, Vec<RlPrompt>)> {
 }
 
 /// Runs the chosen algorithm from the SFT policy and writes the tuned policy.
+impl RlhfOptions {
+    /// Every numeric option in its range, each refused by its flag's name (a zero horizon once
+    /// made β NaN).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("--kl-horizon", self.kl_horizon),
+            ("--temperature", self.temperature),
+            ("--dpo-beta", self.dpo_beta),
+            ("--value-lr-scale", self.value_lr_scale),
+        ];
+        for (flag, v) in positive {
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("{flag} must be a positive number, got {v}");
+            }
+        }
+        let non_negative = [
+            ("--kl-coef", self.kl_coef),
+            ("--clip", self.clip),
+            ("--value-clip", self.value_clip),
+            ("--vf-coef", self.vf_coef),
+            ("--ptx-coef", self.ptx_coef),
+        ];
+        for (flag, v) in non_negative {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("{flag} must be 0 or more, got {v}");
+            }
+        }
+        for (flag, v) in [("--gamma", self.gamma), ("--lambda", self.lambda)] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{flag} must be between 0 and 1, got {v}");
+            }
+        }
+        if let Some(t) = self.target_kl.filter(|t| !(*t > 0.0 && t.is_finite())) {
+            bail!("--target-kl must be a positive number, got {t}");
+        }
+        let counts = [
+            ("--rollout-prompts", self.rollout_prompts),
+            ("--group-size", self.group_size),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--epochs", self.epochs),
+            ("--minibatch", self.minibatch),
+            ("--eval-samples", self.eval_samples),
+        ];
+        for (flag, v) in counts {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if self.algo == Algo::Grpo && self.group_size < 2 {
+            bail!("--group-size must be at least 2 for GRPO (advantages compare answers to one prompt)");
+        }
+        Ok(())
+    }
+}
+
 pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
+    opts.validate()?;
     let (config, tok) = crate::model::load_config_and_tokenizer(&opts.policy)
         .map_err(|e| anyhow::anyhow!("--policy: {e:#}"))?;
     let template = ChatTemplate::detect(&tok)

@@ -280,10 +280,12 @@ impl Tokenizer {
                 path.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
-            anyhow::anyhow!("{} is not a valid tokenizer.json: {e}", file.display())
-        })?;
-        Self::from_inner(inner)
+        crate::util::panic_to_error(|| {
+            let inner =
+                tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Self::from_inner(inner)
+        })
+        .map_err(|e| anyhow::anyhow!("{} is not a valid tokenizer.json: {e:#}", file.display()))
     }
 
     /// Which of our pre-tokenizer splits this tokenizer uses (`None` for other pipelines).

@@ -5,8 +5,17 @@ pub mod server;
 
 use std::path::PathBuf;
 
+/// Says why a test cannot run on this machine. Under CI (`CI=true`) the test fails instead:
+/// `.ci/run` installs everything the tests need, so a missing dependency there is a bug.
+pub fn skip(reason: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI must run this test, but {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
 /// The shared data folder (../shared/data from the repository root), or None with a printed notice
-/// so the skipping test says why.
+/// so the skipping test says why (a failure under CI).
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data")
@@ -14,10 +23,10 @@ pub fn shared_data(rel: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!(
-            "SKIP: {} is absent (the shared data folder is not beside this checkout)",
+        skip(&format!(
+            "{} is absent (the shared data folder is not beside this checkout)",
             p.display()
-        );
+        ));
         None
     }
 }
@@ -130,7 +139,9 @@ pub fn python_has(modules: &str, install: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIP: needs the Python packages {modules} ({install})");
+        skip(&format!(
+            "it needs the Python packages {modules} ({install})"
+        ));
     }
     ok
 }
