@@ -317,6 +317,43 @@ fn dpo_prefers_chosen_over_rejected_on_held_out_pairs() {
     assert!(r.eval_after["dpo_val_margin"] > 0.0);
 }
 
+/// Real preference pairs whose answers are longer than a 64-token context are cut to fit, as
+/// the reward stage and TRL cut them, instead of all being dropped; when nothing is usable the
+/// error says why each record was left out.
+#[test]
+fn dpo_cuts_long_pairs_to_the_context_and_names_what_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let options = |prefs: PathBuf, out: &str| RlhfOptions {
+        algo: Algo::Dpo,
+        policy: base.clone(),
+        prefs: vec![prefs],
+        out: dir.path().join(out),
+        minibatch: 4,
+        eval_samples: 4,
+        train: common::quiet_loop(2, 1e-4),
+        ..Default::default()
+    };
+    if let Some(demo) = common::shared_data("prefs/dpo_en_demo.json") {
+        let r = rlhf(&options(demo, "demo")).unwrap();
+        assert_eq!(r.steps, 2);
+        assert!(
+            r.eval_after.contains_key("dpo_val_accuracy"),
+            "{:?}",
+            r.eval_after
+        );
+    }
+    let unusable = dir.path().join("no_answers.jsonl");
+    let good = serde_json::json!({"prompt": "hi", "chosen": "yes", "rejected": "no"});
+    let bad = serde_json::json!({"prompt": "hi", "chosen": "yes"});
+    std::fs::write(&unusable, format!("{good}\n{bad}\n{bad}\n")).unwrap();
+    let e = format!("{:#}", rlhf(&options(unusable, "none")).unwrap_err());
+    assert!(
+        e.contains("DPO needs training and held-out pairs") && e.contains("2 unreadable"),
+        "{e}"
+    );
+}
+
 #[test]
 fn rlhf_refuses_missing_pieces_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();

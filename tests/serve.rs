@@ -72,6 +72,16 @@ fn streamed_text(events: &[String]) -> (String, Value) {
     (text, finish)
 }
 
+/// A `logit_bias` that bans the model's end-of-turn and end-of-text tokens.
+fn no_stop_bias(model: &Path) -> serde_json::Map<String, Value> {
+    let tok = chatforge::tokenizer::Tokenizer::load(model).unwrap();
+    ["<|assistant_end|>", "<|bos|>"]
+        .iter()
+        .filter_map(|t| tok.special_id(t))
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect()
+}
+
 fn chat_body(model: &str, content: &str, seed: u64, stream: bool) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": content}],
            "max_tokens": 40, "temperature": 0.8, "seed": seed, "stream": stream})
@@ -247,12 +257,7 @@ fn openai_api_streams_batches_and_reports_errors() {
 
     // A client that disconnects mid-stream frees its place at once. logit_bias bans the
     // end-of-turn and end-of-text tokens, so only the disconnect can end this reply early.
-    let tok = chatforge::tokenizer::Tokenizer::load(&model).unwrap();
-    let bias: serde_json::Map<String, Value> = ["<|assistant_end|>", "<|bos|>"]
-        .iter()
-        .filter_map(|t| tok.special_id(t))
-        .map(|id| (id.to_string(), json!(-100)))
-        .collect();
+    let bias = no_stop_bias(&model);
     let long_body = |stream: bool| {
         json!({"model": id, "messages": [{"role": "user", "content": "cat"}], "logit_bias": bias,
                "max_tokens": 1000, "temperature": 1.0, "seed": 1, "stream": stream})
@@ -468,12 +473,7 @@ fn a_panicking_decode_step_fails_its_requests_and_the_engine_restarts() {
     let server =
         common::server::start_with_env(&model, &[], &[("CHATFORGE_TEST_PANIC_AT_STEP", "3")]);
     // The end-of-turn and end-of-text tokens are banned, so the reply reaches the third step.
-    let tok = chatforge::tokenizer::Tokenizer::load(&model).unwrap();
-    let bias: serde_json::Map<String, Value> = ["<|assistant_end|>", "<|bos|>"]
-        .iter()
-        .filter_map(|t| tok.special_id(t))
-        .map(|id| (id.to_string(), json!(-100)))
-        .collect();
+    let bias = no_stop_bias(&model);
     let body = json!({"model": "model", "max_tokens": 20, "temperature": 0, "logit_bias": bias,
                       "messages": [{"role": "user", "content": "hello"}]});
     let (status, reply) = post(&server.addr, "/v1/chat/completions", &body);

@@ -31,23 +31,77 @@ pub struct DpoStage {
     stats: Vec<(String, f64)>,
 }
 
-/// The rows of prompt+response, with the response starting after the assistant header.
+/// What reading preference files for DPO kept, cut and left out.
+#[derive(Default)]
+struct Read {
+    pairs: Vec<Pair>,
+    /// Comparisons cut to fit the context: the prompt loses its start, a response still too long
+    /// its end (as TRL cuts them).
+    cut: usize,
+    /// Records left out, by reason.
+    skipped: std::collections::BTreeMap<String, usize>,
+}
+
+impl Read {
+    fn skip(&mut self, why: &str) {
+        *self.skipped.entry(why.to_string()).or_default() += 1;
+    }
+
+    fn describe_skipped(&self) -> String {
+        if self.skipped.is_empty() {
+            return "none skipped".into();
+        }
+        let total: usize = self.skipped.values().sum();
+        let why: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        format!("{total} skipped: {}", why.join(", "))
+    }
+}
+
+/// The rows of prompt+response, with the response starting after the assistant header, cut to
+/// `max_len` (the flag says whether anything was cut). `Err` says why a comparison cannot be
+/// used.
 fn rows_of(
     c: &Comparison,
     tok: &Tokenizer,
     template: &ChatTemplate,
     max_len: usize,
-) -> Result<Option<Vec<Row>>> {
+) -> Result<std::result::Result<(Vec<Row>, bool), &'static str>> {
     let prompt = render(tok, template, &c.prompt, true)?.ids;
-    let mut rows = Vec::new();
+    let mut responses = Vec::new();
     for r in &c.responses {
         let full = conversation_ids(tok, template, &c.prompt, r)?;
-        if full.len() > max_len || !full.starts_with(&prompt) || full.len() == prompt.len() {
-            return Ok(None);
+        if !full.starts_with(&prompt) {
+            return Ok(Err(
+                "whose chat template does not render the response after the prompt",
+            ));
         }
-        rows.push(Row::new(&prompt, &full[prompt.len()..]));
+        if full.len() == prompt.len() {
+            return Ok(Err("with an empty response"));
+        }
+        responses.push(full[prompt.len()..].to_vec());
     }
-    Ok(Some(rows))
+    // As TRL does: the prompt keeps its end, in at most half the context when the responses
+    // need the rest; responses that still do not fit keep their start.
+    let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
+    let cut = prompt.len() + longest > max_len;
+    let keep = if cut {
+        prompt
+            .len()
+            .min((max_len - longest.min(max_len)).max(max_len / 2).max(1))
+    } else {
+        prompt.len()
+    };
+    let prompt = &prompt[prompt.len() - keep..];
+    let room = max_len - keep;
+    let rows = responses
+        .iter()
+        .map(|r| Row::new(prompt, &r[..r.len().min(room)]))
+        .collect();
+    Ok(Ok((rows, cut)))
 }
 
 fn read_pairs(
@@ -55,14 +109,18 @@ fn read_pairs(
     tok: &Tokenizer,
     template: &ChatTemplate,
     max_len: usize,
-) -> Result<(Vec<Pair>, usize)> {
-    let (mut pairs, mut skipped) = (Vec::new(), 0);
+    read: &mut Read,
+) -> Result<Vec<Pair>> {
+    let mut pairs = Vec::new();
     for f in files {
         let file = read_pref_file(f)?;
-        skipped += file.bad.len();
+        for _ in &file.bad {
+            read.skip("unreadable");
+        }
         for c in &file.comparisons {
             match rows_of(c, tok, template, max_len)? {
-                Some(rows) => {
+                Ok((rows, cut)) => {
+                    read.cut += usize::from(cut);
                     for (i, j) in c.pairs() {
                         pairs.push(Pair {
                             chosen: rows[i].clone(),
@@ -71,11 +129,11 @@ fn read_pairs(
                         })
                     }
                 }
-                None => skipped += 1,
+                Err(why) => read.skip(why),
             }
         }
     }
-    Ok((pairs, skipped))
+    Ok(pairs)
 }
 
 impl DpoStage {
@@ -89,26 +147,30 @@ impl DpoStage {
             bail!("--algo dpo needs --prefs (preference pairs or rankings)");
         }
         let max_len = eval.reference.config.max_position_embeddings;
-        let (mut train, mut skipped) = read_pairs(&opts.prefs, tok, template, max_len)?;
+        let mut read = Read::default();
+        let mut train = read_pairs(&opts.prefs, tok, template, max_len, &mut read)?;
         let val = if opts.val_prefs.is_empty() {
             let (kept, held) = crate::util::hold_out_every(train, 10);
             train = kept;
             held
         } else {
-            let (v, s) = read_pairs(&opts.val_prefs, tok, template, max_len)?;
-            skipped += s;
-            v
+            read_pairs(&opts.val_prefs, tok, template, max_len, &mut read)?
         };
+        let summary = format!(
+            "{} comparisons cut to fit the {max_len}-token context, {}",
+            read.cut,
+            read.describe_skipped()
+        );
         if train.is_empty() || val.is_empty() {
             bail!(
-                "DPO needs training and held-out pairs (have {} and {})",
+                "DPO needs training and held-out pairs (have {} and {}; {summary})",
                 train.len(),
                 val.len()
             );
         }
         if !opts.train.quiet {
             eprintln!(
-                "dpo: {} train / {} held-out pairs ({skipped} records skipped: unusable or over the context)",
+                "dpo: {} train / {} held-out pairs ({summary})",
                 train.len(),
                 val.len()
             );
