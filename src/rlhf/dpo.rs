@@ -34,7 +34,6 @@ pub struct DpoStage {
 /// What reading preference files for DPO kept, cut and left out.
 #[derive(Default)]
 struct Read {
-    pairs: Vec<Pair>,
     /// Comparisons cut to fit the context: the prompt loses its start, a response still too long
     /// its end (as TRL cuts them).
     cut: usize,
