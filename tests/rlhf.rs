@@ -373,3 +373,50 @@ fn rlhf_refuses_missing_pieces_with_the_fix() {
         "{e}"
     );
 }
+
+/// PPO (with the adaptive KL controller), GRPO and DPO killed in the middle of a rollout (or
+/// an epoch) resume exactly: the checkpoint carries β and the rest of the rollout, so the
+/// resumed losses are the uninterrupted run's.
+#[test]
+fn ppo_grpo_and_dpo_resume_exactly_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let (prefs, held) = write_prefs(dir.path());
+    for algo in [Algo::Ppo, Algo::Grpo, Algo::Dpo] {
+        let options = |out: &str| {
+            let mut o = toy_options(&base, prompts.clone(), dir.path().join(out), algo);
+            if algo == Algo::Dpo {
+                o.prompts = None;
+                o.prefs = vec![prefs.clone()];
+                o.val_prefs = vec![held.clone()];
+            }
+            // Four minibatches per rollout, so step 3 is in the middle of one.
+            o.rollout_prompts = if algo == Algo::Grpo { 4 } else { 16 };
+            o.minibatch = 8;
+            o.target_kl = Some(0.01);
+            o.kl_horizon = 50.0;
+            o.eval_samples = 4;
+            o.train.steps = 8;
+            o.train.checkpoint_every = 2;
+            o.train.eval_every = 1000;
+            o
+        };
+        let name = format!("{algo:?}");
+        let full = rlhf(&options(&format!("{name}-full"))).unwrap();
+        let mut first = options(&format!("{name}-killed"));
+        first.train.halt_after = Some(3);
+        assert_eq!(rlhf(&first).unwrap().steps, 3);
+        let mut again = options(&format!("{name}-killed"));
+        again.train.resume = true;
+        let resumed = rlhf(&again).unwrap();
+        assert_eq!(resumed.losses.first().map(|l| l.0), Some(4), "{name}");
+        for (step, loss) in &resumed.losses {
+            let expected = full.losses[step - 1].1;
+            assert!(
+                (loss - expected).abs() < 1e-5,
+                "{name} step {step}: resumed {loss} vs uninterrupted {expected}"
+            );
+        }
+    }
+}

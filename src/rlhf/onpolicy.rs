@@ -5,7 +5,9 @@
 //! do), so one forward pass gives both; its loss does not flow back into the trunk (measured: with
 //! it, the value loss's gradient dominated and the policy drifted away from the reference without
 //! raising reward). Each trainer step is one minibatch; a new
-//! rollout is sampled when the previous one is used up. A resumed run starts a fresh rollout.
+//! rollout is sampled when the previous one is used up. A checkpoint carries the KL coefficient
+//! (which the adaptive controller moves) and the rest of the rollout being trained on, so a
+//! resumed run continues exactly.
 
 use super::losses::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
@@ -23,7 +25,7 @@ use candle_core::{Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 /// One sampled response with what the update needs, per response token.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Experience {
     row: Row,
     old_logp: Vec<f32>,
@@ -377,6 +379,23 @@ impl Stage for OnPolicy {
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
         self.eval.measure(model)
+    }
+
+    fn state(&self) -> Result<Option<serde_json::Value>> {
+        Ok(Some(serde_json::json!({
+            "kl_coef": self.kl_coef,
+            "queue": self.queue,
+            "rollout_stats": self.rollout_stats,
+        })))
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        let bad = || anyhow::anyhow!("the checkpoint's RLHF state is unreadable");
+        self.kl_coef = state["kl_coef"].as_f64().ok_or_else(bad)?;
+        self.queue = serde_json::from_value(state["queue"].clone()).map_err(|_| bad())?;
+        self.rollout_stats =
+            serde_json::from_value(state["rollout_stats"].clone()).map_err(|_| bad())?;
+        Ok(())
     }
 
     fn step_metrics(&mut self) -> Vec<(String, f64)> {

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 /// A prompt followed by a response. Target position `start + k` (the input at `start + k`
 /// predicts `ids[start + k + 1]`) is response token k.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub ids: Vec<u32>,
     pub start: usize,

@@ -25,6 +25,10 @@ pub struct TrainState {
     pub config: LlamaConfig,
     /// The stage's hyperparameters as given.
     pub hyper: serde_json::Value,
+    /// What the stage itself must carry across a resume ([`super::trainer::Stage::state`]):
+    /// RLHF's KL coefficient and the rollout still being trained on.
+    #[serde(default)]
+    pub stage_state: Option<serde_json::Value>,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

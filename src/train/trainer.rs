@@ -97,6 +97,15 @@ pub trait Stage {
         true
     }
     /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss.
+    /// State beyond the weights, optimizer and RNG that a resumed run needs to continue exactly
+    /// (saved in each checkpoint).
+    fn state(&self) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+    /// Takes back what [`Stage::state`] saved.
+    fn restore(&mut self, _state: serde_json::Value) -> Result<()> {
+        Ok(())
+    }
     fn step_metrics(&mut self) -> Vec<(String, f64)> {
         Vec::new()
     }
@@ -258,6 +267,9 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             tokens_seen = ck.state.tokens_seen;
             elapsed_before = ck.state.elapsed_s;
             rng = ck.state.rng.clone();
+            if let Some(state) = ck.state.stage_state.clone() {
+                stage.restore(state)?;
+            }
             checkpoint::truncate_metrics(&metrics_path, step)?;
             if !opts.quiet {
                 eprintln!("resuming {} from step {step}", run.display());
@@ -382,6 +394,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
                 rng: rng.clone(),
                 config: spec.config.clone(),
                 hyper: spec.hyper.clone(),
+                stage_state: stage.state()?,
             };
             checkpoint::save(
                 run,
