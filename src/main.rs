@@ -5,8 +5,11 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
     let cli = chatforge::cli::Cli::parse();
+    // A server's memory should go back down after a burst; training wants it kept.
+    if !cli.owns_threads() {
+        keep_freed_memory();
+    }
     // The server keeps its own threads and runs the model on the engine's (see `Engine::start`).
     let result = if cli.owns_threads() {
         cli.run()

@@ -82,10 +82,78 @@ fn reward_model_learns_rankings_and_is_normalised() {
         (mean - r.info.heldout_accuracy).abs() < 1e-9,
         "{by_ranks:?}"
     );
-    // The stored bias makes the held-out responses average 0.
     let rm = RewardModel::load(&out).unwrap();
-    let prefs = chatforge::data::prefs::read_pref_file(&held).unwrap();
-    let items: Vec<(&[Message], &str)> = prefs
+    let q = [Message::new(Role::User, "Which sound does a dog make?")];
+    let s = rm
+        .score(&[(&q, "The dog says woof."), (&q, "Go away.")])
+        .unwrap();
+    assert!(s[0] > s[1], "{s:?}");
+    // Normalised on the policy's own answers (--norm-prompts), fresh answers of the policy to
+    // those prompts (another seed) score about 0, as PPO's reward assumes; the held-out
+    // rankings, which the bias once came from, do not.
+    let prompts = dir.path().join("norm_prompts.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| serde_json::json!({"prompt": format!("Tell me about animal {i}.")}).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let normed = dir.path().join("rm_normed");
+    train_reward(&RewardOptions {
+        base: base.clone(),
+        data: vec![write_prefs(dir.path()).0],
+        val_data: vec![held.clone()],
+        out: normed.clone(),
+        batch_size: 6,
+        norm_prompts: Some(prompts.clone()),
+        norm_samples: 200,
+        train: LoopOptions {
+            weight_decay: 0.0,
+            ..common::quiet_loop(120, 3e-3)
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let rm_normed = RewardModel::load(&normed).unwrap();
+    let policy = chatforge::model::load(&base, &candle_core::Device::Cpu).unwrap();
+    let template = policy.template().unwrap();
+    let asked = chatforge::data::prefs::read_prompt_file(&prompts).unwrap();
+    let ids: Vec<Vec<u32>> = asked
+        .iter()
+        .map(|p| {
+            chatforge::tokenizer::chat::render(&policy.tokenizer, &template, &p.messages, true)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let params = chatforge::infer::sampler::SamplingParams {
+        max_tokens: policy.model.config.max_position_embeddings / 2,
+        temperature: 1.0,
+        seed: 4242,
+        ..Default::default()
+    };
+    let stops = chatforge::infer::generate::stop_ids(&policy);
+    let answers = chatforge::infer::generate::generate_batch(
+        &policy.model,
+        &policy.tokenizer,
+        &ids,
+        &params,
+        &stops,
+    )
+    .unwrap();
+    let items: Vec<(&[Message], &str)> = asked
+        .iter()
+        .zip(&answers)
+        .map(|(p, a)| (p.messages.as_slice(), a.text.as_str()))
+        .collect();
+    let scores = rm_normed.score(&items).unwrap();
+    let n = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / n;
+    let sd = (scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(
+        mean.abs() < 3.0 * sd / n.sqrt() + 0.05,
+        "the policy's fresh answers score {mean} (sd {sd}) after normalisation"
+    );
+    let held_prefs = chatforge::data::prefs::read_pref_file(&held).unwrap();
+    let held_items: Vec<(&[Message], &str)> = held_prefs
         .comparisons
         .iter()
         .flat_map(|c| {
@@ -94,14 +162,12 @@ fn reward_model_learns_rankings_and_is_normalised() {
                 .map(|x| (c.prompt.as_slice(), x.as_str()))
         })
         .collect();
-    let scores = rm.score(&items).unwrap();
-    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-    assert!(mean.abs() < 1e-3, "normalised mean {mean}");
-    let q = [Message::new(Role::User, "Which sound does a dog make?")];
-    let s = rm
-        .score(&[(&q, "The dog says woof."), (&q, "Go away.")])
-        .unwrap();
-    assert!(s[0] > s[1], "{s:?}");
+    let held_scores = rm_normed.score(&held_items).unwrap();
+    let held_mean = held_scores.iter().sum::<f64>() / held_scores.len() as f64;
+    assert!(
+        (held_mean - mean).abs() > 3.0 * sd / n.sqrt(),
+        "held-out rankings ({held_mean}) and the policy's answers ({mean}) score alike: the test cannot tell the normalisations apart"
+    );
     // A model without a score head is refused by name.
     let e = RewardModel::load(&base).err().unwrap().to_string();
     assert!(e.contains("not a reward model"), "{e}");

@@ -157,6 +157,10 @@ fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &Eng
         // Admit waiting requests between steps; sleep on the queue when there is nothing to do.
         while decoder.len() < max_batch {
             let request = if decoder.is_empty() {
+                // Idle: hand the batch's freed memory (KV caches, activations) back to the OS,
+                // so a burst of traffic does not leave the server at its peak size.
+                // SAFETY: asks the allocator to release pages it holds free; no pointers change.
+                unsafe { libmimalloc_sys::mi_collect(true) };
                 match queue.recv() {
                     Ok(r) => r,
                     Err(_) => return, // the server is gone
