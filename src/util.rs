@@ -25,6 +25,26 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown cause".into())
 }
 
+/// Refuses a number outside its range with the flag's name, the range and the value.
+pub fn check_range(flag: &str, value: f64, range: std::ops::RangeInclusive<f64>) -> Result<()> {
+    if !range.contains(&value) {
+        anyhow::bail!(
+            "{flag} must be between {} and {}, got {value}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a count of zero with the flag's name.
+pub fn check_positive(flag: &str, value: usize) -> Result<()> {
+    if value == 0 {
+        anyhow::bail!("{flag} must be at least 1");
+    }
+    Ok(())
+}
+
 pub fn temp_path(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()

@@ -520,3 +520,76 @@ fn quality_filter_refuses_a_file_that_is_not_a_model() {
         &["docs.jsonl", "not a quality model", "quality-train"],
     );
 }
+
+/// Numbers out of range are refused by their flag's name before any work, across commands.
+#[test]
+fn numeric_options_out_of_range_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let run = dir.path().join("run");
+    pretrain_three_steps(&shards, &cfg, &run);
+    let conv = dir.path().join("c.jsonl");
+    std::fs::write(
+        &conv,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+    )
+    .unwrap();
+    let sft = |flag: &str, value: &str| {
+        let out = dir.path().join(format!("sft{}", flag.replace('-', "")));
+        fails_with(
+            &[
+                "sft",
+                "--base",
+                s(&run),
+                "--data",
+                s(&conv),
+                "--out",
+                s(&out),
+                flag,
+                value,
+            ],
+            &[flag],
+        );
+    };
+    sft("--val-fraction", "1.5");
+    sft("--mix-fraction", "2");
+    sft("--lr", "0");
+    sft("--min-lr-ratio", "3");
+    let task = format!("bpb:{}", s(&shards));
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            s(&run),
+            "--task",
+            &task,
+            "--batch-size",
+            "0",
+        ],
+        &["--batch-size"],
+    );
+    fails_with(
+        &[
+            "serve",
+            "--model",
+            s(&run),
+            "--port",
+            "0",
+            "--max-batch",
+            "0",
+        ],
+        &["--max-batch"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            s(&run),
+            "--prompt",
+            "hi",
+            "--top-p",
+            "0",
+        ],
+        &["--top-p"],
+    );
+}

@@ -39,6 +39,8 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    // Before anything is printed or loaded.
+    a.sampling.validate()?;
     let lm = load(&a.model)?;
     let mut stops = stop_ids(&lm);
     let ids = if a.chat {

@@ -97,15 +97,7 @@ impl TrainArgs {
             max_bad_steps,
             precision
         );
-        for (flag, v) in [
-            ("--grad-accum", o.grad_accum),
-            ("--eval-every", o.eval_every),
-            ("--checkpoint-every", o.checkpoint_every),
-        ] {
-            if v == 0 {
-                anyhow::bail!("{flag} must be at least 1");
-            }
-        }
+        o.validate()?;
         o.resume |= self.resume;
         o.halt_after = self.halt_after.or(o.halt_after);
         Ok(o)

@@ -432,6 +432,11 @@ pub fn run(
     lm: &crate::model::LoadedModel,
     opts: &EvalOptions,
 ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    crate::util::check_positive("--batch-size", opts.batch_size)?;
+    crate::util::check_positive("--max-tokens", opts.max_tokens)?;
+    if let Some(n) = opts.limit {
+        crate::util::check_positive("--limit", n)?;
+    }
     let mut m = model::ModelEvaluatee {
         lm,
         template: None,

@@ -186,6 +186,9 @@ fn unix_now() -> u64 {
 
 /// Loads the model, starts the engine and builds the router; returns it with the model id.
 pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
+    crate::util::check_positive("--max-batch", opts.max_batch)?;
+    crate::util::check_positive("--queue", opts.queue)?;
+    crate::util::check_positive("--max-tokens-cap", opts.max_tokens_cap)?;
     let device = candle_core::Device::Cpu;
     let lm = Arc::new(crate::model::load(&opts.model, &device)?);
     let template = match &opts.template {

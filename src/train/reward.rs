@@ -441,6 +441,11 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
     if opts.data.is_empty() {
         bail!("no --data files given");
     }
+    crate::util::check_range("--val-fraction", opts.val_fraction, 0.0..=0.9)?;
+    crate::util::check_positive("--norm-samples", opts.norm_samples)?;
+    if let Some(n) = opts.train_layers {
+        crate::util::check_positive("--train-layers", n)?;
+    }
     let (mut config, tok) = crate::model::load_config_and_tokenizer(&opts.base)
         .map_err(|e| anyhow::anyhow!("--base: {e:#}"))?;
     let template = ChatTemplate::detect(&tok)

@@ -227,6 +227,8 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
     if opts.data.is_empty() {
         bail!("no --data files given");
     }
+    crate::util::check_range("--val-fraction", opts.val_fraction, 0.0..=0.9)?;
+    crate::util::check_range("--mix-fraction", opts.mix_fraction, 0.0..=1.0)?;
     let base = &opts.base;
     let (config, tok) = crate::model::load_config_and_tokenizer(base)
         .map_err(|e| anyhow::anyhow!("--base: {e:#}"))?;

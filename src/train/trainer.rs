@@ -73,6 +73,22 @@ impl Default for LoopOptions {
     }
 }
 
+impl LoopOptions {
+    /// Every number in its range, refused by its flag's name.
+    pub fn validate(&self) -> Result<()> {
+        use crate::util::{check_positive, check_range};
+        check_positive("--steps", self.steps)?;
+        check_positive("--grad-accum", self.grad_accum)?;
+        check_positive("--eval-every", self.eval_every)?;
+        check_positive("--checkpoint-every", self.checkpoint_every)?;
+        check_range("--lr", self.lr, f64::MIN_POSITIVE..=10.0)?;
+        check_range("--min-lr-ratio", self.min_lr_ratio, 0.0..=1.0)?;
+        check_range("--weight-decay", self.weight_decay, 0.0..=10.0)?;
+        check_range("--grad-clip", self.grad_clip, 0.0..=f64::MAX)?;
+        Ok(())
+    }
+}
+
 fn default_max_bad_steps() -> usize {
     5
 }
@@ -208,9 +224,7 @@ fn describe(metrics: &[(String, f64)]) -> String {
 
 /// Trains (or resumes) a run with `stage` and writes the run directory when all steps are done.
 pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result<LoopReport> {
-    if opts.steps == 0 || opts.grad_accum == 0 {
-        bail!("--steps and --grad-accum must be positive");
-    }
+    opts.validate()?;
     let device = Device::Cpu;
     let run = spec.out;
     let existing = checkpoint::list_checkpoints(run)?;
