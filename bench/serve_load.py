@@ -9,6 +9,10 @@ Prints errors, mismatches, aggregate tokens/s against one client alone, latency 
 token percentiles, and one JSON line.
 
 usage: serve_load.py --url http://127.0.0.1:8000/v1 [--clients 16] [--seconds 60]
+
+Its soak counterpart, bench/serve_soak.py, adds what a server meets in the wild: 2,000-token
+prompts, clients that hang up mid-stream, oversized bodies, one-byte-a-second clients, and the
+server's memory before, at peak and after.
 """
 import argparse, json, random, statistics, sys, threading, time
 
