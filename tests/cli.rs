@@ -580,16 +580,4 @@ fn numeric_options_out_of_range_are_named() {
         ],
         &["--max-batch"],
     );
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            s(&run),
-            "--prompt",
-            "hi",
-            "--top-p",
-            "0",
-        ],
-        &["--top-p"],
-    );
 }

@@ -54,38 +54,29 @@ impl Item {
 /// Reads the held-out prompt file (`rl_prompts_heldout.jsonl`): every record needs its family,
 /// language, messages and answer; a bad one is an error naming its line.
 pub fn load(path: &Path) -> Result<Vec<Item>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut items = Vec::new();
-    for (i, line) in text
-        .lines()
+    use super::{field, read_jsonl};
+    read_jsonl(path)?
+        .iter()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = || format!("{}:{}", path.display(), i + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-        let field = |name: &str| {
-            v.get(name)
-                .cloned()
-                .with_context(|| format!("{}: missing \"{name}\"", at()))
-        };
-        let family: Family = serde_json::from_value(field("family")?)
-            .with_context(|| format!("{}: unknown family", at()))?;
-        let lang: Lang = serde_json::from_value(field("lang")?)
-            .with_context(|| format!("{}: bad lang", at()))?;
-        let messages: Vec<Message> = serde_json::from_value(field("messages")?)
-            .with_context(|| format!("{}: bad messages", at()))?;
-        let answer: Answer = serde_json::from_value(field("answer")?)
-            .with_context(|| format!("{}: bad answer", at()))?;
-        items.push(Item {
-            messages,
-            family: serde_json::to_value(family)?.as_str().map(str::to_string),
-            lang: Some(lang),
-            answer: Some(answer),
-        });
-    }
-    Ok(items)
+        .map(|(i, v)| {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let get = |name| field(v, path, i + 1, name).cloned();
+            let family: Family = serde_json::from_value(get("family")?)
+                .with_context(|| format!("{}: unknown family", at()))?;
+            let lang: Lang = serde_json::from_value(get("lang")?)
+                .with_context(|| format!("{}: bad lang", at()))?;
+            let messages: Vec<Message> = serde_json::from_value(get("messages")?)
+                .with_context(|| format!("{}: bad messages", at()))?;
+            let answer: Answer = serde_json::from_value(get("answer")?)
+                .with_context(|| format!("{}: bad answer", at()))?;
+            Ok(Item {
+                messages,
+                family: serde_json::to_value(family)?.as_str().map(str::to_string),
+                lang: Some(lang),
+                answer: Some(answer),
+            })
+        })
+        .collect()
 }
 
 /// Counts replies and turns them into the task's metrics.

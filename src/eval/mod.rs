@@ -21,7 +21,7 @@ pub struct Choice {
     pub answer: usize,
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+pub(super) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
@@ -41,7 +41,7 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-fn field<'a>(v: &'a Value, path: &Path, line: usize, name: &str) -> Result<&'a Value> {
+pub(super) fn field<'a>(v: &'a Value, path: &Path, line: usize, name: &str) -> Result<&'a Value> {
     v.get(name)
         .ok_or_else(|| anyhow::anyhow!("{}:{line}: no \"{name}\" field", path.display()))
 }

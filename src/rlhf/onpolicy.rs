@@ -61,12 +61,7 @@ impl OnPolicy {
             Some(dir) if opts.ptx_coef > 0.0 => Some(ShardSet::open(dir)?),
             _ => None,
         };
-        if opts.minibatch == 0 || opts.rollout_prompts == 0 || opts.epochs == 0 {
-            anyhow::bail!("--minibatch, --rollout-prompts and --epochs must be positive");
-        }
-        if opts.algo == Algo::Grpo && opts.group_size < 2 {
-            anyhow::bail!("--group-size must be at least 2 for GRPO (advantages compare samples of one prompt)");
-        }
+        // `RlhfOptions::validate` has checked the counts and GRPO's group size.
         let pad = eval.tokenizer.special_id("<|pad|>").unwrap_or(0);
         Ok(OnPolicy {
             opts: opts.clone(),
