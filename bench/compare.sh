@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every side-by-side throughput comparison in one run, on this machine's 2 cores:
 #   1. a training step vs PyTorch eager, fp32 and bf16 autocast (bench/train_vs_torch.py), with GFLOP/s
-#      and the fraction of each side's measured matmul ceiling;
+#      and the fraction of each side's measured matmul ceiling, on the bench config (6 × 384) and on
+#      the speedrun's small preset (6 × 256, 8/4 heads, vocab 2,048, batch 16); the matmul kernel
+#      that ran (amx-bf16, avx512-bf16, f32 and its SIMD level) is in each row's name;
 #   2. tokenizer encode vs HF `tokenizers` and `tiktoken` on the same 8,192-token vocabulary, and BPE
 #      training vs HF `tokenizers` (bench/tokenize_peers.py);
 #   3. prefill and decode vs llama.cpp on SmolLM2-135M-Instruct Q4_1 (bench/gguf_vs_llamacpp.sh).
@@ -21,8 +23,11 @@ for part in "${PARTS[@]}"; do
   case $part in
     train)
       need torch torch
-      echo "## Training step vs PyTorch"
+      echo "## Training step vs PyTorch (bench config)"
       python3 bench/train_vs_torch.py --threads 2 --steps 10
+      echo "## Training step vs PyTorch (the speedrun's small preset)"
+      python3 bench/train_vs_torch.py --threads 2 --steps 10 --width 256 --heads 8 --kv-heads 4 \
+        --ffn 704 --vocab 2048 --batch 16
       ;;
     tokenize)
       need tokenizers tokenizers

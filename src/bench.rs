@@ -66,8 +66,8 @@ pub struct TrainBenchOptions {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// bf16: the projections' matmuls on AMX tiles with bf16 operands (mixed precision).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    /// Matmul precision, as in training: auto (bf16 where the CPU has a bf16 kernel), bf16 or f32.
+    #[arg(long, value_enum, default_value_t = Precision::default())]
     pub precision: Precision,
 }
 
@@ -89,6 +89,8 @@ impl TrainBenchOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainBench {
     pub options: TrainBenchOptions,
+    /// The projections' kernel that ran (`amx-bf16`, `avx512-bf16`, or f32 with its SIMD level).
+    pub matmul_kernel: String,
     pub parameters: usize,
     pub tokens_per_step: usize,
     pub step_seconds: Vec<f64>,
@@ -126,7 +128,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     }
     let config = opts.config()?;
     let device = Device::Cpu;
-    let _precision = opts.precision.apply()?;
+    let precision = opts.precision.apply()?;
     let varmap = VarMap::new();
     let model = Llama::new(
         &config,
@@ -174,6 +176,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     let flops = train_step_flops(&config, b, t);
     Ok(TrainBench {
         options: opts.clone(),
+        matmul_kernel: precision.kernel.describe(),
         parameters,
         tokens_per_step: b * t,
         step_seconds,
@@ -193,13 +196,19 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
 pub struct MatmulBench {
     pub size: usize,
     pub seconds: f64,
+    /// fp32 through gemm, and the SIMD level it ran.
     pub gflop_per_second: f64,
-    /// bf16 operands, f32 sums, on AMX tiles (absent without AMX).
+    pub f32_kernel: String,
+    /// bf16 operands, f32 sums, on the fastest bf16 kernel (absent where the CPU has none, or
+    /// `CHATFORGE_MATMUL` caps the choice at f32).
     pub bf16_gflop_per_second: Option<f64>,
+    pub bf16_kernel: Option<String>,
 }
 
-/// The fp32 matmul ceiling: the best of several `[n, n] · [n, n]` products through candle.
+/// The matmul ceilings: the best of several `[n, n] · [n, n]` products through candle in fp32,
+/// and through the fastest bf16 kernel.
 pub fn matmul(size: usize, repeats: usize) -> Result<MatmulBench> {
+    use crate::model::bf16::{self, Kernel};
     let dev = Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (size, size), &dev)?;
     let b = Tensor::randn(0f32, 1.0, (size, size), &dev)?;
@@ -215,12 +224,13 @@ pub fn matmul(size: usize, repeats: usize) -> Result<MatmulBench> {
     };
     let seconds = best(&|| a.matmul(&b)?.device().synchronize().map_err(Into::into))?;
     let flops = 2.0 * (size as f64).powi(3);
-    let bf16_gflop_per_second = if crate::model::amx::available() {
+    let kernel = Kernel::best()?;
+    let bf16_gflop_per_second = if kernel.is_bf16() {
         let (av, bv) = (
             a.flatten_all()?.to_vec1::<f32>()?,
             b.flatten_all()?.to_vec1::<f32>()?,
         );
-        let strided = |data| crate::model::amx::Strided {
+        let strided = |data| bf16::Strided {
             data,
             rows: size,
             cols: size,
@@ -228,7 +238,7 @@ pub fn matmul(size: usize, repeats: usize) -> Result<MatmulBench> {
             cs: 1,
         };
         let secs = best(&|| {
-            crate::model::amx::matmul(strided(&av), strided(&bv));
+            bf16::matmul(kernel, strided(&av), strided(&bv));
             Ok(())
         })?;
         Some(flops / secs / 1e9)
@@ -239,13 +249,17 @@ pub fn matmul(size: usize, repeats: usize) -> Result<MatmulBench> {
         size,
         seconds,
         gflop_per_second: flops / seconds / 1e9,
+        f32_kernel: Kernel::F32.describe(),
         bf16_gflop_per_second,
+        bf16_kernel: kernel.is_bf16().then(|| kernel.name().to_string()),
     })
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub model: String,
+    /// The kernels inference ran on: f32 products (gemm's SIMD level) and GGUF block products.
+    pub matmul_kernel: String,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub prefill_tokens_per_second: f64,
@@ -299,6 +313,11 @@ pub fn generate(
     pb.finish_and_clear();
     Ok(GenerateBench {
         model: model.display().to_string(),
+        matmul_kernel: format!(
+            "{}; quantized blocks: {}",
+            crate::model::bf16::Kernel::F32.describe(),
+            crate::model::quant::kernel_name()
+        ),
         prompt_tokens,
         new_tokens,
         prefill_tokens_per_second: median(&prefill),

@@ -142,14 +142,7 @@ impl Default for SpeedrunOptions {
             inputs: Vec::new(),
             vocab_size: crate::tokenizer::TrainOptions::default().vocab_size,
             format: DocFormat::Auto,
-            // bf16 where the CPU has AMX: what fits the small preset in its half hour.
-            pretrain: PretrainOptions {
-                train: LoopOptions {
-                    precision: crate::train::Precision::Auto,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
+            pretrain: PretrainOptions::default(),
             prompt: String::new(),
             quiet: false,
         }

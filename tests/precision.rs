@@ -1,5 +1,7 @@
-//! Mixed precision (`--precision bf16`): the same pretraining run in f32 and in bf16 follows the
-//! same loss curve. Its own test binary, because the precision is process-wide.
+//! Mixed precision (`--precision bf16`, and `auto`, the default): the same pretraining run in f32
+//! and on every bf16 kernel this CPU has follows the same loss curve. Its own test binary with one
+//! test, because the precision and the `CHATFORGE_MATMUL` cap that selects a lower kernel are
+//! process-wide.
 
 mod common;
 
@@ -14,52 +16,93 @@ fn run(shards: &Path, cfg: &Path, out: &Path, precision: Precision) -> PretrainR
     pretrain(&opts).unwrap()
 }
 
+fn kernel_recorded(run: &Path) -> (String, String) {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("chatforge.json")).unwrap())
+            .unwrap();
+    (
+        manifest["matmul_kernel"].as_str().unwrap().to_string(),
+        manifest["hyperparameters"]["loop"]["precision"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
 #[test]
-fn bf16_training_follows_the_f32_loss_curve() {
-    if !chatforge::model::amx::available() {
-        eprintln!("skipped: this CPU has no AMX, so --precision bf16 is refused");
-        let dir = tempfile::tempdir().unwrap();
-        let (shards, cfg) = common::tiny_shards(dir.path());
-        let mut opts = common::tiny_pretrain(&shards, &cfg, &dir.path().join("bf16"), 2);
-        opts.train.precision = Precision::Bf16;
-        // Refused with an error that says why, not a panic and not a silent f32 run.
-        let err = format!(
-            "{:#}",
-            pretrain(&opts).expect_err("bf16 without AMX must be an error")
-        );
-        assert!(err.contains("AMX") && err.contains("bf16"), "{err}");
-        return;
-    }
+fn every_bf16_kernel_follows_the_f32_loss_curve() {
+    use chatforge::model::bf16::{best_available, Kernel, KERNEL_ENV};
     let dir = tempfile::tempdir().unwrap();
     let (shards, cfg) = common::tiny_shards(dir.path());
-    let f32_run = run(&shards, &cfg, &dir.path().join("f32"), Precision::F32);
-    let bf16_run = run(&shards, &cfg, &dir.path().join("bf16"), Precision::Bf16);
-    assert_eq!(f32_run.losses.len(), bf16_run.losses.len());
-    let mut differs = false;
-    for ((step, a), (_, b)) in f32_run.losses.iter().zip(&bf16_run.losses) {
-        // Same shape: within a few percent at every logged step.
-        assert!(
-            (a - b).abs() < 0.05 * a + 0.05,
-            "step {step}: f32 loss {a}, bf16 {b}"
-        );
-        differs |= (a - b).abs() > 1e-6;
+    let refused = |what: &str| {
+        let mut opts = common::tiny_pretrain(&shards, &cfg, &dir.path().join(what), 2);
+        opts.train.precision = Precision::Bf16;
+        // Refused with an error that says why, not a panic and not a silent f32 run.
+        format!(
+            "{:#}",
+            pretrain(&opts).expect_err("bf16 without a kernel must be an error")
+        )
+    };
+    // A cap at f32 stands for a CPU without a bf16 kernel: bf16 is refused and names the cap.
+    std::env::set_var(KERNEL_ENV, "f32");
+    let err = refused("capped");
+    assert!(err.contains("bf16") && err.contains(KERNEL_ENV), "{err}");
+    std::env::set_var(KERNEL_ENV, "avx2-bf16");
+    let err = refused("unknown");
+    assert!(
+        err.contains("avx512-bf16") && err.contains("amx-bf16"),
+        "{err}"
+    );
+    std::env::remove_var(KERNEL_ENV);
+    let kernels: Vec<Kernel> = [Kernel::Avx512Bf16, Kernel::AmxBf16]
+        .into_iter()
+        .filter(|&k| k <= best_available())
+        .collect();
+    if kernels.is_empty() {
+        let err = refused("none");
+        assert!(err.contains("AMX") && err.contains("AVX512-BF16"), "{err}");
+        eprintln!("skipped the loss curves: this CPU has neither AMX nor AVX512-BF16");
+        return;
     }
-    assert!(
-        differs,
-        "bf16 gave f32's losses exactly: the switch did nothing"
-    );
-    let first = bf16_run.losses[0].1;
-    assert!(
-        bf16_run.val_loss < first - 1.5,
-        "bf16 did not learn: {first} -> {}",
-        bf16_run.val_loss
-    );
-    assert!(
-        (bf16_run.val_loss - f32_run.val_loss).abs() < 0.05 * f32_run.val_loss,
-        "held-out loss f32 {} vs bf16 {}",
-        f32_run.val_loss,
-        bf16_run.val_loss
-    );
-    // The switch is off again once the run ends.
-    assert!(!chatforge::model::kernels::bf16_matmuls());
+    let f32_run = run(&shards, &cfg, &dir.path().join("f32"), Precision::F32);
+    assert_eq!(kernel_recorded(&dir.path().join("f32")).1, "f32");
+    for kernel in kernels {
+        // The cap selects each kernel in turn, as on a CPU whose best it is.
+        std::env::set_var(KERNEL_ENV, kernel.name());
+        let out = dir.path().join(kernel.name());
+        let bf16_run = run(&shards, &cfg, &out, Precision::Auto);
+        std::env::remove_var(KERNEL_ENV);
+        assert_eq!(
+            kernel_recorded(&out),
+            (kernel.name().to_string(), "bf16".to_string())
+        );
+        assert_eq!(f32_run.losses.len(), bf16_run.losses.len());
+        let mut differs = false;
+        for ((step, a), (_, b)) in f32_run.losses.iter().zip(&bf16_run.losses) {
+            // Same shape: within a few percent at every logged step.
+            assert!(
+                (a - b).abs() < 0.05 * a + 0.05,
+                "{kernel:?} step {step}: f32 loss {a}, bf16 {b}"
+            );
+            differs |= (a - b).abs() > 1e-6;
+        }
+        assert!(
+            differs,
+            "{kernel:?} gave f32's losses exactly: the switch did nothing"
+        );
+        let first = bf16_run.losses[0].1;
+        assert!(
+            bf16_run.val_loss < first - 1.5,
+            "{kernel:?} did not learn: {first} -> {}",
+            bf16_run.val_loss
+        );
+        assert!(
+            (bf16_run.val_loss - f32_run.val_loss).abs() < 0.05 * f32_run.val_loss,
+            "{kernel:?}: held-out loss f32 {} vs bf16 {}",
+            f32_run.val_loss,
+            bf16_run.val_loss
+        );
+        // The switch is off again once the run ends.
+        assert!(!chatforge::model::kernels::matmul_kernel().is_bf16());
+    }
 }

@@ -136,6 +136,49 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
         assert_eq!(o.finish_reason, single.finish_reason);
     }
 
+    // Prompts prefilled in pieces of 2 positions between the decode steps of rows already
+    // running (the server's chunked prefill) reply as they do alone.
+    {
+        use chatforge::infer::decode::{Decoder, Request, Update};
+        let params = SamplingParams {
+            max_tokens: 15,
+            ..greedy.clone()
+        };
+        let request = |key: usize| Request {
+            key,
+            prompt: prompts[key].clone(),
+            params: params.clone(),
+            stop_ids: stops.clone(),
+        };
+        let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
+        let mut updates = Vec::new();
+        decoder.join(vec![request(1)], &mut updates).unwrap();
+        decoder
+            .begin_join(vec![request(0), request(2), request(3)])
+            .unwrap();
+        let mut pieces = 0;
+        while decoder.prefill_left() > 0 {
+            assert_eq!(decoder.len(), 4);
+            decoder.prefill(2, &mut updates).unwrap();
+            decoder.step(&mut updates).unwrap();
+            pieces += 1;
+        }
+        assert!(pieces >= 3, "{pieces} pieces");
+        while !decoder.is_empty() {
+            decoder.step(&mut updates).unwrap();
+        }
+        for (key, expected) in batch.iter().enumerate() {
+            let reply = updates
+                .iter()
+                .find_map(|u| match u {
+                    Update::Done(r) if r.key == key => Some(r),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(reply.tokens, expected.tokens, "prompt {key}");
+        }
+    }
+
     // A prompt longer than the context is refused with the numbers.
     let long = "cat ".repeat(200);
     let err = generate(&lm, &long, &greedy, |_| Ok(()))

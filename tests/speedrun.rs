@@ -55,12 +55,29 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         metric(&r, "sft", "curriculum", "stops_at_end_of_turn"),
     );
     assert!(stops.1 > stops.0 + 0.4, "stops at end of turn {stops:?}");
-    // SFT answers held-out questions the checker accepts more often than the base model.
+    // SFT learns the answers: its loss on held-out assistant turns falls by a third or more. The
+    // tiny preset's 24 held-out questions resolve checker accuracy only in steps of 0.04, one
+    // answer, which moves with the matmul precision; it must not fall.
+    let sft: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sft/report.json")).unwrap())
+            .unwrap();
+    let val_loss = |key: &str| {
+        sft[key]
+            .as_array()
+            .and_then(|m| m.iter().find(|p| p[0] == "val_loss"))
+            .and_then(|p| p[1].as_f64())
+            .unwrap_or_else(|| panic!("sft/report.json lacks {key}.val_loss"))
+    };
+    let answer_loss = (val_loss("eval_before"), val_loss("eval"));
+    assert!(
+        answer_loss.1 < 0.67 * answer_loss.0,
+        "held-out answer loss {answer_loss:?}"
+    );
     let accuracy = (
         metric(&r, "base", "curriculum", "accuracy"),
         metric(&r, "sft", "curriculum", "accuracy"),
     );
-    assert!(accuracy.1 > accuracy.0, "checker accuracy {accuracy:?}");
+    assert!(accuracy.1 >= accuracy.0, "checker accuracy {accuracy:?}");
     // In-context learning: on some probe the base model does better with examples (1 or 4) than
     // with none.
     let probes = r["eval"]["base"]["probes"].as_object().unwrap();

@@ -15,7 +15,7 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Best fp32 GFLOP/s of an n x n matmul.
+    /// Best GFLOP/s of an n x n matmul, in fp32 and on the fastest bf16 kernel.
     Matmul {
         #[arg(long, default_value_t = 1024)]
         size: usize,
@@ -69,6 +69,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         BenchCommand::Train { model, json } => {
             let r = bench::train(&model)?;
             let rows = vec![
+                row("matmul kernel", r.matmul_kernel.clone()),
                 row("parameters", crate::util::human_count(r.parameters as f64)),
                 row("tokens per step", r.tokens_per_step.to_string()),
                 row("median s/step", format!("{:.3}", r.median_step_seconds)),
@@ -89,12 +90,14 @@ pub fn bench(b: BenchCommand) -> Result<()> {
             let r = bench::matmul(size, repeats)?;
             let rows = vec![
                 row("size", size.to_string()),
-                row("GFLOP/s (fp32)", format!("{:.1}", r.gflop_per_second)),
                 row(
-                    "GFLOP/s (bf16, AMX)",
-                    r.bf16_gflop_per_second
-                        .map_or("no AMX on this CPU".into(), |g| format!("{g:.1}")),
+                    &format!("GFLOP/s ({})", r.f32_kernel),
+                    format!("{:.1}", r.gflop_per_second),
                 ),
+                match (&r.bf16_kernel, r.bf16_gflop_per_second) {
+                    (Some(k), Some(g)) => row(&format!("GFLOP/s ({k})"), format!("{g:.1}")),
+                    _ => row("GFLOP/s (bf16)", "no bf16 kernel on this CPU".into()),
+                },
             ];
             print_bench(json, &r, rows)
         }
@@ -107,6 +110,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         } => {
             let r = bench::generate(&model, prompt_tokens, new_tokens, repeats)?;
             let rows = vec![
+                row("matmul kernel", r.matmul_kernel.clone()),
                 row("prompt tokens", prompt_tokens.to_string()),
                 row("new tokens", new_tokens.to_string()),
                 row(

@@ -7,7 +7,9 @@
 //! Rows join between steps (prefilled together, left-padded to the longest prompt, then appended
 //! to the batch's cache) and leave between steps (their cache rows are dropped), which is what
 //! continuous batching in the server needs and what keeps a finished row from costing compute in
-//! a batch of evaluation prompts.
+//! a batch of evaluation prompts. A join may be prefilled in pieces between decode steps
+//! ([`Decoder::begin_join`], [`Decoder::prefill`]): the server's running streams then keep their
+//! pace while a long prompt comes in, instead of stalling for the whole prompt.
 
 use super::sampler::{Sampler, SamplingParams};
 use crate::model::{KvCache, Llama};
@@ -152,12 +154,24 @@ impl Row {
     }
 }
 
+/// Prompts being prefilled: they join the batch once their last piece is in `cache`.
+struct Joining {
+    rows: Vec<Row>,
+    /// The prompts, left-padded to `width` tokens, row after row.
+    ids: Vec<u32>,
+    width: usize,
+    /// Positions already in `cache`.
+    done: usize,
+    cache: KvCache,
+}
+
 /// A batch of replies being decoded together on one KV cache.
 pub struct Decoder<'m> {
     model: &'m Llama,
     tokenizer: &'m Tokenizer,
     rows: Vec<Row>,
     cache: Option<KvCache>,
+    joining: Option<Joining>,
 }
 
 impl<'m> Decoder<'m> {
@@ -167,21 +181,33 @@ impl<'m> Decoder<'m> {
             tokenizer,
             rows: Vec::new(),
             cache: None,
+            joining: None,
         }
     }
 
-    /// Rows still decoding.
+    /// Rows decoding or being prefilled.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.len() + self.joining.as_ref().map_or(0, |j| j.rows.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
-    /// The keys of the rows still decoding, in batch order.
+    /// Rows decoding (not counting a join being prefilled).
+    pub fn decoding(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Prompt positions of the join in progress not yet prefilled (0 when there is none).
+    pub fn prefill_left(&self) -> usize {
+        self.joining.as_ref().map_or(0, |j| j.width - j.done)
+    }
+
+    /// The keys of the rows decoding, in batch order, then those being prefilled.
     pub fn keys(&self) -> impl Iterator<Item = usize> + '_ {
-        self.rows.iter().map(|r| r.key)
+        let joining = self.joining.iter().flat_map(|j| j.rows.iter());
+        self.rows.iter().chain(joining).map(|r| r.key)
     }
 
     /// The rules a request must meet (sampling ranges, the context); its reply's token budget.
@@ -195,6 +221,16 @@ impl<'m> Decoder<'m> {
     /// token, and adds the unfinished ones to the batch. A request that breaks a rule (sampling
     /// ranges, the context) fails the call before any work.
     pub fn join(&mut self, requests: Vec<Request>, out: &mut Vec<Update>) -> Result<()> {
+        self.begin_join(requests)?;
+        self.prefill(usize::MAX, out)
+    }
+
+    /// Starts a join of `requests` (see [`Decoder::join`]) whose prompts [`Decoder::prefill`]
+    /// then feeds in pieces. One join at a time.
+    pub fn begin_join(&mut self, requests: Vec<Request>) -> Result<()> {
+        if self.joining.is_some() {
+            bail!("a join is still being prefilled");
+        }
         if requests.is_empty() {
             return Ok(());
         }
@@ -215,20 +251,53 @@ impl<'m> Decoder<'m> {
             });
             prompts.push(r.prompt);
         }
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad_id = self.tokenizer.special_id("<|pad|>").unwrap_or(0);
-        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let mut ids = Vec::with_capacity(prompts.len() * longest);
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let mut ids = Vec::with_capacity(prompts.len() * width);
         for (p, &n) in prompts.iter().zip(&pads) {
             ids.extend(std::iter::repeat_n(pad_id, n));
             ids.extend_from_slice(p);
         }
-        let mut cache = self.model.new_padded_cache(pads);
-        let input = Tensor::from_vec(ids, (prompts.len(), longest), self.model.device())?;
+        self.joining = Some(Joining {
+            rows,
+            ids,
+            width,
+            done: 0,
+            cache: self.model.new_padded_cache(pads),
+        });
+        Ok(())
+    }
+
+    /// Prefills up to `positions` more positions of the join in progress (at least one). After
+    /// the last piece it samples each joining row's first token and adds the unfinished rows to
+    /// the batch.
+    pub fn prefill(&mut self, positions: usize, out: &mut Vec<Update>) -> Result<()> {
+        let Some(mut j) = self.joining.take() else {
+            return Ok(());
+        };
+        let take = (j.width - j.done).min(positions.max(1));
+        let batch = j.rows.len();
+        let piece: Vec<u32> = j
+            .ids
+            .chunks(j.width)
+            .flat_map(|row| &row[j.done..j.done + take])
+            .copied()
+            .collect();
+        let input = Tensor::from_vec(piece, (batch, take), self.model.device())?;
+        j.done += take;
+        if j.done < j.width {
+            self.model.hidden(&input, Some(&mut j.cache))?;
+            self.joining = Some(j);
+            return Ok(());
+        }
         let logits: Vec<Vec<f32>> = self
             .model
-            .forward_last(&input, Some(&mut cache))?
+            .forward_last(&input, Some(&mut j.cache))?
             .to_vec2()?;
+        let Joining {
+            rows, mut cache, ..
+        } = j;
         let mut keep = Vec::with_capacity(rows.len());
         let mut kept_rows = Vec::with_capacity(rows.len());
         for (i, (mut row, l)) in rows.into_iter().zip(logits).enumerate() {
@@ -248,7 +317,7 @@ impl<'m> Decoder<'m> {
         if kept_rows.is_empty() {
             return Ok(());
         }
-        if keep.len() < prompts.len() {
+        if keep.len() < batch {
             cache.select_rows(&keep)?;
         }
         match self.cache.as_mut() {
@@ -276,12 +345,24 @@ impl<'m> Decoder<'m> {
         self.remove(endings, out)
     }
 
-    /// Ends the rows whose keys `cancelled` picks, with [`FinishReason::Cancelled`].
+    /// Ends the rows whose keys `cancelled` picks, with [`FinishReason::Cancelled`]. A join being
+    /// prefilled ends when all its rows are picked (a row of a join that goes on leaves once it
+    /// has joined).
     pub fn cancel(
         &mut self,
         cancelled: impl Fn(usize) -> bool,
         out: &mut Vec<Update>,
     ) -> Result<()> {
+        if self
+            .joining
+            .as_ref()
+            .is_some_and(|j| j.rows.iter().all(|r| cancelled(r.key)))
+        {
+            let j = self.joining.take().expect("checked above");
+            for row in j.rows {
+                row.finish((FinishReason::Cancelled, None), out);
+            }
+        }
         let endings = self
             .rows
             .iter()
@@ -292,10 +373,12 @@ impl<'m> Decoder<'m> {
         self.remove(endings, out)
     }
 
-    /// Drops every row without a reply (after a failed step) and returns their keys.
+    /// Drops every row without a reply (after a failed step), a join in progress too, and returns
+    /// their keys.
     pub fn abandon(&mut self) -> Vec<usize> {
         self.cache = None;
-        self.rows.drain(..).map(|r| r.key).collect()
+        let joining = self.joining.take().into_iter().flat_map(|j| j.rows);
+        self.rows.drain(..).chain(joining).map(|r| r.key).collect()
     }
 
     /// Finishes the rows at `endings` (indices in batch order) and drops their cache rows.

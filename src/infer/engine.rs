@@ -3,6 +3,10 @@
 //! and join the batch between steps; finished or abandoned requests leave it between steps. The
 //! batch shares one left-padded KV cache whose rows are appended and removed as requests come and
 //! go, so a decode step is a single forward pass whatever the mix of lengths.
+//!
+//! While others decode, a new prompt is prefilled in pieces between their steps (chunked prefill),
+//! each piece sized to take about half a decode step ([`PieceSizer`]): a 2,000-token prompt
+//! joining no longer stalls every running stream for the seconds its prefill takes.
 
 use super::decode::{Decoder, FinishReason, Request as Row, Update};
 use super::sampler::SamplingParams;
@@ -11,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One generation request.
@@ -147,15 +152,64 @@ fn injected_fault() -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// How many prompt positions to prefill between two decode steps: as many as take about half the
+/// last decode steps' time, so that the gap between a running stream's tokens grows by about half
+/// while a prompt comes in, not by the whole prefill. Both times are running averages.
+#[derive(Default)]
+struct PieceSizer {
+    step_seconds: Option<f64>,
+    seconds_per_position: Option<f64>,
+}
+
+impl PieceSizer {
+    /// Before any measurement: small, because a quantized model's first piece of 32 or more
+    /// positions takes the dequantizing path (`quant::DENSE_FROM_TOKENS`), whose fixed cost was
+    /// a 450 ms gap on SmolLM2.
+    const FIRST_PIECE: usize = 8;
+    const SMALLEST: usize = 4;
+    /// Past this the piece costs what the whole prompt would, per position.
+    const LARGEST: usize = 2048;
+
+    fn positions(&self, decoding: usize) -> usize {
+        if decoding == 0 {
+            // Nobody is waiting on a step: the whole prompt at once.
+            return usize::MAX;
+        }
+        match (self.step_seconds, self.seconds_per_position) {
+            (Some(step), Some(per)) if per > 0.0 => {
+                ((0.5 * step / per) as usize).clamp(Self::SMALLEST, Self::LARGEST)
+            }
+            _ => Self::FIRST_PIECE,
+        }
+    }
+
+    fn average(old: Option<f64>, new: f64) -> Option<f64> {
+        Some(old.map_or(new, |o| 0.7 * o + 0.3 * new))
+    }
+
+    fn stepped(&mut self, seconds: f64) {
+        self.step_seconds = Self::average(self.step_seconds, seconds);
+    }
+
+    fn prefilled(&mut self, positions: usize, seconds: f64) {
+        if positions > 0 {
+            let per = seconds / positions as f64;
+            self.seconds_per_position = Self::average(self.seconds_per_position, per);
+        }
+    }
+}
+
 fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &EngineStats) {
     let fault_at = injected_fault();
     let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
     let mut clients: HashMap<usize, UnboundedSender<Event>> = HashMap::new();
     let mut next_key = 0usize;
     let mut updates = Vec::new();
+    let mut sizer = PieceSizer::default();
     loop {
-        // Admit waiting requests between steps; sleep on the queue when there is nothing to do.
-        while decoder.len() < max_batch {
+        // Admit waiting requests between steps, one prefill at a time; sleep on the queue when
+        // there is nothing to do.
+        while decoder.len() < max_batch && decoder.prefill_left() == 0 {
             let request = if decoder.is_empty() {
                 // Idle: hand the batch's freed memory (KV caches, activations) back to the OS,
                 // so a burst of traffic does not leave the server at its peak size.
@@ -194,8 +248,16 @@ fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &Eng
             }
             clients.insert(key, request.events);
             supervised(&mut decoder, &mut clients, stats, |d| {
-                d.join(vec![row], &mut updates)
+                d.begin_join(vec![row])
             });
+        }
+        if decoder.prefill_left() > 0 {
+            let positions = sizer.positions(decoder.decoding());
+            let (left, start) = (decoder.prefill_left(), Instant::now());
+            supervised(&mut decoder, &mut clients, stats, |d| {
+                d.prefill(positions, &mut updates)
+            });
+            sizer.prefilled(left.min(positions), start.elapsed().as_secs_f64());
             deliver(&mut updates, &mut clients, stats);
         }
         stats.active.store(decoder.len(), Ordering::Relaxed);
@@ -206,17 +268,23 @@ fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &Eng
             .keys()
             .filter(|k| clients.get(k).is_none_or(|c| c.is_closed()))
             .collect();
+        let start = Instant::now();
+        let mut stepped = false;
         supervised(&mut decoder, &mut clients, stats, |d| {
             d.cancel(|k| gone.contains(&k), &mut updates)?;
-            if d.is_empty() {
+            if d.decoding() == 0 {
                 return Ok(());
             }
             let step = stats.decode_steps.fetch_add(1, Ordering::Relaxed) + 1;
             if fault_at == Some(step) {
                 panic!("injected fault at decode step {step}");
             }
+            stepped = true;
             d.step(&mut updates)
         });
+        if stepped {
+            sizer.stepped(start.elapsed().as_secs_f64());
+        }
         deliver(&mut updates, &mut clients, stats);
         stats.active.store(decoder.len(), Ordering::Relaxed);
     }

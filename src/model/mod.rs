@@ -1,6 +1,6 @@
 //! The model: a Llama-family decoder-only Transformer used for training, inference and real models.
 
-pub mod amx;
+pub mod bf16;
 pub mod config;
 pub mod export;
 pub mod gguf;

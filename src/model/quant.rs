@@ -174,6 +174,14 @@ enum Kernel {
     Avx2,
 }
 
+/// The block dot product this CPU runs, for benchmark output.
+pub fn kernel_name() -> &'static str {
+    match kernel() {
+        Kernel::Avx2 => "avx2",
+        Kernel::Portable => "portable",
+    }
+}
+
 fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {

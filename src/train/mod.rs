@@ -22,34 +22,47 @@ pub mod trainer;
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything in f32.
-    #[default]
     F32,
-    /// bf16 where the CPU has AMX, f32 elsewhere.
+    /// bf16 where the CPU has AMX or AVX512-BF16, f32 elsewhere.
+    #[default]
     Auto,
-    /// Projection and output-head matmuls with bf16 operands and f32 sums on AMX tiles (mixed
-    /// precision); weights, gradients and optimizer state stay f32.
+    /// Projection and output-head matmuls with bf16 operands and f32 sums (mixed precision);
+    /// weights, gradients and optimizer state stay f32.
     Bf16,
 }
 
-/// Keeps bf16 matmuls on while alive and turns them off when dropped.
-pub struct PrecisionGuard;
+/// Keeps the chosen matmul kernel on, for this thread, while alive; restores the one before
+/// when dropped.
+pub struct PrecisionGuard {
+    pub kernel: crate::model::bf16::Kernel,
+    previous: crate::model::bf16::Kernel,
+}
 
 impl Drop for PrecisionGuard {
     fn drop(&mut self) {
-        crate::model::kernels::set_bf16_matmuls(false);
+        crate::model::kernels::set_matmul_kernel(self.previous);
     }
 }
 
 impl Precision {
-    /// Switches the kernels to this precision until the guard drops; bf16 on a CPU without AMX
-    /// is an error that says so (auto falls back to f32).
+    /// Switches this thread's projections to this precision's kernel until the guard drops: the fastest
+    /// bf16 kernel the CPU has (under `CHATFORGE_MATMUL`) for bf16 and auto, f32 for f32. bf16 on
+    /// a CPU with no bf16 kernel is an error that says so (auto falls back to f32).
     pub fn apply(self) -> anyhow::Result<PrecisionGuard> {
-        let on = crate::model::kernels::set_bf16_matmuls(self != Precision::F32);
-        if self == Precision::Bf16 && !on {
-            anyhow::bail!(
-                "--precision bf16 needs a CPU with AMX (Intel Sapphire Rapids or later); this one has none: use --precision f32"
-            );
+        use crate::model::bf16::{Kernel, KERNEL_ENV};
+        let wanted = match self {
+            Precision::F32 => Kernel::F32,
+            Precision::Auto | Precision::Bf16 => Kernel::best()?,
+        };
+        if self == Precision::Bf16 && !wanted.is_bf16() {
+            let why = if crate::model::bf16::best_available().is_bf16() {
+                format!("{KERNEL_ENV} caps the kernel at f32")
+            } else {
+                "this CPU has neither AMX nor AVX512-BF16".to_string()
+            };
+            anyhow::bail!("--precision bf16 needs a bf16 matmul kernel, but {why}: use --precision f32 or auto");
         }
-        Ok(PrecisionGuard)
+        let (kernel, previous) = crate::model::kernels::set_matmul_kernel(wanted);
+        Ok(PrecisionGuard { kernel, previous })
     }
 }

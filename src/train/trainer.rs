@@ -37,7 +37,8 @@ pub struct LoopOptions {
     /// row stop the run.
     #[serde(default = "default_max_bad_steps")]
     pub max_bad_steps: usize,
-    /// bf16 runs the projections' matmuls on AMX tiles (mixed precision).
+    /// bf16 runs the projections' matmuls with bf16 operands (mixed precision); auto does where
+    /// the CPU has a bf16 kernel.
     #[serde(default)]
     pub precision: super::Precision,
     #[serde(skip)]
@@ -65,7 +66,7 @@ impl Default for LoopOptions {
             checkpoint_every: 200,
             keep_checkpoints: 3,
             max_bad_steps: default_max_bad_steps(),
-            precision: super::Precision::F32,
+            precision: super::Precision::Auto,
             resume: false,
             halt_after: None,
             quiet: false,
@@ -235,7 +236,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         );
     }
     std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-    let _precision = opts.precision.apply()?;
+    let precision = opts.precision.apply()?;
 
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
@@ -309,6 +310,14 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         .expect("valid template"),
     );
     pb.set_position(step as u64);
+    say(
+        &pb,
+        opts.quiet,
+        format!(
+            "{}: {params} parameters, matmuls on {}",
+            spec.stage, precision.kernel
+        ),
+    );
     let eval_before = if resumed {
         Vec::new()
     } else {
@@ -483,9 +492,10 @@ fn write_run(
     report: &LoopReport,
 ) -> Result<()> {
     let run = spec.out;
-    // The precision that ran, with auto resolved.
+    // The precision that ran, with auto resolved, and its kernel.
+    let kernel = crate::model::kernels::matmul_kernel();
     let recorded = LoopOptions {
-        precision: if crate::model::kernels::bf16_matmuls() {
+        precision: if kernel.is_bf16() {
             super::Precision::Bf16
         } else {
             super::Precision::F32
@@ -527,6 +537,7 @@ fn write_run(
             "parents": spec.parents,
             "data": spec.data,
             "hyperparameters": {"loop": recorded, "stage": spec.hyper},
+            "matmul_kernel": kernel.describe(),
             "git_commit": checkpoint::git_commit(),
             "chatforge_version": env!("CARGO_PKG_VERSION"),
         }),

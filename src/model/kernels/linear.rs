@@ -46,7 +46,7 @@ pub(super) fn matmul_new<T: Real>(
     if k == 0 {
         return vec![T::zero(); m * n];
     }
-    let strided = |data, rows, cols, (rs, cs)| crate::model::amx::Strided {
+    let strided = |data, rows, cols, (rs, cs)| crate::model::bf16::Strided {
         data,
         rows,
         cols,

@@ -9,10 +9,11 @@
 //! One file per operation: `softmax`, `norm` (RMSNorm), `rope`, `swiglu`, `linear` (the
 //! projections), `loss` (cross-entropy and the output head fused with it) and `attention`
 //! (rotary embedding, scaling and causal attention as one node). This file holds what they share:
-//! the element trait, the vectorisable exponential and row helpers, the bf16 switch, and
-//! [`SharedOut`], the pointer parallel tasks write disjoint parts of one buffer through (the AMX
-//! GEMM uses it too).
+//! the element trait, the vectorisable exponential and row helpers, the matmul kernel switch,
+//! and [`SharedOut`], the pointer parallel tasks write disjoint parts of one buffer through (the
+//! bf16 GEMMs use it too).
 
+use crate::model::bf16::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
@@ -26,11 +27,11 @@ trait Real:
 {
     /// e^self, inlined and branch-free for f32 so that loops over it vectorise.
     fn fast_exp(self) -> Self;
-    /// `a · b` in bf16 on AMX tiles when the projections run in bf16 ([`set_bf16_matmuls`]);
+    /// `a · b` with bf16 operands when the projections run in bf16 ([`set_matmul_kernel`]);
     /// `None` otherwise.
     fn bf16_matmul(
-        _a: crate::model::amx::Strided<Self>,
-        _b: crate::model::amx::Strided<Self>,
+        _a: crate::model::bf16::Strided<Self>,
+        _b: crate::model::bf16::Strided<Self>,
     ) -> Option<Vec<Self>> {
         None
     }
@@ -41,10 +42,13 @@ impl Real for f32 {
         exp_f32(self)
     }
     fn bf16_matmul(
-        a: crate::model::amx::Strided<f32>,
-        b: crate::model::amx::Strided<f32>,
+        a: crate::model::bf16::Strided<f32>,
+        b: crate::model::bf16::Strided<f32>,
     ) -> Option<Vec<f32>> {
-        bf16_matmuls().then(|| crate::model::amx::matmul(a, b))
+        let kernel = matmul_kernel();
+        kernel
+            .is_bf16()
+            .then(|| crate::model::bf16::matmul(kernel, a, b))
     }
 }
 impl Real for f64 {
@@ -54,21 +58,26 @@ impl Real for f64 {
     }
 }
 
-static BF16_MATMULS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Runs the projections' and output head's f32 matmuls (forward and backward) with bf16 operands
-/// and f32 sums on AMX tiles, as mixed-precision training does; weights, gradients, optimizer
-/// state and every other operation stay f32. Returns whether that is now on: false where the CPU
-/// has no AMX. Process-wide, like the thread count.
-pub fn set_bf16_matmuls(on: bool) -> bool {
-    let on = on && crate::model::amx::available();
-    BF16_MATMULS.store(on, std::sync::atomic::Ordering::Relaxed);
-    on
+thread_local! {
+    /// The kernel the projections of ops run from this thread use (a training loop builds and
+    /// runs its forward and backward passes on one thread). Per thread, not per process, so that
+    /// two trainings in one process (tests, a server beside a training) keep their own precision.
+    static MATMUL_KERNEL: std::cell::Cell<Kernel> = const { std::cell::Cell::new(Kernel::F32) };
 }
 
-/// Whether the projections run in bf16 now.
-pub fn bf16_matmuls() -> bool {
-    BF16_MATMULS.load(std::sync::atomic::Ordering::Relaxed)
+/// Runs the projections' and output head's f32 matmuls (forward and backward) of ops run from
+/// this thread on `kernel`: a bf16 one rounds their operands to bf16 and sums in f32, as
+/// mixed-precision training does; weights, gradients, optimizer state and every other operation
+/// stay f32. A kernel this CPU lacks falls back to the best it has. Returns the kernel now in use
+/// and the one before (to restore).
+pub fn set_matmul_kernel(kernel: Kernel) -> (Kernel, Kernel) {
+    let kernel = kernel.min(crate::model::bf16::best_available());
+    (kernel, MATMUL_KERNEL.with(|k| k.replace(kernel)))
+}
+
+/// The kernel the projections of ops run from this thread use now.
+pub fn matmul_kernel() -> Kernel {
+    MATMUL_KERNEL.with(|k| k.get())
 }
 
 /// e^x in f32 within two ulp (tested), without a call into libm: the softmaxes, cross-entropy and SiLU
