@@ -99,7 +99,8 @@ def scene(with_long):
 def gaps(arrivals, lo, hi):
     out = []
     for times in arrivals:
-        out += [b - a for a, b in zip(times, times[1:]) if lo <= b <= hi]
+        # Every gap that overlaps the window, so that a stall spanning all of it counts.
+        out += [b - a for a, b in zip(times, times[1:]) if b >= lo and a <= hi]
     return sorted(out)
 
 
