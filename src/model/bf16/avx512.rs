@@ -28,59 +28,21 @@ pub(super) fn product(
     right: &[u16],
     (m, n, k): (usize, usize, usize),
 ) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let shape = Output {
-        ld: n,
-        accumulate: false,
-        parallel: true,
-    };
-    // SAFETY: `out` has room for m × n values with row stride n, all of which the product
-    // stores (accumulate is off, so none is read first).
-    unsafe {
-        product_into(left, order, right, (m, n, k), out.as_mut_ptr(), shape);
-        out.set_len(m * n);
-    }
-    out
-}
-
-/// Where and how [`product_into`] writes its result.
-#[derive(Clone, Copy)]
-pub(super) struct Output {
-    /// Row stride of the destination, in floats.
-    pub ld: usize,
-    /// Add to the destination instead of overwriting it.
-    pub accumulate: bool,
-    /// Spread the work over rayon's threads (off inside tasks that are already parallel).
-    pub parallel: bool,
-}
-
-/// `dst (m × n, row stride out.ld) [+]= left · right`.
-///
-/// SAFETY: `dst` must have room for m rows of n values with row stride `out.ld` (and hold them
-/// already when accumulating), and AVX512-BF16 must be present (`super::vector_packing`).
-pub(super) unsafe fn product_into(
-    left: &[u16],
-    order: LeftOrder,
-    right: &[u16],
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    out: Output,
-) {
     let (row_words, pair_words) = order.word_strides();
     let kblocks = k.div_ceil(DEPTH).max(1);
     let (row_tiles, column_tiles) = (m.div_ceil(TILE), n.div_ceil(TILE));
     assert!(left.len() >= row_tiles * kblocks * TILE_VALUES);
     assert!(right.len() >= column_tiles * kblocks * TILE_VALUES);
+    // Every element is stored by exactly one kernel call below, so no zeroing first.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let chunks = column_tiles.div_ceil(TILES_PER_TASK);
     let row_halves = m.div_ceil(ROWS);
-    let threads = if out.parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let row_split = threads.div_ceil(chunks).min(row_halves).max(1);
-    let dst = SharedOut(dst);
-    let task = |task: usize| {
+    let row_split = rayon::current_num_threads()
+        .div_ceil(chunks)
+        .min(row_halves)
+        .max(1);
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..chunks * row_split).into_par_iter().for_each(|task| {
         let (chunk, part) = (task / row_split, task % row_split);
         let tiles = chunk * TILES_PER_TASK..((chunk + 1) * TILES_PER_TASK).min(column_tiles);
         let halves = part * row_halves / row_split..(part + 1) * row_halves / row_split;
@@ -93,37 +55,34 @@ pub(super) unsafe fn product_into(
                 let count = COLUMN_TILES.min(tiles.end - t0);
                 let b = &right[t0 * kblocks * TILE_VALUES..];
                 let cols = (n - t0 * TILE).min(count * TILE);
-                // SAFETY: the caller vouched for AVX512-BF16 and for `dst`; `a` holds `kblocks`
-                // tiles from row r0 on and `b` `count · kblocks` tiles (the asserts above); the
-                // call writes rows r0.. r0+rows and columns t0·16.. t0·16+cols of `dst`, which
-                // no other call writes.
+                // SAFETY: `vector_packing` (checked by `super::matmul`) means AVX512-BF16 is
+                // there; `a` holds `kblocks` tiles from row r0 on and `b` `count · kblocks`
+                // tiles (the asserts above); the call writes rows r0.. r0+rows and columns
+                // t0·16.. t0·16+cols of `out`, which no other call writes.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    let c = dst.at(r0 * out.ld + t0 * TILE);
+                    let c = dst.at(r0 * n + t0 * TILE);
                     let strides = (row_words, pair_words);
-                    let place = (rows, cols, out.ld, out.accumulate);
                     match count {
-                        3 => kernel::<3>(a, strides, b, kblocks, place, c),
-                        2 => kernel::<2>(a, strides, b, kblocks, place, c),
-                        _ => kernel::<1>(a, strides, b, kblocks, place, c),
+                        3 => kernel::<3>(a, strides, b, kblocks, (rows, cols), c, n),
+                        2 => kernel::<2>(a, strides, b, kblocks, (rows, cols), c, n),
+                        _ => kernel::<1>(a, strides, b, kblocks, (rows, cols), c, n),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!("AVX512-BF16 exists only on x86_64 ({a:?}, {b:?}, {cols})");
             }
         }
-    };
-    if out.parallel {
-        (0..chunks * row_split).into_par_iter().for_each(task);
-    } else {
-        (0..chunks * row_split).for_each(task);
-    }
+    });
+    // SAFETY: the kernel calls above wrote all m × n values.
+    unsafe { out.set_len(m * n) };
+    out
 }
 
 /// `ROWS × 16·T` of the result from left rows `a` (the word of row r and pair p at
 /// `r · row_words + p · pair_words` within a tile, tiles `TILE_VALUES` apart) and `T` consecutive
-/// right column tiles `b` (each `kblocks` tiles long), stored to (or, with `accumulate`, added
-/// to) `c` (row stride `ld`) for the first `rows` rows and `cols` columns.
+/// right column tiles `b` (each `kblocks` tiles long),
+/// stored to `c` (row stride `ld`) for the first `rows` rows and `cols` columns.
 ///
 /// SAFETY: AVX512-F, -BW and -BF16 must be present; `a` must hold `kblocks` tiles from its start
 /// (less the rows above it), `b` `T · kblocks` tiles, and `c` room for `rows` rows of `cols`
@@ -135,8 +94,9 @@ unsafe fn kernel<const T: usize>(
     (row_words, pair_words): (usize, usize),
     b: &[u16],
     kblocks: usize,
-    (rows, cols, ld, accumulate): (usize, usize, usize, bool),
+    (rows, cols): (usize, usize),
     c: *mut f32,
+    ld: usize,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(T <= COLUMN_TILES && rows <= ROWS && cols <= T * TILE);
@@ -167,22 +127,11 @@ unsafe fn kernel<const T: usize>(
         let dst = c.add(row * ld);
         for (t, acc) in acc_row.iter().enumerate() {
             let left_over = cols.saturating_sub(t * TILE);
-            let p = dst.add(t * TILE);
             if left_over >= TILE {
-                let sum = if accumulate {
-                    _mm512_add_ps(_mm512_loadu_ps(p), *acc)
-                } else {
-                    *acc
-                };
-                _mm512_storeu_ps(p, sum);
+                _mm512_storeu_ps(dst.add(t * TILE), *acc);
             } else if left_over > 0 {
                 let mask = ((1u32 << left_over) - 1) as __mmask16;
-                let sum = if accumulate {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), *acc)
-                } else {
-                    *acc
-                };
-                _mm512_mask_storeu_ps(p, mask, sum);
+                _mm512_mask_storeu_ps(dst.add(t * TILE), mask, *acc);
             }
         }
     }

@@ -164,62 +164,11 @@ pub fn matmul(kernel: Kernel, a: Strided, b: Strided) -> Vec<f32> {
     } else {
         LeftOrder::Rows
     };
-    let (left, right) = rayon::join(|| pack_left(a, order, true), || pack_right(b, true));
+    let (left, right) = rayon::join(|| pack_left(a, order), || pack_right(b));
     match kernel {
         Kernel::AmxBf16 => amx::product(&left, &right, (m, n, k)),
         _ => avx512::product(&left, order, &right, (m, n, k)),
     }
-}
-
-/// `dst (m × n, row stride ld) [+]= a [m, k] · b [k, n]` with bf16 operands and f32 sums, on
-/// this thread alone: for the many small products of attention, which runs its heads as parallel
-/// tasks already. Uses the AVX512-BF16 kernel, which every CPU with a bf16 kernel has.
-///
-/// # Safety
-/// `dst` must have room for m rows of n values with row stride `ld` (holding them
-/// already when `accumulate`), and [`best_available`] must be a bf16 kernel.
-pub unsafe fn matmul_serial_into(
-    a: Strided,
-    b: Strided,
-    dst: *mut f32,
-    ld: usize,
-    accumulate: bool,
-) {
-    assert_eq!(
-        a.cols, b.rows,
-        "bf16::matmul_serial_into: inner dimensions differ"
-    );
-    assert!(vector_packing(), "bf16::matmul_serial_into: no AVX512-BF16");
-    for (x, side) in [(&a, "left"), (&b, "right")] {
-        assert!(
-            x.rows == 0 || x.cols == 0 || (x.rows - 1) * x.rs + (x.cols - 1) * x.cs < x.data.len(),
-            "bf16::matmul_serial_into: the {side} operand is shorter than its shape"
-        );
-    }
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                std::slice::from_raw_parts_mut(dst.add(r * ld), n).fill(0.0);
-            }
-        }
-        return;
-    }
-    let order = if a.cs != 1 {
-        LeftOrder::Pairs
-    } else {
-        LeftOrder::Rows
-    };
-    let (left, right) = (pack_left(a, order, false), pack_right(b, false));
-    let out = avx512::Output {
-        ld,
-        accumulate,
-        parallel: false,
-    };
-    avx512::product_into(&left, order, &right, (m, n, k), dst, out);
 }
 
 /// f32 to bf16, rounding to nearest even (NaN stays NaN); branch-free so packing loops vectorise.
@@ -437,23 +386,9 @@ impl LeftOrder {
     }
 }
 
-/// Runs `fill` on every tile-sized chunk of `out` with its index, on rayon's threads when
-/// `parallel`.
-fn for_each_tile(out: &mut [u16], parallel: bool, fill: impl Fn(usize, &mut [u16]) + Sync) {
-    if parallel {
-        out.par_chunks_mut(TILE_VALUES)
-            .enumerate()
-            .for_each(|(t, tile)| fill(t, tile));
-    } else {
-        out.chunks_mut(TILE_VALUES)
-            .enumerate()
-            .for_each(|(t, tile)| fill(t, tile));
-    }
-}
-
 /// The left operand `[m, k]` as tiles in `order`: tile (row block rb, depth block kb) at
 /// `(rb · kblocks + kb) · 512`.
-fn pack_left(a: Strided, order: LeftOrder, parallel: bool) -> Vec<u16> {
+fn pack_left(a: Strided, order: LeftOrder) -> Vec<u16> {
     let (rblocks, kblocks) = (a.rows.div_ceil(TILE), a.cols.div_ceil(DEPTH));
     let mut out = vec![0u16; rblocks * kblocks * TILE_VALUES];
     let transposed = Strided {
@@ -463,24 +398,26 @@ fn pack_left(a: Strided, order: LeftOrder, parallel: bool) -> Vec<u16> {
         cs: a.rs,
         ..a
     };
-    for_each_tile(&mut out, parallel, |t, tile| {
-        let (r0, k0) = ((t / kblocks) * TILE, (t % kblocks) * DEPTH);
-        match order {
-            LeftOrder::Rows => left_tile(&a, r0, k0, tile),
-            LeftOrder::Pairs => right_tile(&transposed, k0, r0, tile),
-        }
-    });
+    out.par_chunks_mut(TILE_VALUES)
+        .enumerate()
+        .for_each(|(t, tile)| {
+            let (r0, k0) = ((t / kblocks) * TILE, (t % kblocks) * DEPTH);
+            match order {
+                LeftOrder::Rows => left_tile(&a, r0, k0, tile),
+                LeftOrder::Pairs => right_tile(&transposed, k0, r0, tile),
+            }
+        });
     out
 }
 
 /// The right operand `[k, n]` as tiles: tile (column block cb, depth block kb) at
 /// `(cb · kblocks + kb) · 512`.
-fn pack_right(b: Strided, parallel: bool) -> Vec<u16> {
+fn pack_right(b: Strided) -> Vec<u16> {
     let (cblocks, kblocks) = (b.cols.div_ceil(TILE), b.rows.div_ceil(DEPTH));
     let mut out = vec![0u16; cblocks * kblocks * TILE_VALUES];
-    for_each_tile(&mut out, parallel, |t, tile| {
-        right_tile(&b, (t % kblocks) * DEPTH, (t / kblocks) * TILE, tile)
-    });
+    out.par_chunks_mut(TILE_VALUES)
+        .enumerate()
+        .for_each(|(t, tile)| right_tile(&b, (t % kblocks) * DEPTH, (t / kblocks) * TILE, tile));
     out
 }
 

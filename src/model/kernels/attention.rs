@@ -16,17 +16,12 @@ struct RopeAttention {
     /// Rotary tables `[T, D/2]`.
     cos: Vec<f64>,
     sin: Vec<f64>,
-    /// The matmul kernel of the thread that built the node (the tasks run on rayon's threads,
-    /// which do not share it): a bf16 one runs the score and value products in bf16.
-    kernel: Kernel,
 }
 
 /// `dst (m×n, row stride dst_rs) [+]= a·b`, with `a` (m×k) and `b` (k×n) given by row and
-/// column strides; with bf16 operands and f32 sums when `kernel` is a bf16 one and `T` is f32
-/// (PyTorch's autocast runs attention in bf16 too).
+/// column strides.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_matmul<T: Real>(
-    kernel: Kernel,
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
@@ -36,20 +31,6 @@ unsafe fn small_matmul<T: Real>(
     b: *const T,
     (b_rs, b_cs): (usize, usize),
 ) {
-    if kernel.is_bf16() && T::DTYPE == DType::F32 && m * n * k > 0 {
-        // The extent a strided operand spans, so that it can be read as a slice.
-        let span =
-            |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
-        let operand = |p: *const T, rows, cols, rs, cs| crate::model::bf16::Strided {
-            data: std::slice::from_raw_parts(p.cast::<f32>(), span(rows, cols, rs, cs)),
-            rows,
-            cols,
-            rs,
-            cs,
-        };
-        let (a, b) = (operand(a, m, k, a_rs, a_cs), operand(b, k, n, b_rs, b_cs));
-        return crate::model::bf16::matmul_serial_into(a, b, dst.cast::<f32>(), dst_rs, accumulate);
-    }
     gemm::gemm(
         m,
         n,
@@ -171,11 +152,10 @@ impl RopeAttention {
     }
 
     /// `softmax(qr·krᵀ)` of rotated blocks into `p` (`t × t`).
-    fn probs<T: Real>(kernel: Kernel, qr: &[T], kr: &[T], p: &mut [T], t: usize, d: usize) {
+    fn probs<T: Real>(qr: &[T], kr: &[T], p: &mut [T], t: usize, d: usize) {
         // SAFETY: qr and kr hold t·d values, p holds t·t.
         unsafe {
             small_matmul(
-                kernel,
                 (t, t, d),
                 p.as_mut_ptr(),
                 t,
@@ -209,12 +189,11 @@ impl RopeAttention {
             let g = head / rep;
             let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
             let mut p = vec![T::zero(); t * t];
-            Self::probs(self.kernel, &qr, &kr[bi * kvh + g], &mut p, t, d);
+            Self::probs(&qr, &kr[bi * kvh + g], &mut p, t, d);
             // SAFETY: this task alone writes head `head` of row `bi`; v's head g is read with its
             // row stride.
             unsafe {
                 small_matmul(
-                    self.kernel,
                     (t, d, t),
                     dst.at((bi * t * h + head) * d),
                     h * d,
@@ -265,14 +244,13 @@ impl RopeAttention {
             for r in 0..rep {
                 let head = g * rep + r;
                 let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
-                Self::probs(self.kernel, &qr, &kr, &mut p, t, d);
+                Self::probs(&qr, &kr, &mut p, t, d);
                 let doh = unsafe { dout.as_ptr().add((bi * t * h + head) * d) };
                 // SAFETY (all products): blocks are t×d or t×t with the strides given; dV's head
                 // is this task's alone.
                 unsafe {
                     // dV += Pᵀ·dO
                     small_matmul(
-                        self.kernel,
                         (t, d, t),
                         dv_out.at((bi * t * kvh + g) * d),
                         kvh * d,
@@ -284,7 +262,6 @@ impl RopeAttention {
                     );
                     // dP = dO·Vᵀ
                     small_matmul(
-                        self.kernel,
                         (t, t, d),
                         dp.as_mut_ptr(),
                         t,
@@ -308,7 +285,6 @@ impl RopeAttention {
                 unsafe {
                     // dQr = dS·Kr, dKr += dSᵀ·Qr
                     small_matmul(
-                        self.kernel,
                         (t, d, t),
                         dqr.as_mut_ptr(),
                         d,
@@ -319,7 +295,6 @@ impl RopeAttention {
                         (d, 1),
                     );
                     small_matmul(
-                        self.kernel,
                         (t, d, t),
                         dkr.as_mut_ptr(),
                         d,
@@ -436,7 +411,6 @@ pub fn rope_attention(
         scale,
         cos: table(cos)?,
         sin: table(sin)?,
-        kernel: super::matmul_kernel(),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
