@@ -450,7 +450,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         losses,
     };
     if report.finished {
-        write_run(&spec, opts, &varmap, &model, &report)?;
+        write_run(&spec, opts, precision.kernel, &varmap, &model, &report)?;
     }
     Ok(report)
 }
@@ -487,13 +487,13 @@ fn load_weights(varmap: &VarMap, path: &Path, optional: &[String]) -> Result<()>
 fn write_run(
     spec: &RunSpec,
     opts: &LoopOptions,
+    kernel: crate::model::bf16::Kernel,
     varmap: &VarMap,
     model: &Llama,
     report: &LoopReport,
 ) -> Result<()> {
     let run = spec.out;
-    // The precision that ran, with auto resolved, and its kernel.
-    let kernel = crate::model::kernels::matmul_kernel();
+    // The precision that ran (`kernel`, with auto resolved).
     let recorded = LoopOptions {
         precision: if kernel.is_bf16() {
             super::Precision::Bf16
