@@ -11,5 +11,6 @@ pub mod rlhf;
 pub mod serve;
 pub mod speedrun;
 pub mod tokenizer;
+pub mod tools;
 pub mod train;
 pub mod util;

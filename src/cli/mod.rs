@@ -5,6 +5,7 @@
 
 mod bench;
 mod data;
+mod index;
 mod infer;
 mod train;
 
@@ -73,6 +74,9 @@ pub enum Command {
     /// the fp32 matmul ceiling (bench/compare.sh runs the peers beside these).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Documents for retrieval: `index add` files, `index search` them.
+    #[command(subcommand)]
+    Index(index::IndexCommand),
 }
 
 impl Cli {
@@ -102,6 +106,7 @@ impl Cli {
                 Ok(())
             }
             Command::Bench(b) => bench::bench(b),
+            Command::Index(c) => index::index(c),
         }
     }
 }

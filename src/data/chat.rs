@@ -54,6 +54,7 @@ fn parse_role(name: &str) -> Option<Role> {
         "system" | "developer" => Some(Role::System),
         "user" | "human" => Some(Role::User),
         "assistant" | "gpt" | "chatgpt" | "bot" | "model" => Some(Role::Assistant),
+        "document" => Some(Role::Document),
         _ => None,
     }
 }

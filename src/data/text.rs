@@ -129,6 +129,19 @@ pub fn read_documents_with(
     skipped: &mut Skipped,
     mut sink: impl FnMut(String, u64) -> Result<()>,
 ) -> Result<usize> {
+    read_located_documents(path, opts, skipped, |text, consumed, _| {
+        sink(text, consumed)
+    })
+}
+
+/// [`read_documents_with`] that also tells where each document starts: its first line (text and
+/// JSONL) or its row (Parquet), counted from 1, for citing a passage's source.
+pub fn read_located_documents(
+    path: &Path,
+    opts: &ReadOptions,
+    skipped: &mut Skipped,
+    mut sink: impl FnMut(String, u64, usize) -> Result<()>,
+) -> Result<usize> {
     let format = opts.format.resolve(path);
     if format == DocFormat::Parquet {
         return read_parquet(path, opts, skipped, sink);
@@ -142,6 +155,7 @@ pub fn read_documents_with(
     let mut line = Vec::new();
     let mut paragraph = String::new();
     let mut line_no = 0usize;
+    let mut paragraph_line = 0usize;
     loop {
         line.clear();
         let n = reader
@@ -172,7 +186,7 @@ pub fn read_documents_with(
             DocFormat::Lines => {
                 let t = text.trim_end_matches(['\n', '\r']);
                 if !t.trim().is_empty() {
-                    sink(t.to_string(), consumed)?;
+                    sink(t.to_string(), consumed, line_no)?;
                     docs += 1;
                 }
             }
@@ -180,10 +194,17 @@ pub fn read_documents_with(
                 if text.trim().is_empty() {
                     if !paragraph.is_empty() {
                         let doc = std::mem::take(&mut paragraph);
-                        sink(doc.trim_end_matches(['\n', '\r']).to_string(), consumed)?;
+                        sink(
+                            doc.trim_end_matches(['\n', '\r']).to_string(),
+                            consumed,
+                            paragraph_line,
+                        )?;
                         docs += 1;
                     }
                 } else {
+                    if paragraph.is_empty() {
+                        paragraph_line = line_no;
+                    }
                     paragraph.push_str(text);
                 }
             }
@@ -204,7 +225,7 @@ pub fn read_documents_with(
                 match value.get(text_field) {
                     Some(serde_json::Value::String(s)) => {
                         if !s.trim().is_empty() {
-                            sink(s.clone(), consumed)?;
+                            sink(s.clone(), consumed, line_no)?;
                             docs += 1;
                         }
                     }
@@ -234,6 +255,7 @@ pub fn read_documents_with(
         sink(
             paragraph.trim_end_matches(['\n', '\r']).to_string(),
             consumed,
+            paragraph_line,
         )?;
         docs += 1;
     }
@@ -245,7 +267,7 @@ fn read_parquet(
     path: &Path,
     opts: &ReadOptions,
     skipped: &mut Skipped,
-    mut sink: impl FnMut(String, u64) -> Result<()>,
+    mut sink: impl FnMut(String, u64, usize) -> Result<()>,
 ) -> Result<usize> {
     use arrow_array::cast::AsArray;
     use arrow_array::Array;
@@ -317,7 +339,7 @@ fn read_parquet(
             if let Some(t) = text {
                 if !t.trim().is_empty() {
                     let consumed = (row + i as u64 + 1) * file_len / total_rows;
-                    sink(t.to_string(), consumed)?;
+                    sink(t.to_string(), consumed, (row + i as u64 + 1) as usize)?;
                     docs += 1;
                 }
             }

@@ -14,9 +14,10 @@
 use super::sampler::{Sampler, SamplingParams};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
+use crate::tools::{ToolTokens, MAX_CALL_TOKENS};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,6 +52,9 @@ pub struct Reply {
     /// The stop id that ended the reply, if one did.
     pub stop_token: Option<u32>,
     pub prompt_tokens: usize,
+    /// Indices into `tokens` that the core wrote rather than the model sampled: calculator
+    /// outputs. Training on a reply leaves them out.
+    pub forced: Vec<usize>,
 }
 
 /// What a call into the decoder produced, in order.
@@ -86,6 +90,11 @@ struct Row {
     budget: usize,
     last: u32,
     prompt_tokens: usize,
+    /// The calculator call being written (between its tool tokens), if one is.
+    call: Option<Vec<u32>>,
+    /// Tokens the core feeds next instead of sampling: a call's output.
+    pending: VecDeque<u32>,
+    forced: Vec<usize>,
 }
 
 /// Why a row ended, and the stop id that ended it.
@@ -93,29 +102,31 @@ type Ending = (FinishReason, Option<u32>);
 
 impl Row {
     /// Applies logit bias and penalties, samples the next token and streams the text it completes.
+    /// A finished calculator call queues its output, which the following steps feed instead of
+    /// sampling.
     fn advance(
         &mut self,
         tokenizer: &Tokenizer,
-        mut logits: Vec<f32>,
+        tools: Option<&ToolTokens>,
+        logits: Vec<f32>,
         out: &mut Vec<Update>,
     ) -> Result<Option<Ending>> {
-        let p = &self.params;
-        for &(t, b) in &p.logit_bias {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l += b;
+        let next = match self.pending.pop_front() {
+            Some(t) => {
+                self.forced.push(self.stream.tokens());
+                t
             }
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &n) in &self.counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            None => {
+                let next = self.sample(logits);
+                if self.stop_ids.contains(&next) {
+                    return Ok(Some((FinishReason::Stop, Some(next))));
                 }
+                if let Some(t) = tools {
+                    self.track_call(tokenizer, t, next)?;
+                }
+                next
             }
-        }
-        let next = self.sampler.sample(&logits);
-        if self.stop_ids.contains(&next) {
-            return Ok(Some((FinishReason::Stop, Some(next))));
-        }
+        };
         *self.counts.entry(next).or_default() += 1;
         self.last = next;
         let (delta, stopped) = self.stream.push(tokenizer, next)?;
@@ -134,6 +145,53 @@ impl Row {
         Ok(None)
     }
 
+    fn sample(&mut self, mut logits: Vec<f32>) -> u32 {
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        self.sampler.sample(&logits)
+    }
+
+    /// Follows a calculator call through the sampled token `next`; at its end token (or when it
+    /// runs too long) queues the output span.
+    fn track_call(&mut self, tokenizer: &Tokenizer, t: &ToolTokens, next: u32) -> Result<()> {
+        if next == t.start {
+            self.call = Some(Vec::new());
+            return Ok(());
+        }
+        let Some(call) = self.call.as_mut() else {
+            return Ok(());
+        };
+        if next != t.end {
+            call.push(next);
+            if call.len() <= MAX_CALL_TOKENS {
+                return Ok(());
+            }
+        }
+        let call = self.call.take().unwrap_or_default();
+        let output = if call.len() > MAX_CALL_TOKENS {
+            // Close the call for the model, then answer it.
+            let cut = format!("error: the call is longer than {MAX_CALL_TOKENS} tokens");
+            let mut ids = vec![t.end];
+            ids.extend(t.output(tokenizer, Err(cut))?);
+            ids
+        } else {
+            t.output(tokenizer, Ok(&tokenizer.decode(&call)?))?
+        };
+        self.pending.extend(output);
+        Ok(())
+    }
+
     fn finish(mut self, (finish_reason, stop_token): Ending, out: &mut Vec<Update>) {
         let rest = self.stream.finish();
         if !rest.is_empty() {
@@ -150,6 +208,7 @@ impl Row {
             finish_reason,
             stop_token,
             prompt_tokens: self.prompt_tokens,
+            forced: self.forced,
         }));
     }
 }
@@ -172,6 +231,8 @@ pub struct Decoder<'m> {
     rows: Vec<Row>,
     cache: Option<KvCache>,
     joining: Option<Joining>,
+    /// The calculator's tokens, where the tokenizer has them.
+    tools: Option<ToolTokens>,
 }
 
 impl<'m> Decoder<'m> {
@@ -182,6 +243,7 @@ impl<'m> Decoder<'m> {
             rows: Vec::new(),
             cache: None,
             joining: None,
+            tools: ToolTokens::of(tokenizer),
         }
     }
 
@@ -248,6 +310,9 @@ impl<'m> Decoder<'m> {
                 budget,
                 last: 0,
                 prompt_tokens: r.prompt.len(),
+                call: None,
+                pending: VecDeque::new(),
+                forced: Vec::new(),
             });
             prompts.push(r.prompt);
         }
@@ -304,7 +369,7 @@ impl<'m> Decoder<'m> {
             let ending = if row.budget == 0 {
                 Some((FinishReason::Length, None))
             } else {
-                row.advance(self.tokenizer, l, out)?
+                row.advance(self.tokenizer, self.tools.as_ref(), l, out)?
             };
             match ending {
                 Some(e) => row.finish(e, out),
@@ -338,7 +403,7 @@ impl<'m> Decoder<'m> {
         let logits: Vec<Vec<f32>> = self.model.forward_last(&input, Some(cache))?.to_vec2()?;
         let mut endings = Vec::new();
         for (i, (row, l)) in self.rows.iter_mut().zip(logits).enumerate() {
-            if let Some(e) = row.advance(self.tokenizer, l, out)? {
+            if let Some(e) = row.advance(self.tokenizer, self.tools.as_ref(), l, out)? {
                 endings.push((i, e));
             }
         }

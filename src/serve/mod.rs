@@ -490,11 +490,12 @@ fn chat_prompt(state: &AppState, req: &ChatRequest) -> Result<Vec<u32>, ApiError
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "document" => Role::Document,
             other => {
                 return Err(ApiError::invalid(
                     "messages",
                     format!(
-                        "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
+                        "messages[{i}]: role {other:?} is not supported (system, user, assistant, document)"
                     ),
                 ))
             }

@@ -13,6 +13,9 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// Retrieved passages the next answer may draw on (`crate::tools`): a turn of its own in
+    /// chatforge's format, folded into the system message for other templates.
+    Document,
 }
 
 impl Role {
@@ -21,6 +24,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Document => "document",
         }
     }
 }
@@ -159,18 +163,32 @@ pub fn render(
     add_generation_prompt: bool,
 ) -> Result<RenderedChat> {
     let mut r = RenderedChat::default();
+    let own_documents = *template == ChatTemplate::Chatforge
+        && tok.special_id(crate::tools::DOCUMENT_START).is_some();
+    let folded;
+    let messages = if own_documents || !messages.iter().any(|m| m.role == Role::Document) {
+        messages
+    } else {
+        folded = fold_documents(messages);
+        &folded[..]
+    };
     match template {
         ChatTemplate::Chatforge => {
             r.push_structure(vec![special(tok, "<|bos|>")?], false);
+            let tools = crate::tools::ToolTokens::of(tok);
             for m in messages {
                 let (start, end) = match m.role {
                     Role::System => ("<|system_start|>", "<|system_end|>"),
                     Role::User => ("<|user_start|>", "<|user_end|>"),
                     Role::Assistant => ("<|assistant_start|>", "<|assistant_end|>"),
+                    Role::Document => (crate::tools::DOCUMENT_START, crate::tools::DOCUMENT_END),
                 };
                 let train = m.role == Role::Assistant;
                 r.push_structure(vec![special(tok, start)?], false);
-                r.push_content(tok.encode_plain(&m.content)?, train);
+                match tools {
+                    Some(t) if train => push_with_calls(tok, &t, &m.content, &mut r)?,
+                    _ => r.push_content(tok.encode_plain(&m.content)?, train),
+                }
                 r.push_structure(vec![special(tok, end)?], train);
             }
             if add_generation_prompt {
@@ -225,6 +243,68 @@ pub fn render(
         }
     }
     Ok(r)
+}
+
+/// Document turns folded into the system message, for templates without a document turn.
+fn fold_documents(messages: &[Message]) -> Vec<Message> {
+    let documents: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == Role::Document)
+        .map(|m| m.content.as_str())
+        .collect();
+    let context = format!(
+        "Answer from these documents when they hold the answer, and say so when they do not:\n\n{}",
+        documents.join("\n\n")
+    );
+    let mut out: Vec<Message> = messages
+        .iter()
+        .filter(|m| m.role != Role::Document)
+        .cloned()
+        .collect();
+    match out.first_mut() {
+        Some(first) if first.role == Role::System => {
+            first.content = format!("{}\n\n{context}", first.content)
+        }
+        _ => out.insert(0, Message::new(Role::System, context)),
+    }
+    out
+}
+
+/// Assistant content with calculator calls: the call and its tool tokens are trained, the output
+/// span (which the decoding core forces) is not. Only assistant turns are read this way; what
+/// users write is always plain text.
+fn push_with_calls(
+    tok: &Tokenizer,
+    tools: &crate::tools::ToolTokens,
+    content: &str,
+    r: &mut RenderedChat,
+) -> Result<()> {
+    use crate::tools::{OUTPUT_END, OUTPUT_START, TOOL_END, TOOL_START};
+    let mut rest = content;
+    while let Some(at) = rest.find(TOOL_START) {
+        let after = &rest[at + TOOL_START.len()..];
+        let (Some(call_end), Some(out_start), Some(out_end)) = (
+            after.find(TOOL_END),
+            after.find(OUTPUT_START),
+            after.find(OUTPUT_END),
+        ) else {
+            break;
+        };
+        if !(call_end < out_start && out_start < out_end) {
+            break;
+        }
+        r.push_content(tok.encode_plain(&rest[..at])?, true);
+        r.push_structure(vec![tools.start], true);
+        r.push_content(tok.encode_plain(&after[..call_end])?, true);
+        r.push_structure(vec![tools.end], true);
+        r.push_structure(vec![tools.output_start], false);
+        let output = &after[out_start + OUTPUT_START.len()..out_end];
+        r.push_content(tok.encode_plain(output)?, false);
+        r.push_structure(vec![tools.output_end], false);
+        rest = &after[out_end + OUTPUT_END.len()..];
+    }
+    r.push_content(tok.encode_plain(rest)?, true);
+    Ok(())
 }
 
 fn jinja_text(

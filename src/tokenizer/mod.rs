@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Special tokens reserved for the chat format, in id order after the learned vocabulary.
-/// `<|bos|>` starts every document; the spares keep the id layout stable when later stages need more.
+/// `<|bos|>` starts every document; tool and document tokens carry calculator calls and retrieved
+/// passages (`crate::tools`); the spares keep the id layout stable when later stages need more.
 pub const CHAT_SPECIAL_TOKENS: [&str; 16] = [
     "<|bos|>",
     "<|user_start|>",
@@ -21,12 +22,12 @@ pub const CHAT_SPECIAL_TOKENS: [&str; 16] = [
     "<|system_start|>",
     "<|system_end|>",
     "<|pad|>",
-    "<|reserved_0|>",
-    "<|reserved_1|>",
-    "<|reserved_2|>",
-    "<|reserved_3|>",
-    "<|reserved_4|>",
-    "<|reserved_5|>",
+    "<|tool_start|>",
+    "<|tool_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+    "<|document_start|>",
+    "<|document_end|>",
     "<|reserved_6|>",
     "<|reserved_7|>",
 ];

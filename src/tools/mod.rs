@@ -1,0 +1,179 @@
+//! Knowledge and tools from outside the weights. A model's knowledge stops at its training data and
+//! a small model miscopies digits, so it reads retrieved passages (`index`, shown to it as a
+//! document turn) and calls a calculator (`calculator`, run by the decoding core between tool
+//! tokens, in the style of nanochat's calculator).
+//!
+//! The call protocol, in chatforge's chat format:
+//! `<|tool_start|>12 + 30<|tool_end|><|output_start|>42<|output_end|>` inside an assistant turn.
+//! The model writes the call and its end token; the core evaluates it and forces the output span,
+//! which the loss never trains on (SFT masks it, RL rollouts leave it out of the policy's tokens).
+
+pub mod calculator;
+pub mod index;
+
+use crate::tokenizer::chat::{Message, Role};
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+use index::{DocumentIndex, Passage};
+use std::path::PathBuf;
+
+pub const TOOL_START: &str = "<|tool_start|>";
+pub const TOOL_END: &str = "<|tool_end|>";
+pub const OUTPUT_START: &str = "<|output_start|>";
+pub const OUTPUT_END: &str = "<|output_end|>";
+pub const DOCUMENT_START: &str = "<|document_start|>";
+pub const DOCUMENT_END: &str = "<|document_end|>";
+
+/// Longest call the core waits for before answering it with an error, in tokens.
+pub const MAX_CALL_TOKENS: usize = 128;
+
+/// The ids of the tool tokens, where the tokenizer has them (chatforge tokenizers trained since
+/// they were reserved; other models have none and never call the calculator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToolTokens {
+    pub start: u32,
+    pub end: u32,
+    pub output_start: u32,
+    pub output_end: u32,
+}
+
+impl ToolTokens {
+    pub fn of(tok: &Tokenizer) -> Option<ToolTokens> {
+        Some(ToolTokens {
+            start: tok.special_id(TOOL_START)?,
+            end: tok.special_id(TOOL_END)?,
+            output_start: tok.special_id(OUTPUT_START)?,
+            output_end: tok.special_id(OUTPUT_END)?,
+        })
+    }
+
+    /// The forced output span: the calculator's answer to `call`, or `error` when the call was
+    /// cut off.
+    pub fn output(&self, tok: &Tokenizer, call: Result<&str, String>) -> Result<Vec<u32>> {
+        let answer = match call {
+            Ok(c) => calculator::answer(c.trim()),
+            Err(e) => e,
+        };
+        let mut ids = vec![self.output_start];
+        ids.extend(tok.encode_plain(&answer)?);
+        ids.push(self.output_end);
+        Ok(ids)
+    }
+}
+
+/// A calculator call written in a reply: `<|tool_start|>expr<|tool_end|>` and its output.
+pub fn call_text(expression: &str) -> String {
+    format!(
+        "{TOOL_START}{expression}{TOOL_END}{OUTPUT_START}{}{OUTPUT_END}",
+        calculator::answer(expression)
+    )
+}
+
+/// A reply's text for people: each call and its output become `[expr = value]`.
+pub fn readable(text: &str) -> String {
+    text.replace(TOOL_START, "[")
+        .replace(TOOL_END, "")
+        .replace(OUTPUT_START, " = ")
+        .replace(OUTPUT_END, "]")
+}
+
+/// Retrieval for a conversation: which index, how many passages, how many tokens they may take.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RetrievalArgs {
+    /// A document index (`chatforge index add`): each question is answered with its best passages
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Passages retrieved per question
+    #[arg(long, default_value_t = Retrieval::DEFAULT_TOP_K)]
+    pub top_k: usize,
+    /// Most prompt tokens the passages may take (the lowest-ranked go first)
+    #[arg(long, default_value_t = Retrieval::DEFAULT_DOCUMENT_TOKENS)]
+    pub document_tokens: usize,
+}
+
+impl RetrievalArgs {
+    pub fn open(&self) -> Result<Option<Retrieval>> {
+        let Some(dir) = &self.index else {
+            return Ok(None);
+        };
+        Ok(Some(Retrieval {
+            index: DocumentIndex::open(dir)?,
+            top_k: self.top_k,
+            document_tokens: self.document_tokens,
+        }))
+    }
+}
+
+/// An open index with the per-question limits.
+pub struct Retrieval {
+    pub index: DocumentIndex,
+    pub top_k: usize,
+    pub document_tokens: usize,
+}
+
+impl Retrieval {
+    pub const DEFAULT_TOP_K: usize = 3;
+    pub const DEFAULT_DOCUMENT_TOKENS: usize = 512;
+
+    /// The best passages for `question` that fit the token budget together, best first.
+    pub fn passages(&self, tok: &Tokenizer, question: &str) -> Result<Vec<Passage>> {
+        let mut out = Vec::new();
+        let mut used = 0;
+        for p in self.index.search(question, self.top_k)? {
+            let n = tok.encode_plain(&p.text)?.len() + 2;
+            if used + n > self.document_tokens {
+                if out.is_empty() {
+                    // The best passage alone is over the budget: keep its start.
+                    let mut p = p;
+                    p.text = truncate_to_tokens(tok, &p.text, self.document_tokens)?;
+                    out.push(p);
+                }
+                break;
+            }
+            used += n;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// `messages` with the passages for its last user message inserted before it as a document
+    /// turn; the passages come back for the reply's sources.
+    pub fn ground(
+        &self,
+        tok: &Tokenizer,
+        messages: &[Message],
+    ) -> Result<(Vec<Message>, Vec<Passage>)> {
+        let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else {
+            return Ok((messages.to_vec(), Vec::new()));
+        };
+        let passages = self.passages(tok, &messages[last_user].content)?;
+        let mut out = messages.to_vec();
+        if !passages.is_empty() {
+            out.insert(last_user, documents_message(&passages));
+        }
+        Ok((out, passages))
+    }
+}
+
+/// The document turn holding `passages`.
+pub fn documents_message(passages: &[Passage]) -> Message {
+    let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
+    Message::new(Role::Document, texts.join("\n\n"))
+}
+
+fn truncate_to_tokens(tok: &Tokenizer, text: &str, n: usize) -> Result<String> {
+    let ids = tok.encode_plain(text)?;
+    let cut = &ids[..ids.len().min(n.saturating_sub(2))];
+    Ok(tok.decode(cut)?.trim_end_matches('\u{FFFD}').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_read_as_bracketed_sums() {
+        let t = format!("So {} apples.", call_text("12 + 30"));
+        assert_eq!(readable(&t), "So [12 + 30 = 42] apples.");
+    }
+}
