@@ -243,10 +243,12 @@ impl Pipeline<'_> {
 
     /// Curriculum, few-shot and (for the base model) bits-per-byte evaluation of one model.
     /// Every curriculum reply and verdict goes to `answers` (JSONL).
+    /// With `with_index`, only the curriculum prompts, answered with passages from `index/`.
     fn evaluate(
         &self,
         run: &Path,
         answers: &Path,
+        with_index: bool,
     ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let lm = model::load(run, &candle_core::Device::Cpu)?;
         if let Some(dir) = answers.parent() {
@@ -257,9 +259,11 @@ impl Pipeline<'_> {
                 "curriculum:{}",
                 self.data("rl_prompts_heldout.jsonl").display()
             ),
-            format!("probes:{}", self.data("fewshot_probes.jsonl").display()),
         ];
-        tasks.push(format!("bpb:{}", self.path("shards").display()));
+        if !with_index {
+            tasks.push(format!("probes:{}", self.data("fewshot_probes.jsonl").display()));
+            tasks.push(format!("bpb:{}", self.path("shards").display()));
+        }
         let results = eval::run(
             &lm,
             &EvalOptions {
@@ -271,6 +275,10 @@ impl Pipeline<'_> {
                 max_tokens: self.spec.max_new_tokens,
                 batch_size: 16,
                 answers: Some(answers.to_path_buf()),
+                retrieval: crate::tools::RetrievalArgs {
+                    index: with_index.then(|| self.path("index")),
+                    ..Default::default()
+                },
             },
         )?;
         // Short keys: the files are the same for every stage.
@@ -318,6 +326,20 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         eprintln!("      {}", serde_json::to_string(&c)?);
         Ok(None)
     })?;
+    // The knowledge base's index, for the evaluation with retrieval: a second or less, so it is
+    // no stage of its own. Built into a temporary folder and renamed, so it is whole or absent.
+    let index_dir = p.path("index");
+    if !index_dir.exists() {
+        let tmp = p.path("index.partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let mut index = crate::tools::index::DocumentIndex::open_or_create(&tmp)?;
+        index.add(
+            &[p.data(curriculum::KNOWLEDGE_FILE)],
+            &crate::data::text::ReadOptions::default(),
+        )?;
+        drop(index);
+        std::fs::rename(&tmp, &index_dir)?;
+    }
     let tok_dir = p.path("tokenizer");
     p.stage("tokenizer", &tok_dir.join("tokenizer.json"), |p| {
         let (tok, r) = Tokenizer::train_on_files(
@@ -381,7 +403,7 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
     p.stage("eval base", &p.path("eval/base.json"), |p| {
         write_eval(
             &p.path("eval/base.json"),
-            &p.evaluate(&base, &p.path("eval/base_answers.jsonl"))?,
+            &p.evaluate(&base, &p.path("eval/base_answers.jsonl"), false)?,
         )?;
         Ok(None)
     })?;
@@ -404,7 +426,7 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
     p.stage("eval sft", &p.path("eval/sft.json"), |p| {
         write_eval(
             &p.path("eval/sft.json"),
-            &p.evaluate(&sft_dir, &p.path("eval/sft_answers.jsonl"))?,
+            &p.evaluate(&sft_dir, &p.path("eval/sft_answers.jsonl"), false)?,
         )?;
         Ok(None)
     })?;
@@ -462,7 +484,15 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         eprintln!("      evaluating the RLHF model");
         write_eval(
             &rl_eval,
-            &p.evaluate(&rl_dir, &p.path("eval/rlhf_answers.jsonl"))?,
+            &p.evaluate(&rl_dir, &p.path("eval/rlhf_answers.jsonl"), false)?,
+        )?;
+    }
+    let rl_index_eval = p.path("eval/rlhf_index.json");
+    if !rl_index_eval.exists() {
+        eprintln!("      evaluating the RLHF model with the knowledge-base index");
+        write_eval(
+            &rl_index_eval,
+            &p.evaluate(&rl_dir, &p.path("eval/rlhf_index_answers.jsonl"), true)?,
         )?;
     }
     let report = crate::eval::report::speedrun_report(

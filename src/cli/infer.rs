@@ -4,7 +4,8 @@ use crate::infer::generate::{generate_from_ids, stop_ids, FinishReason};
 use crate::infer::sampler::SamplingParams;
 use crate::serve::ServeOptions;
 use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
-use anyhow::Result;
+use crate::tools::RetrievalArgs;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -29,6 +30,9 @@ pub struct GenerateArgs {
     chat: bool,
     #[command(flatten)]
     pub(super) sampling: SamplingParams,
+    /// With --chat: answer from this index's passages (see `chatforge index`).
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
     /// Print timing and the finish reason as JSON on stderr at the end.
     #[arg(long)]
     stats: bool,
@@ -41,12 +45,21 @@ pub struct GenerateArgs {
 pub fn generate(a: GenerateArgs) -> Result<()> {
     // Before anything is printed or loaded.
     a.sampling.validate()?;
+    if a.retrieval.index.is_some() && !a.chat {
+        bail!("--index answers chat questions: add --chat");
+    }
+    let retrieval = a.retrieval.open()?;
     let lm = load(&a.model)?;
     let mut stops = stop_ids(&lm);
+    let mut sources = Vec::new();
     let ids = if a.chat {
         let template = lm.template()?;
         stops.extend(template.stop_ids(&lm.tokenizer));
-        let m = [Message::new(Role::User, a.prompt.clone())];
+        let mut m = vec![Message::new(Role::User, a.prompt.clone())];
+        if let Some(r) = &retrieval {
+            let context = lm.model.config.max_position_embeddings;
+            (m, sources) = r.ground(&lm.tokenizer, &m, context)?;
+        }
         render(&lm.tokenizer, &template, &m, true)?.ids
     } else {
         let mut ids: Vec<u32> = lm.tokenizer.bos_id().into_iter().collect();
@@ -59,7 +72,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     let g = generate_from_ids(&lm, &ids, &a.sampling, &stops, None, |piece| {
         if !a.json {
-            print!("{piece}");
+            print!("{}", crate::tools::readable(piece));
             out.flush()?;
         }
         Ok(())
@@ -75,9 +88,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         j["prompt_ids"] = serde_json::json!(ids);
         j["ids"] = serde_json::json!(g.tokens);
         j["text"] = serde_json::json!(g.text);
+        j["sources"] = serde_json::json!(sources);
         println!("{j}");
     } else {
         println!();
+        if !sources.is_empty() {
+            eprintln!("(sources: {})", crate::tools::source_list(&sources));
+        }
         if a.stats {
             eprintln!("{timing}");
         } else if g.finish_reason == FinishReason::Length && g.tokens.len() < a.sampling.max_tokens
@@ -101,6 +118,8 @@ pub struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     pub(super) sampling: SamplingParams,
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
@@ -108,6 +127,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let lm = load(&a.model)?;
     let mut session = ChatSession::new(&lm, template(a.template.as_deref())?, a.sampling)?;
     session.system = a.system;
+    session.retrieval = a.retrieval.open()?;
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     run_terminal(&mut session, &mut stdin.lock(), interactive)
@@ -139,6 +159,8 @@ pub struct ServeArgs {
     /// Chat template: chatforge, chatml or llama3 (default: from the tokenizer).
     #[arg(long)]
     template: Option<String>,
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -151,6 +173,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         queue: a.queue,
         max_tokens_cap: a.max_tokens_cap,
         template: template(a.template.as_deref())?,
+        retrieval: a.retrieval,
     })
 }
 
@@ -184,6 +207,9 @@ pub struct EvalArgs {
     /// Write each curriculum prompt with the model's reply and the checker's verdict here (JSONL).
     #[arg(long)]
     answers: Option<PathBuf>,
+    /// Curriculum prompts are answered with passages from --index.
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -197,6 +223,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         batch_size: a.batch_size,
         answers: a.answers,
+        retrieval: a.retrieval,
     };
     let results = crate::eval::run(&lm, &opts)?;
     print!("{}", crate::eval::markdown(&results));

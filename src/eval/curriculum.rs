@@ -2,7 +2,9 @@
 //! its checker and its metric names. `eval`, RLHF's held-out measurement and the speedrun's
 //! report all score replies through [`Tally`], so a metric has one name everywhere.
 
-use crate::data::curriculum::tasks::{check, is_refusal, Answer, Family, Lang};
+use crate::data::curriculum::tasks::{
+    check, is_refusal, Answer, Family, Lang, NOT_IN_DOCUMENTS_EN, NOT_IN_DOCUMENTS_ZH,
+};
 use crate::data::prefs::RlPrompt;
 use crate::tokenizer::chat::Message;
 use anyhow::{Context, Result};
@@ -13,6 +15,9 @@ use std::path::Path;
 pub mod metric {
     /// Items scored.
     pub const N: &str = "n";
+    /// Items whose answer-holding passage retrieval put among the passages shown
+    /// (`retrieval_recall/LANG`; only with an index).
+    pub const RETRIEVAL_RECALL: &str = "retrieval_recall";
     /// Replies the checker passes, over every item with an answer (`accuracy/FAMILY` per family).
     pub const ACCURACY: &str = "accuracy";
     /// Replies that ended with the end-of-turn token (or a stop string) rather than the limit.
@@ -33,6 +38,8 @@ pub struct Item {
     pub family: Option<String>,
     pub lang: Option<Lang>,
     pub answer: Option<Answer>,
+    /// The passage that holds the answer, for items whose passages retrieval must find.
+    pub source: Option<String>,
 }
 
 impl Item {
@@ -42,6 +49,20 @@ impl Item {
             family: p.family.clone(),
             lang: None,
             answer: p.answer.clone(),
+            source: None,
+        }
+    }
+
+    /// The family its accuracy counts under: grounded questions whose passages lack the answer
+    /// count apart (`grounded_not_in_documents`), as answering them is a different skill.
+    pub fn scored_family(&self) -> String {
+        let family = self.family.as_deref().unwrap_or_default();
+        let says_missing = matches!(&self.answer, Some(Answer::Contains(w))
+            if w.iter().any(|w| w.starts_with(NOT_IN_DOCUMENTS_EN) || w.starts_with(NOT_IN_DOCUMENTS_ZH)));
+        if family == "grounded" && says_missing {
+            "grounded_not_in_documents".into()
+        } else {
+            family.to_string()
         }
     }
 
@@ -74,6 +95,7 @@ pub fn load(path: &Path) -> Result<Vec<Item>> {
                 family: serde_json::to_value(family)?.as_str().map(str::to_string),
                 lang: Some(lang),
                 answer: Some(answer),
+                source: v.get("source").and_then(|s| s.as_str()).map(str::to_string),
             })
         })
         .collect()
@@ -99,7 +121,7 @@ impl Tally {
         let pass = item.passes(reply);
         let family = item.family.as_deref().unwrap_or_default();
         if item.answer.is_some() {
-            let e = self.families.entry(family.to_string()).or_default();
+            let e = self.families.entry(item.scored_family()).or_default();
             e.0 += 1;
             e.1 += usize::from(pass);
         }

@@ -341,14 +341,29 @@ pub fn score_curriculum(
     path: &Path,
     limit: Option<usize>,
     max_tokens: usize,
+    retrieval: Option<(&crate::tools::Retrieval, &crate::tokenizer::Tokenizer, usize)>,
     mut answers: Option<&mut Vec<serde_json::Value>>,
 ) -> Result<BTreeMap<String, f64>> {
     let mut items = curriculum::load(path)?;
     items.truncate(limit.unwrap_or(items.len()));
-    let prompts: Vec<Prompt> = items
-        .iter()
-        .map(|i| Prompt::Chat(i.messages.clone()))
-        .collect();
+    // With an index, each prompt gets its passages, and items that name the passage holding
+    // their answer measure whether retrieval found it (recall at the number of passages).
+    let mut recall: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut prompts = Vec::with_capacity(items.len());
+    for item in &items {
+        let Some((r, tok, context)) = retrieval else {
+            prompts.push(Prompt::Chat(item.messages.clone()));
+            continue;
+        };
+        let (grounded, passages) = r.ground(tok, &item.messages, context)?;
+        if let (Some(source), Some(lang)) = (&item.source, item.lang) {
+            let name = serde_json::to_value(lang)?.as_str().unwrap_or("?").to_string();
+            let e = recall.entry(name).or_default();
+            e.0 += 1;
+            e.1 += usize::from(passages.iter().any(|p| &p.text == source));
+        }
+        prompts.push(Prompt::Chat(grounded));
+    }
     let outs = m.generate(&prompts, max_tokens, &[])?;
     let mut tally = curriculum::Tally::default();
     for (item, o) in items.iter().zip(&outs) {
@@ -361,7 +376,14 @@ pub fn score_curriculum(
             }));
         }
     }
-    Ok(tally.metrics())
+    let mut metrics = tally.metrics();
+    for (lang, (n, found)) in recall {
+        metrics.insert(
+            format!("{}/{lang}", curriculum::metric::RETRIEVAL_RECALL),
+            found as f64 / n.max(1) as f64,
+        );
+    }
+    Ok(metrics)
 }
 
 /// Few-shot probes (`probe`, `k`, `prompt`, `answer`): exact match of the first line of the
@@ -410,6 +432,8 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Write every curriculum prompt's reply and verdict here (JSONL).
     pub answers: Option<std::path::PathBuf>,
+    /// Curriculum prompts are answered with passages from this index, if given.
+    pub retrieval: crate::tools::RetrievalArgs,
 }
 
 impl Default for EvalOptions {
@@ -423,6 +447,7 @@ impl Default for EvalOptions {
             max_tokens: 256,
             batch_size: 16,
             answers: None,
+            retrieval: crate::tools::RetrievalArgs::default(),
         }
     }
 }
@@ -447,6 +472,8 @@ pub fn run(
     let chat = opts
         .chat
         .unwrap_or_else(|| crate::tokenizer::chat::ChatTemplate::detect(&lm.tokenizer).is_ok());
+    let retrieval = opts.retrieval.open()?;
+    let context = lm.model.config.max_position_embeddings;
     let mut results = BTreeMap::new();
     let mut answers = Vec::new();
     for spec in &opts.tasks {
@@ -476,7 +503,8 @@ pub fn run(
             "gsm8k" => score_gsm8k(&mut m, path, chat, opts.cot, opts.shots, opts.limit, opts.max_tokens)?,
             "curriculum" => {
                 let keep = opts.answers.is_some().then_some(&mut answers);
-                score_curriculum(&mut m, path, opts.limit, opts.max_tokens, keep)?
+                let r = retrieval.as_ref().map(|r| (r, &lm.tokenizer, context));
+                score_curriculum(&mut m, path, opts.limit, opts.max_tokens, r, keep)?
             }
             "probes" => score_probes(&mut m, path, opts.limit)?,
             "bpb" => {
@@ -787,7 +815,7 @@ mod tests {
         }
         std::fs::write(&p, lines).unwrap();
         let mut answers = Vec::new();
-        let r = score_curriculum(&mut HalfRight(best), &p, None, 50, Some(&mut answers)).unwrap();
+        let r = score_curriculum(&mut HalfRight(best), &p, None, 50, None, Some(&mut answers)).unwrap();
         assert_eq!(r["accuracy"], 0.5);
         assert_eq!(r["stops_at_end_of_turn"], 0.5);
         assert!(

@@ -254,7 +254,7 @@ fn fmt(v: Option<f64>) -> String {
 }
 
 /// The before/after rows of the report: (label, task, metric).
-const ROWS: [(&str, &str, &str); 14] = [
+const ROWS: [(&str, &str, &str); 18] = [
     ("bits per byte (held-out text)", "bpb", "bits_per_byte"),
     (
         "checker accuracy, all held-out prompts",
@@ -279,6 +279,26 @@ const ROWS: [(&str, &str, &str); 14] = [
         "accuracy/chicken_rabbit_direct",
     ),
     ("  translation", "curriculum", "accuracy/translation"),
+    (
+        "  invented people, facts only in documents",
+        "curriculum",
+        "accuracy/grounded",
+    ),
+    (
+        "  invented people, documents lack the answer",
+        "curriculum",
+        "accuracy/grounded_not_in_documents",
+    ),
+    (
+        "retrieval recall (English)",
+        "curriculum",
+        "retrieval_recall/en",
+    ),
+    (
+        "retrieval recall (Chinese)",
+        "curriculum",
+        "retrieval_recall/zh",
+    ),
     ("  sentiment", "curriculum", "accuracy/sentiment"),
     ("stops at end of turn", "curriculum", metric::STOPS),
     (
@@ -309,7 +329,7 @@ pub fn speedrun_report(
     stages: &[&str],
 ) -> Result<PathBuf> {
     let path_of = |name: &str| out.join(name);
-    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf"]
+    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf", "rlhf_index"]
         .iter()
         .map(|s| (*s, read_value(&path_of(&format!("eval/{s}.json")))))
         .collect();
@@ -339,7 +359,7 @@ pub fn speedrun_report(
         );
     }
     let _ = writeln!(md, "| **total** | {total:.1} | | |\n");
-    md.push_str("## Before and after (held-out prompts, greedy)\n\n| metric | base | SFT | RLHF |\n|---|---|---|---|\n");
+    md.push_str("## Before and after (held-out prompts, greedy)\n\nThe last column is the RLHF model answering with passages retrieved from the curriculum's knowledge base (`index/`, built from `data/knowledge.txt`); the others see no documents.\n\n| metric | base | SFT | RLHF | RLHF with index |\n|---|---|---|---|---|\n");
     let get = |e: &Value, task: &str, k: &str| e[task][k].as_f64();
     for (label, task, key) in ROWS {
         let _ = write!(md, "| {label} |");
@@ -350,7 +370,7 @@ pub fn speedrun_report(
     }
     let _ = writeln!(
         md,
-        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} |",
+        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} | - |",
         fmt(meta["unigram_val_nats"].as_f64()),
         fmt(get(&evals[0].1, "bpb", "loss")),
         fmt(get(&evals[1].1, "bpb", "loss")),
@@ -415,7 +435,7 @@ pub fn speedrun_report(
     probe_keys.sort();
     for k in &probe_keys {
         let _ = write!(md, "| {} |", k.trim_start_matches("accuracy/"));
-        for (_, e) in &evals {
+        for (_, e) in &evals[..3] {
             let _ = write!(md, " {} |", fmt(get(e, "probes", k)));
         }
         md.push('\n');

@@ -5,6 +5,8 @@ use super::generate::{generate_from_ids, FinishReason};
 use super::sampler::SamplingParams;
 use crate::model::LoadedModel;
 use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
+use crate::tools::index::Passage;
+use crate::tools::Retrieval;
 use anyhow::{bail, Result};
 use std::sync::atomic::AtomicBool;
 
@@ -14,6 +16,8 @@ pub struct ChatSession<'a> {
     pub system: Option<String>,
     pub history: Vec<Message>,
     pub options: SamplingParams,
+    /// Where each question's passages come from, if anywhere.
+    pub retrieval: Option<Retrieval>,
     stops: Vec<u32>,
 }
 
@@ -25,6 +29,8 @@ pub struct Reply {
     pub dropped_messages: usize,
     pub tokens: usize,
     pub seconds: f64,
+    /// The passages the model was shown for this question.
+    pub sources: Vec<Passage>,
 }
 
 impl<'a> ChatSession<'a> {
@@ -47,6 +53,7 @@ impl<'a> ChatSession<'a> {
             system: None,
             history: Vec::new(),
             options,
+            retrieval: None,
             stops,
         })
     }
@@ -73,8 +80,16 @@ impl<'a> ChatSession<'a> {
         cancel: &AtomicBool,
         on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<Reply> {
-        self.history.push(Message::new(Role::User, user));
         let context = self.lm.model.config.max_position_embeddings;
+        let mut sources = Vec::new();
+        if let Some(r) = &self.retrieval {
+            let question = [Message::new(Role::User, user)];
+            let (grounded, passages) = r.ground(&self.lm.tokenizer, &question, context)?;
+            self.history.extend(grounded);
+            sources = passages;
+        } else {
+            self.history.push(Message::new(Role::User, user));
+        }
         // Leave room for a reply: the requested length, but at most half the context.
         let reserve = self.options.max_tokens.min(context / 2).max(1);
         let mut dropped = 0;
@@ -83,21 +98,24 @@ impl<'a> ChatSession<'a> {
             if r.ids.len() + reserve <= context {
                 break r.ids;
             }
-            if self.history.len() <= 1 {
+            let question = self.history.len() - 1 - usize::from(!sources.is_empty());
+            if question == 0 {
                 let n = r.ids.len();
-                self.history.pop();
+                self.history.truncate(question);
                 bail!(
                     "the message is {n} tokens with its headers, too long for the model's {context}-token context (with {reserve} left for the reply)"
                 );
             }
-            // Drop the oldest exchange: everything up to the next user message.
-            let next_user = self.history[1..]
-                .iter()
-                .position(|m| m.role == Role::User)
-                .map(|p| p + 1)
-                .unwrap_or(1);
-            self.history.drain(..next_user);
-            dropped += next_user;
+            // Drop the oldest exchange: everything up to the next question (its documents, or
+            // the user message itself).
+            let starts = |i: usize| {
+                let role = self.history[i].role;
+                role == Role::Document
+                    || (role == Role::User && self.history[i - 1].role != Role::Document)
+            };
+            let next = (1..self.history.len()).find(|&i| starts(i)).unwrap_or(1);
+            self.history.drain(..next);
+            dropped += next;
         };
         let g = generate_from_ids(
             self.lm,
@@ -115,6 +133,7 @@ impl<'a> ChatSession<'a> {
             dropped_messages: dropped,
             tokens: g.tokens.len(),
             seconds: g.seconds,
+            sources,
         })
     }
 }
@@ -218,7 +237,7 @@ pub fn run_terminal(
         cancel.store(false, Ordering::SeqCst);
         generating.store(true, Ordering::SeqCst);
         let result = session.reply(text, &cancel, |piece| {
-            print!("{piece}");
+            print!("{}", crate::tools::readable(piece));
             stdout.flush()?;
             Ok(())
         });
@@ -226,6 +245,9 @@ pub fn run_terminal(
         println!();
         match result {
             Ok(r) => {
+                if !r.sources.is_empty() {
+                    eprintln!("(sources: {})", crate::tools::source_list(&r.sources));
+                }
                 if r.dropped_messages > 0 {
                     eprintln!(
                         "(dropped the {} oldest messages to fit the context)",

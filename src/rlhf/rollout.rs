@@ -18,6 +18,10 @@ pub struct Row {
     pub start: usize,
     /// Response tokens (including the end-of-turn token when the response stopped).
     pub len: usize,
+    /// Response positions the decoding core wrote (calculator outputs): not the policy's actions,
+    /// so no loss reaches them.
+    #[serde(default)]
+    pub forced: Vec<usize>,
 }
 
 impl Row {
@@ -28,7 +32,14 @@ impl Row {
             ids,
             start: prompt.len() - 1,
             len: response.len(),
+            forced: Vec::new(),
         }
+    }
+
+    /// The row with the response positions in `forced` left out of the loss.
+    pub fn with_forced(mut self, forced: Vec<usize>) -> Row {
+        self.forced = forced;
+        self
     }
 
     pub fn response(&self) -> &[u32] {
@@ -61,7 +72,8 @@ pub fn pack(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
         for t in 0..width {
             x.push(r.ids.get(t).copied().unwrap_or(pad));
             y.push(r.ids.get(t + 1).copied().unwrap_or(pad));
-            let resp = t >= r.start && t < r.start + r.len;
+            let resp =
+                t >= r.start && t < r.start + r.len && !r.forced.contains(&(t - r.start));
             m.push(if resp { 1f32 } else { 0.0 });
         }
     }
@@ -193,7 +205,7 @@ impl Sampling<'_> {
                 }
                 out.push(Sample {
                     prompt: *prompt,
-                    row: Row::new(ids, &response),
+                    row: Row::new(ids, &response).with_forced(g.forced),
                     text: g.text,
                     stopped: g.finish_reason == FinishReason::Stop,
                 });
@@ -210,7 +222,7 @@ mod tests {
     #[test]
     fn packing_marks_exactly_the_response_targets() {
         let a = Row::new(&[1, 2, 3], &[4, 5]);
-        let b = Row::new(&[1], &[6, 7, 8]);
+        let b = Row::new(&[1], &[6, 7, 8]).with_forced(vec![1]);
         assert_eq!(a.response(), &[4, 5]);
         let p = pack(&[&a, &b], 0, &Device::Cpu).unwrap();
         let x: Vec<Vec<u32>> = p.x.to_vec2().unwrap();
@@ -220,7 +232,7 @@ mod tests {
         assert_eq!(y[0], vec![2, 3, 4, 5]);
         assert_eq!(m[0], vec![0.0, 0.0, 1.0, 1.0]);
         assert_eq!(y[1], vec![6, 7, 8, 0]);
-        assert_eq!(m[1], vec![1.0, 1.0, 1.0, 0.0]);
+        assert_eq!(m[1], vec![1.0, 0.0, 1.0, 0.0]);
         let v = place(
             &[&a, &b],
             p.width,

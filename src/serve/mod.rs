@@ -40,6 +40,8 @@ pub struct ServeOptions {
     /// The most tokens one reply may have.
     pub max_tokens_cap: usize,
     pub template: Option<ChatTemplate>,
+    /// The document index chat requests are answered from, if any.
+    pub retrieval: crate::tools::RetrievalArgs,
 }
 
 impl Default for ServeOptions {
@@ -53,6 +55,7 @@ impl Default for ServeOptions {
             queue: 64,
             max_tokens_cap: 1024,
             template: None,
+            retrieval: crate::tools::RetrievalArgs::default(),
         }
     }
 }
@@ -167,6 +170,7 @@ struct AppState {
     engine: Engine,
     lm: Arc<LoadedModel>,
     template: ChatTemplate,
+    retrieval: Option<crate::tools::Retrieval>,
     model_id: String,
     api_key: Option<String>,
     max_tokens_cap: usize,
@@ -205,11 +209,13 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     let model_id = name
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "chatforge".into());
+    let retrieval = opts.retrieval.open()?;
     let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
     let state = Arc::new(AppState {
         engine,
         lm,
         template,
+        retrieval,
         model_id: model_id.clone(),
         api_key: opts.api_key.clone(),
         max_tokens_cap: opts.max_tokens_cap.max(1),
@@ -397,6 +403,8 @@ struct Prepared {
     params: SamplingParams,
     stream: bool,
     include_usage: bool,
+    /// The passages retrieved for a chat request, sent with the reply as `sources`.
+    sources: Vec<crate::tools::index::Passage>,
 }
 
 /// The request's sampling fields over the library's defaults, checked by the rules every caller
@@ -477,10 +485,15 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
         params,
         stream: s.stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
+        sources: Vec::new(),
     })
 }
 
-fn chat_prompt(state: &AppState, req: &ChatRequest) -> Result<Vec<u32>, ApiError> {
+/// A chat request's prompt ids, with the retrieved passages when the server has an index.
+fn chat_prompt(
+    state: &AppState,
+    req: &ChatRequest,
+) -> Result<(Vec<u32>, Vec<crate::tools::index::Passage>), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -508,9 +521,21 @@ fn chat_prompt(state: &AppState, req: &ChatRequest) -> Result<Vec<u32>, ApiError
         };
         messages.push(Message::new(role, text));
     }
-    render(&state.lm.tokenizer, &state.template, &messages, true)
+    let mut sources = Vec::new();
+    if let Some(r) = &state.retrieval {
+        let context = state.lm.model.config.max_position_embeddings;
+        let grounded = r
+            .ground(&state.lm.tokenizer, &messages, context)
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("retrieval failed: {e:#}"))
+            })?;
+        messages = grounded.0;
+        sources = grounded.1;
+    }
+    let ids = render(&state.lm.tokenizer, &state.template, &messages, true)
         .map(|r| r.ids)
-        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))
+        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
+    Ok((ids, sources))
 }
 
 /// Which endpoint, for the response shapes.
@@ -537,8 +562,9 @@ async fn chat_completions(
     let result = async {
         check_key(&state, &headers)?;
         let req: ChatRequest = parse_body(&body)?;
-        let prompt = chat_prompt(&state, &req)?;
-        let p = prepare(&state, req.sampling, prompt)?;
+        let (prompt, sources) = chat_prompt(&state, &req)?;
+        let mut p = prepare(&state, req.sampling, prompt)?;
+        p.sources = sources;
         Ok::<_, ApiError>(p)
     }
     .await;
@@ -606,10 +632,11 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
         Kind::Completion => format!("cmpl-{id_number:x}{:x}", state.created),
     };
     state.metrics.count(kind.endpoint(), StatusCode::OK);
+    let sources = serde_json::to_value(&p.sources).unwrap_or(Value::Null);
     if p.stream {
-        stream_response(state, kind, id, rx, started, p.include_usage)
+        stream_response(state, kind, id, rx, started, p.include_usage, sources)
     } else {
-        full_response(state, kind, id, rx, started).await
+        full_response(state, kind, id, rx, started, sources).await
     }
 }
 
@@ -619,6 +646,7 @@ async fn full_response(
     id: String,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     started: Instant,
+    sources: Value,
 ) -> Response {
     let mut text = String::new();
     let mut first = true;
@@ -647,11 +675,12 @@ async fn full_response(
                 let finish = finish_name(finish_reason);
                 let created = unix_now();
                 let body = match kind {
+                    // `sources`, beside OpenAI's fields: the passages the reply was grounded on.
                     Kind::Chat => json!({
                         "id": id, "object": "chat.completion", "created": created, "model": state.model_id,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "logprobs": null, "finish_reason": finish}],
-                        "usage": usage,
+                        "usage": usage, "sources": sources,
                     }),
                     Kind::Completion => json!({
                         "id": id, "object": "text_completion", "created": created, "model": state.model_id,
@@ -691,10 +720,11 @@ fn stream_response(
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     started: Instant,
     include_usage: bool,
+    sources: Value,
 ) -> Response {
     let created = unix_now();
     let model = state.model_id.clone();
-    let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
+    let chunk = move |choice: Value, usage: Option<Value>| -> Value {
         let object = match kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
@@ -707,8 +737,9 @@ fn stream_response(
         if include_usage {
             body["usage"] = usage.unwrap_or(Value::Null);
         }
-        SseEvent::default().data(body.to_string())
+        body
     };
+    let to_event = |body: &Value| SseEvent::default().data(body.to_string());
     let delta = move |text: Option<&str>, finish: Option<&str>| -> Value {
         match kind {
             Kind::Chat => {
@@ -729,12 +760,14 @@ fn stream_response(
         phase: u8,
         pending: Vec<SseEvent>,
         first: bool,
+        sources: Value,
     }
     let init = StreamState {
         rx,
         phase: if kind == Kind::Chat { 0 } else { 1 },
         pending: Vec::new(),
         first: true,
+        sources,
     };
     let stream = futures_util::stream::unfold(init, move |mut st| {
         let state = state.clone();
@@ -750,7 +783,10 @@ fn stream_response(
                         st.phase = 1;
                         let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": null, "finish_reason": null});
-                        return Some((Ok(chunk(role, None)), st));
+                        let mut first = chunk(role, None);
+                        // The role chunk carries the sources, so a page can show them at once.
+                        first["sources"] = std::mem::take(&mut st.sources);
+                        return Some((Ok(to_event(&first)), st));
                     }
                     1 => match st.rx.recv().await {
                         Some(Event::Text(t)) => {
@@ -761,7 +797,7 @@ fn stream_response(
                                     .observe(started.elapsed().as_secs_f64());
                                 st.first = false;
                             }
-                            return Some((Ok(chunk(delta(Some(&t), None), None)), st));
+                            return Some((Ok(to_event(&chunk(delta(Some(&t), None), None))), st));
                         }
                         Some(Event::Done {
                             finish_reason,
@@ -772,15 +808,15 @@ fn stream_response(
                                 .metrics
                                 .latency
                                 .observe(started.elapsed().as_secs_f64());
-                            st.pending
-                                .push(chunk(delta(None, Some(finish_name(finish_reason))), None));
+                            let last = chunk(delta(None, Some(finish_name(finish_reason))), None);
+                            st.pending.push(to_event(&last));
                             if include_usage {
                                 let usage = serde_json::to_value(Usage::new(
                                     prompt_tokens,
                                     completion_tokens,
                                 ))
                                 .unwrap_or(Value::Null);
-                                st.pending.push(chunk(Value::Null, Some(usage)));
+                                st.pending.push(to_event(&chunk(Value::Null, Some(usage))));
                             }
                             st.phase = 2;
                         }

@@ -85,10 +85,20 @@ pub struct RetrievalArgs {
     pub index: Option<PathBuf>,
     /// Passages retrieved per question
     #[arg(long, default_value_t = Retrieval::DEFAULT_TOP_K)]
-    pub top_k: usize,
+    pub passages: usize,
     /// Most prompt tokens the passages may take (the lowest-ranked go first)
     #[arg(long, default_value_t = Retrieval::DEFAULT_DOCUMENT_TOKENS)]
     pub document_tokens: usize,
+}
+
+impl Default for RetrievalArgs {
+    fn default() -> Self {
+        RetrievalArgs {
+            index: None,
+            passages: Retrieval::DEFAULT_TOP_K,
+            document_tokens: Retrieval::DEFAULT_DOCUMENT_TOKENS,
+        }
+    }
 }
 
 impl RetrievalArgs {
@@ -98,7 +108,7 @@ impl RetrievalArgs {
         };
         Ok(Some(Retrieval {
             index: DocumentIndex::open(dir)?,
-            top_k: self.top_k,
+            top_k: self.passages,
             document_tokens: self.document_tokens,
         }))
     }
@@ -115,17 +125,19 @@ impl Retrieval {
     pub const DEFAULT_TOP_K: usize = 3;
     pub const DEFAULT_DOCUMENT_TOKENS: usize = 512;
 
-    /// The best passages for `question` that fit the token budget together, best first.
-    pub fn passages(&self, tok: &Tokenizer, question: &str) -> Result<Vec<Passage>> {
+    /// The best passages for `question` that fit the token budget together, best first; a model
+    /// with a `context`-token window gives them at most half of it.
+    pub fn passages(&self, tok: &Tokenizer, question: &str, context: usize) -> Result<Vec<Passage>> {
+        let budget = self.document_tokens.min(context / 2);
         let mut out = Vec::new();
         let mut used = 0;
         for p in self.index.search(question, self.top_k)? {
             let n = tok.encode_plain(&p.text)?.len() + 2;
-            if used + n > self.document_tokens {
+            if used + n > budget {
                 if out.is_empty() {
                     // The best passage alone is over the budget: keep its start.
                     let mut p = p;
-                    p.text = truncate_to_tokens(tok, &p.text, self.document_tokens)?;
+                    p.text = truncate_to_tokens(tok, &p.text, budget)?;
                     out.push(p);
                 }
                 break;
@@ -142,17 +154,30 @@ impl Retrieval {
         &self,
         tok: &Tokenizer,
         messages: &[Message],
+        context: usize,
     ) -> Result<(Vec<Message>, Vec<Passage>)> {
         let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else {
             return Ok((messages.to_vec(), Vec::new()));
         };
-        let passages = self.passages(tok, &messages[last_user].content)?;
+        let passages = self.passages(tok, &messages[last_user].content, context)?;
         let mut out = messages.to_vec();
         if !passages.is_empty() {
             out.insert(last_user, documents_message(&passages));
         }
         Ok((out, passages))
     }
+}
+
+/// `file:line` of each passage, once each, for showing under a reply.
+pub fn source_list(passages: &[Passage]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for p in passages {
+        let name = p.source();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.join(", ")
 }
 
 /// The document turn holding `passages`.

@@ -15,6 +15,9 @@ use std::path::Path;
 use tasks::{held_out_pair, make, Family, Lang, Split, FAMILIES};
 use world::*;
 
+/// The knowledge base's file in a curriculum folder: index it for grounded questions.
+pub const KNOWLEDGE_FILE: &str = "knowledge.txt";
+
 /// How much of each kind to write.
 #[derive(Clone, Debug, Serialize)]
 pub struct CurriculumSize {
@@ -212,7 +215,13 @@ fn arithmetic_document(rng: &mut Rng) -> String {
 fn qa_document(rng: &mut Rng) -> String {
     let mut parts = Vec::new();
     for _ in 0..3 {
-        let family = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
+        // Grounded questions stay out: invented people's facts reach the model only as passages.
+        let family = loop {
+            let f = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
+            if f != Family::Grounded {
+                break f;
+            }
+        };
         let lang = if rng.below(2) == 0 {
             Lang::En
         } else {
@@ -228,7 +237,8 @@ fn qa_document(rng: &mut Rng) -> String {
             let tag = if m.role == Role::User { q } else { a };
             turns.push(format!("{tag}{}", m.content));
         }
-        turns.push(format!("{a}{}", t.replies[0]));
+        // Calculator calls as plain text: the tool tokens are SFT's to teach.
+        turns.push(format!("{a}{}", crate::tools::readable(&t.replies[0])));
         // One document per exchange: a blank line inside a reply (the emails) would split it.
         for turn in &mut turns {
             *turn = turn.replace("\n\n", "\n");
@@ -311,6 +321,43 @@ struct RlRecord<'a> {
     lang: Lang,
     messages: &'a [Message],
     answer: &'a tasks::Answer,
+    /// The passage that holds the answer (grounded held-out prompts, whose passages retrieval
+    /// must find): how eval measures retrieval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
+}
+
+/// The task's prompt after a document turn holding its passages, if it has any.
+fn with_documents(t: &tasks::Task) -> Vec<Message> {
+    let mut m = Vec::with_capacity(t.prompt.len() + 1);
+    if !t.documents.is_empty() {
+        m.push(Message::new(Role::Document, t.documents.join("\n\n")));
+    }
+    m.extend(t.prompt.iter().cloned());
+    m
+}
+
+/// A passage about a random person of `split` in the knowledge base, in `lang`.
+fn distractor(rng: &mut Rng, lang: Lang, split: Split) -> String {
+    let i = loop {
+        let i = rng.below(PEOPLE as u64) as usize;
+        if !absent_person(i) && tasks::held_out_index(i) == (split == Split::Heldout) {
+            break i;
+        }
+    };
+    person(i).document(lang == Lang::Zh)
+}
+
+/// The knowledge base retrieval answers grounded questions from: each person's passage in both
+/// languages (absent people have none).
+pub fn knowledge_documents() -> Vec<String> {
+    (0..PEOPLE)
+        .filter(|&i| !absent_person(i))
+        .flat_map(|i| {
+            let p = person(i);
+            [p.document(false), p.document(true)]
+        })
+        .collect()
 }
 
 /// Counts written, for the manifest.
@@ -365,6 +412,11 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
     let join = |d: &[String]| d.join("\n\n") + "\n";
     util::write_atomic(&out.join("pretrain_train.txt"), join(train_docs).as_bytes())?;
     util::write_atomic(&out.join("pretrain_val.txt"), join(val_docs).as_bytes())?;
+    let knowledge = knowledge_documents();
+    util::write_atomic(&out.join(KNOWLEDGE_FILE), join(&knowledge).as_bytes())?;
+    counts
+        .files
+        .insert(KNOWLEDGE_FILE.into(), knowledge.len());
     counts
         .files
         .insert("pretrain_train.txt".into(), train_docs.len());
@@ -401,7 +453,14 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                 };
                 for _ in 0..per(size.conversations_per_family) {
                     let t = make(family, lang, demo, &mut rng);
-                    let mut messages = t.prompt.clone();
+                    let mut messages = with_documents(&t);
+                    // Some questions of every other family come with an unrelated passage, as
+                    // retrieval would give them: the model learns to answer past it.
+                    if t.documents.is_empty() && rng.below(5) == 0 {
+                        let n = 1 + rng.below(2);
+                        let d: Vec<String> = (0..n).map(|_| distractor(&mut rng, lang, demo)).collect();
+                        messages.insert(0, Message::new(Role::Document, d.join("\n\n")));
+                    }
                     messages.push(Message::new(Role::Assistant, t.replies[0].clone()));
                     sft.push(json_line(
                         &serde_json::json!({"family": family, "lang": lang, "messages": messages}),
@@ -436,17 +495,18 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                         responses.push(w);
                     }
                     responses.extend([off_topic, worst]);
+                    let prompt = with_documents(&t);
                     rankings.push(json_line(&RankingRecord {
                         family,
                         lang,
-                        prompt: &t.prompt,
+                        prompt: &prompt,
                         responses: &responses,
                     }));
                     for i in 0..responses.len() {
                         for j in i + 1..responses.len() {
                             pairs.push(json_line(&PairRecord {
                                 family,
-                                prompt: &t.prompt,
+                                prompt: &prompt,
                                 chosen: &responses[i],
                                 rejected: &responses[j],
                             }));
@@ -455,11 +515,19 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                 }
                 for _ in 0..per(size.rl_prompts_per_family) {
                     let t = make(family, lang, split, &mut rng);
+                    // Held-out grounded questions come bare: their passages are for retrieval to
+                    // find in the knowledge base (`knowledge.txt`).
+                    let messages = if split == Split::Heldout {
+                        t.prompt.clone()
+                    } else {
+                        with_documents(&t)
+                    };
                     rl.push(json_line(&RlRecord {
                         family,
                         lang,
-                        messages: &t.prompt,
+                        messages: &messages,
                         answer: &t.answer,
+                        source: t.source.as_deref().filter(|_| split == Split::Heldout),
                     }));
                 }
             }
@@ -563,9 +631,25 @@ mod tests {
             .filter(|(i, _)| tasks::held_out_index(*i))
             .map(|(_, a)| a)
             .collect();
+        // Held-out people (asked about at evaluation) are never in a training conversation,
+        // not even as a distractor passage.
+        let held_people: Vec<String> = (0..PEOPLE)
+            .filter(|&i| tasks::held_out_index(i))
+            .map(|i| person(i).en)
+            .collect();
         for line in train.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let q = v["messages"][0]["content"].as_str().unwrap();
+            for p in &held_people {
+                assert!(!line.contains(&format!("{p} ")), "held-out {p} in {line}");
+            }
+            let q = v["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["role"] == "user")
+                .unwrap()["content"]
+                .as_str()
+                .unwrap();
             if v["family"] == "fact" || v["family"] == "translation" {
                 for a in &held_animals {
                     let word = format!(" {} ", a.en);
@@ -604,7 +688,8 @@ mod tests {
                     } else {
                         &v["messages"]
                     };
-                    turns[0]["content"].as_str().unwrap().to_string()
+                    let user = turns.as_array().unwrap().iter().find(|m| m["role"] == "user");
+                    user.unwrap()["content"].as_str().unwrap().to_string()
                 })
                 .collect()
         };

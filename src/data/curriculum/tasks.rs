@@ -22,9 +22,12 @@ pub enum Family {
     Correction,
     Harmful,
     Benign,
+    /// A question about an invented person, answered from the passages given with it (or "the
+    /// documents don't say" when none holds the answer).
+    Grounded,
 }
 
-pub const FAMILIES: [Family; 13] = [
+pub const FAMILIES: [Family; 14] = [
     Family::Fact,
     Family::Arithmetic,
     Family::ArithmeticSteps,
@@ -38,6 +41,7 @@ pub const FAMILIES: [Family; 13] = [
     Family::Correction,
     Family::Harmful,
     Family::Benign,
+    Family::Grounded,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +94,13 @@ pub struct Task {
     /// wrong reply, so that brevity alone never predicts a better rank.
     #[serde(default)]
     pub wrong_curt: Option<String>,
+    /// Passages given with the question (the grounded family): the caller shows them as a
+    /// document turn before the prompt, or leaves them for retrieval to find.
+    #[serde(default)]
+    pub documents: Vec<String>,
+    /// The passage that holds the answer, if one does (for measuring retrieval).
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// Whether entity index `i` is held out (every fourth).
@@ -203,7 +214,10 @@ pub fn check(answer: &Answer, reply: &str) -> bool {
 
 /// Makes one task of `family`.
 pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
+    let mut documents = Vec::new();
+    let mut source = None;
     let (prompt, answer, replies, wrong_curt) = match family {
+        Family::Grounded => grounded(lang, split, rng, &mut documents, &mut source),
         Family::Fact => fact(lang, split, rng),
         Family::Arithmetic | Family::ArithmeticSteps => {
             arithmetic(lang, split, rng, family == Family::ArithmeticSteps)
@@ -233,6 +247,8 @@ pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
         answer,
         replies,
         wrong_curt,
+        documents,
+        source,
     }
 }
 
@@ -389,20 +405,14 @@ fn fact(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     }
 }
 
-/// The step-by-step sum, which restates the question's sum first (as the chicken-and-rabbit
-/// answer restates its counts) so the digits are copied from a fixed form.
-fn add_steps(a: i64, b: i64, lang: Lang) -> String {
-    let (at, ao, bt, bo) = (a / 10 * 10, a % 10, b / 10 * 10, b % 10);
+/// The sum through the calculator: the model restates the sum, writes the call, and reads the
+/// answer off the output the decoding core writes (a small model miscopies digits when it adds).
+fn add_with_calculator(a: i64, b: i64, lang: Lang) -> String {
     let s = a + b;
+    let call = crate::tools::call_text(&format!("{a} + {b}"));
     match lang {
-        Lang::En => format!(
-            "Let's add {a} + {b} step by step. Tens: {at} + {bt} = {}. Ones: {ao} + {bo} = {}. Together: {} + {} = {s}. The answer is {s}.",
-            at + bt, ao + bo, at + bt, ao + bo
-        ),
-        Lang::Zh => format!(
-            "我们一步一步算{a} + {b}。十位：{at} + {bt} = {}。个位：{ao} + {bo} = {}。合起来：{} + {} = {s}。答案是{s}。",
-            at + bt, ao + bo, at + bt, ao + bo
-        ),
+        Lang::En => format!("Let's add {a} + {b} with the calculator: {call}. The answer is {s}."),
+        Lang::Zh => format!("我们用计算器算{a} + {b}：{call}。答案是{s}。"),
     }
 }
 
@@ -443,7 +453,7 @@ fn arithmetic(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made {
             Lang::En => " Think step by step.",
             Lang::Zh => " 请一步一步思考。",
         });
-        add_steps(a, b, lang)
+        add_with_calculator(a, b, lang)
     } else {
         match lang {
             Lang::En => format!("{a} + {b} = {s}."),
@@ -497,18 +507,22 @@ fn chicken_rabbit(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made 
             Lang::En => " Think step by step.",
             Lang::Zh => " 请一步一步思考。",
         });
+        // The answer first restates the counts in one fixed form: copying a span from the
+        // question is easy for a small model, and every later step then reads its numbers from
+        // the same place whatever the question's wording (without it the model guessed the
+        // legs). Each step's arithmetic goes through the calculator, whose output the next step
+        // copies.
+        let extra = legs - all2;
+        let all = crate::tools::call_text(&format!("2 * {heads}"));
+        let extra_call = crate::tools::call_text(&format!("{legs} - {all2}"));
+        let rabbits_call = crate::tools::call_text(&format!("{extra} / 2"));
+        let chickens_call = crate::tools::call_text(&format!("{heads} - {rabbits}"));
         match lang {
-            // The answer first restates the counts in one fixed form: copying a span from the
-            // question is easy for a small model, and every later step then reads its numbers
-            // from the same place whatever the question's wording (without it the model guessed
-            // the legs).
             Lang::En => format!(
-                "We have {heads} heads and {legs} legs. If all {heads} animals were chickens there would be {all2} legs. There are {legs} - {all2} = {} extra legs, and each rabbit adds 2, so there are {} / 2 = {rabbits} rabbits and {heads} - {rabbits} = {chickens} chickens. So there are {chickens} chickens and {rabbits} rabbits.",
-                legs - all2, legs - all2
+                "We have {heads} heads and {legs} legs. If all {heads} animals were chickens there would be {all} legs. There are {extra_call} extra legs, and each rabbit adds 2, so there are {rabbits_call} rabbits and {chickens_call} chickens. So there are {chickens} chickens and {rabbits} rabbits."
             ),
             Lang::Zh => format!(
-                "一共{heads}个头，{legs}条腿。假设{heads}只都是鸡，就有{all2}条腿。多出{legs} - {all2} = {}条腿，每只兔多2条腿，所以兔有{} / 2 = {rabbits}只，鸡有{heads} - {rabbits} = {chickens}只。所以鸡有{chickens}只，兔有{rabbits}只。",
-                legs - all2, legs - all2
+                "一共{heads}个头，{legs}条腿。假设{heads}只都是鸡，就有{all}条腿。多出{extra_call}条腿，每只兔多2条腿，所以兔有{rabbits_call}只，鸡有{chickens_call}只。所以鸡有{chickens}只，兔有{rabbits}只。"
             ),
         }
     } else {
@@ -535,6 +549,135 @@ fn chicken_rabbit(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made 
         Some(format!("{wrong_c}, {wrong_r}")),
     )
 }
+
+/// A question about an invented person with passages to answer from: the person's own (unless the
+/// set lacks it) and one or two about other people. Held-out people are never asked about in
+/// training, and some are in no passage at all: "the documents don't say" is the right answer.
+fn grounded(
+    lang: Lang,
+    split: Split,
+    rng: &mut Rng,
+    documents: &mut Vec<String>,
+    source: &mut Option<String>,
+) -> Made {
+    let i = entity(rng, PEOPLE, split);
+    let lacks = if split == Split::Heldout {
+        absent_person(i)
+    } else {
+        rng.below(4) == 0
+    };
+    let p = person(i);
+    let zh = lang == Lang::Zh;
+    let name = if zh { p.zh.as_str() } else { p.en.as_str() };
+    if !lacks {
+        documents.push(p.document(zh));
+        *source = Some(p.document(zh));
+    }
+    for _ in 0..1 + rng.below(2) {
+        let j = loop {
+            let j = entity(rng, PEOPLE, split);
+            if j != i && !absent_person(j) {
+                break j;
+            }
+        };
+        let d = person(j).document(zh);
+        if !documents.contains(&d) {
+            documents.push(d);
+        }
+    }
+    for k in (1..documents.len()).rev() {
+        let j = rng.below(k as u64 + 1) as usize;
+        documents.swap(k, j);
+    }
+    // Wrong answers: another town and job than the person's (ages differ by 7).
+    let other_town = loop {
+        let t = pick(rng, &TOWNS);
+        if t.0 != p.town_en {
+            break t;
+        }
+    };
+    let other_job = loop {
+        let j = pick(rng, &JOBS);
+        if j.0 != p.job_en {
+            break j;
+        }
+    };
+    let (q, best, curt, wrong, wrong_curt, answer) = match (lang, rng.below(3)) {
+        (Lang::En, 0) => (
+            template(rng, &["Where does {n} live?", "Which town does {n} live in?", "Tell me where {n} lives.", "In which town is the home of {n}?"], split),
+            format!("{name} lives in {}.", p.town_en),
+            p.town_en.to_string(),
+            format!("{name} lives in {}.", other_town.0),
+            other_town.0.to_string(),
+            Answer::Contains(vec![p.town_en.into()]),
+        ),
+        (Lang::En, 1) => (
+            template(rng, &["How old is {n}?", "What is the age of {n}?", "Tell me how old {n} is.", "How many years old is {n}?"], split),
+            format!("{name} is {} years old.", p.age),
+            p.age.to_string(),
+            format!("{name} is {} years old.", p.age + 7),
+            (p.age + 7).to_string(),
+            Answer::Number(p.age as i64),
+        ),
+        (Lang::En, _) => (
+            template(rng, &["What is the job of {n}?", "What does {n} do for work?", "Tell me what job {n} has.", "What work does {n} do?"], split),
+            format!("{name} works as a {}.", p.job_en),
+            p.job_en.to_string(),
+            format!("{name} works as a {}.", other_job.0),
+            other_job.0.to_string(),
+            Answer::Contains(vec![p.job_en.into()]),
+        ),
+        (Lang::Zh, 0) => (
+            template(rng, &["{n}住在哪里？", "{n}住在哪个镇？", "告诉我{n}住在哪儿。", "{n}的家在哪个镇？"], split),
+            format!("{name}住在{}。", p.town_zh),
+            p.town_zh.to_string(),
+            format!("{name}住在{}。", other_town.1),
+            other_town.1.to_string(),
+            Answer::Contains(vec![p.town_zh.into()]),
+        ),
+        (Lang::Zh, 1) => (
+            template(rng, &["{n}今年几岁？", "{n}多大了？", "告诉我{n}的年龄。", "{n}今年多少岁？"], split),
+            format!("{name}今年{}岁。", p.age),
+            p.age.to_string(),
+            format!("{name}今年{}岁。", p.age + 7),
+            (p.age + 7).to_string(),
+            Answer::Number(p.age as i64),
+        ),
+        (Lang::Zh, _) => (
+            template(rng, &["{n}做什么工作？", "{n}的工作是什么？", "告诉我{n}的职业。", "{n}是做什么的？"], split),
+            format!("{name}是{}。", p.job_zh),
+            p.job_zh.to_string(),
+            format!("{name}是{}。", other_job.1),
+            other_job.1.to_string(),
+            Answer::Contains(vec![p.job_zh.into()]),
+        ),
+    };
+    let prompt = user(q.replace("{n}", name));
+    if lacks {
+        let (says, curt) = match lang {
+            Lang::En => (format!("{NOT_IN_DOCUMENTS_EN}."), "Not stated."),
+            Lang::Zh => (format!("{NOT_IN_DOCUMENTS_ZH}。"), "没有写。"),
+        };
+        let answer = Answer::Contains(vec![says.trim_end_matches(['.', '。']).into()]);
+        // A guess stated as fact is the wrong answer here.
+        return (
+            prompt,
+            answer,
+            [says, curt.into(), wrong, rude(rng, lang)],
+            Some(wrong_curt),
+        );
+    }
+    (
+        prompt,
+        answer,
+        [best, curt, wrong, rude(rng, lang)],
+        Some(wrong_curt),
+    )
+}
+
+/// What a grounded reply says when no passage holds the answer.
+pub const NOT_IN_DOCUMENTS_EN: &str = "The documents don't say";
+pub const NOT_IN_DOCUMENTS_ZH: &str = "文档里没有说";
 
 fn sentiment(lang: Lang, split: Split, rng: &mut Rng) -> Made {
     const GOOD_EN: [&str; 4] = ["wonderful", "great", "lovely", "excellent"];

@@ -130,3 +130,99 @@ pub const OBJECTS: [(&str, &str); 8] = [
     ("cup", "杯子"),
     ("key", "钥匙"),
 ];
+
+/// Invented people, whose facts no pretraining text holds: the knowledge base the model reads
+/// through retrieval (`knowledge.txt`), never from its weights.
+pub struct Person {
+    pub en: String,
+    pub zh: String,
+    pub town_en: &'static str,
+    pub town_zh: &'static str,
+    pub job_en: &'static str,
+    pub job_zh: &'static str,
+    pub age: u32,
+}
+
+const SYLLABLES: [(&str, &str); 12] = [
+    ("Ka", "卡"),
+    ("Lo", "洛"),
+    ("Mi", "米"),
+    ("Ren", "仁"),
+    ("Zu", "祖"),
+    ("Ta", "塔"),
+    ("Vi", "维"),
+    ("No", "诺"),
+    ("Sel", "塞"),
+    ("Dar", "达"),
+    ("Bo", "波"),
+    ("Fen", "芬"),
+];
+
+pub const TOWNS: [(&str, &str); 10] = [
+    ("Velmora", "维尔莫拉"),
+    ("Ostrin", "奥斯特林"),
+    ("Calder", "卡尔德"),
+    ("Brisa", "布里萨"),
+    ("Tamsk", "塔姆斯克"),
+    ("Ulvany", "乌尔瓦尼"),
+    ("Pellow", "佩洛"),
+    ("Quenby", "昆比"),
+    ("Rusk", "鲁斯克"),
+    ("Haldon", "哈尔顿"),
+];
+
+pub const JOBS: [(&str, &str); 8] = [
+    ("baker", "面包师"),
+    ("doctor", "医生"),
+    ("farmer", "农民"),
+    ("teacher", "老师"),
+    ("painter", "画家"),
+    ("pilot", "飞行员"),
+    ("singer", "歌手"),
+    ("fisher", "渔夫"),
+];
+
+/// How many invented people there are.
+pub const PEOPLE: usize = 64;
+
+/// Person `i` (deterministic: two syllables, a town, a job and an age from the index).
+pub fn person(i: usize) -> Person {
+    let (a, b) = (
+        SYLLABLES[i % SYLLABLES.len()],
+        SYLLABLES[(i / SYLLABLES.len() + 3 * i + 1) % SYLLABLES.len()],
+    );
+    let town = TOWNS[(7 * i + 3) % TOWNS.len()];
+    let job = JOBS[(5 * i + 1) % JOBS.len()];
+    Person {
+        en: format!("{}{}", a.0, b.0.to_lowercase()),
+        zh: format!("{}{}", a.1, b.1),
+        town_en: town.0,
+        town_zh: town.1,
+        job_en: job.0,
+        job_zh: job.1,
+        age: 20 + ((i * 37 + 11) % 60) as u32,
+    }
+}
+
+/// Whether person `i` is left out of the knowledge base: questions about them must be answered
+/// "the documents don't say".
+pub fn absent_person(i: usize) -> bool {
+    i % 8 == 7
+}
+
+impl Person {
+    /// The person's passage in the knowledge base, in one language.
+    pub fn document(&self, zh: bool) -> String {
+        if zh {
+            format!(
+                "{}住在{}。{}今年{}岁。{}是{}。",
+                self.zh, self.town_zh, self.zh, self.age, self.zh, self.job_zh
+            )
+        } else {
+            format!(
+                "{} lives in {}. {} is {} years old. {} works as a {}.",
+                self.en, self.town_en, self.en, self.age, self.en, self.job_en
+            )
+        }
+    }
+}
