@@ -254,14 +254,15 @@ impl Pipeline<'_> {
         if let Some(dir) = answers.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut tasks = vec![
-            format!(
-                "curriculum:{}",
-                self.data("rl_prompts_heldout.jsonl").display()
-            ),
-        ];
+        let mut tasks = vec![format!(
+            "curriculum:{}",
+            self.data("rl_prompts_heldout.jsonl").display()
+        )];
         if !with_index {
-            tasks.push(format!("probes:{}", self.data("fewshot_probes.jsonl").display()));
+            tasks.push(format!(
+                "probes:{}",
+                self.data("fewshot_probes.jsonl").display()
+            ));
             tasks.push(format!("bpb:{}", self.path("shards").display()));
         }
         let results = eval::run(

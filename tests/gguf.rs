@@ -403,3 +403,62 @@ fn gguf_tensors_of_the_wrong_shape_are_named() {
         assert!(e.contains(name) && e.contains("bad-"), "{name}: {e}");
     }
 }
+
+/// A user's own documents: `index add` on wiki_demo.txt, then `serve --index` with SmolLM2 and the
+/// official `openai` client asks questions whose answers are in that file (and which the model
+/// answers wrongly without it): the answers hold the facts and name their source.
+#[test]
+fn smollm2_answers_from_the_users_documents_through_the_openai_client() {
+    let Some(model) = smollm2() else { return };
+    let Some(wiki) = common::shared_data("text/wiki_demo.txt") else {
+        return;
+    };
+    if !common::python_has("openai", "pip install openai") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(["index", "add", "--index"])
+        .arg(&index)
+        .arg(&wiki)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the index the model does not know these facts.
+    let bare = Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args([
+            "generate",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+            "--model",
+        ])
+        .arg(&model)
+        .args(["--prompt", "When was Alain Connes born?"])
+        .output()
+        .unwrap();
+    let bare = String::from_utf8_lossy(&bare.stdout);
+    assert!(!bare.contains("1947"), "{bare}");
+    let server = common::server::start(&model, &["--index", index.to_str().unwrap()]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_retrieval.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    eprintln!("{stdout}");
+}

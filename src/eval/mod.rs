@@ -341,7 +341,11 @@ pub fn score_curriculum(
     path: &Path,
     limit: Option<usize>,
     max_tokens: usize,
-    retrieval: Option<(&crate::tools::Retrieval, &crate::tokenizer::Tokenizer, usize)>,
+    retrieval: Option<(
+        &crate::tools::Retrieval,
+        &crate::tokenizer::Tokenizer,
+        usize,
+    )>,
     mut answers: Option<&mut Vec<serde_json::Value>>,
 ) -> Result<BTreeMap<String, f64>> {
     let mut items = curriculum::load(path)?;
@@ -357,7 +361,10 @@ pub fn score_curriculum(
         };
         let (grounded, passages) = r.ground(tok, &item.messages, context)?;
         if let (Some(source), Some(lang)) = (&item.source, item.lang) {
-            let name = serde_json::to_value(lang)?.as_str().unwrap_or("?").to_string();
+            let name = serde_json::to_value(lang)?
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
             let e = recall.entry(name).or_default();
             e.0 += 1;
             e.1 += usize::from(passages.iter().any(|p| &p.text == source));
@@ -815,7 +822,8 @@ mod tests {
         }
         std::fs::write(&p, lines).unwrap();
         let mut answers = Vec::new();
-        let r = score_curriculum(&mut HalfRight(best), &p, None, 50, None, Some(&mut answers)).unwrap();
+        let r =
+            score_curriculum(&mut HalfRight(best), &p, None, 50, None, Some(&mut answers)).unwrap();
         assert_eq!(r["accuracy"], 0.5);
         assert_eq!(r["stops_at_end_of_turn"], 0.5);
         assert!(

@@ -542,3 +542,146 @@ impl TextStream {
         (self.text, self.ids)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::TrainOptions;
+
+    /// Logits whose greedy choice is `id`.
+    fn pointing_at(vocab: usize, id: u32) -> Vec<f32> {
+        let mut l = vec![0.0; vocab];
+        l[id as usize] = 10.0;
+        l
+    }
+
+    #[test]
+    fn a_calculator_call_gets_its_output_forced_and_marked() {
+        let (tok, _) = Tokenizer::train(
+            &["one plus two is three. 12 + 30 = 42"],
+            &TrainOptions {
+                vocab_size: 300,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let tools = ToolTokens::of(&tok).expect("chatforge tokenizers reserve the tool tokens");
+        let params = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::DEFAULT
+        };
+        let mut row = Row {
+            key: 0,
+            sampler: Sampler::new(params.clone()),
+            stream: TextStream::new(Vec::new()),
+            params,
+            counts: HashMap::new(),
+            stop_ids: vec![tok.special_id("<|assistant_end|>").unwrap()],
+            budget: 100,
+            last: 0,
+            prompt_tokens: 1,
+            call: None,
+            pending: VecDeque::new(),
+            forced: Vec::new(),
+        };
+        let vocab = tok.vocab_size();
+        let mut out = Vec::new();
+        // The model writes "<|tool_start|>12+30<|tool_end|>".
+        let mut written = vec![tools.start];
+        written.extend(tok.encode_plain("12+30").unwrap());
+        written.push(tools.end);
+        for &id in &written {
+            let ending = row.advance(&tok, Some(&tools), pointing_at(vocab, id), &mut out);
+            assert_eq!(ending.unwrap(), None);
+        }
+        // Whatever the model would say next, the core writes the output span.
+        let junk = tok.encode_plain("9").unwrap()[0];
+        while !row.pending.is_empty() {
+            row.advance(&tok, Some(&tools), pointing_at(vocab, junk), &mut out)
+                .unwrap();
+        }
+        let expected_output = tools.output(&tok, Ok("12+30")).unwrap();
+        let n = written.len();
+        assert_eq!(
+            row.forced,
+            (n..n + expected_output.len()).collect::<Vec<_>>()
+        );
+        assert_eq!(row.stream.ids[n..], expected_output[..]);
+        assert!(row
+            .stream
+            .text
+            .ends_with("<|tool_end|><|output_start|>42<|output_end|>"));
+        // The model then continues on its own: sampled tokens are not forced.
+        row.advance(&tok, Some(&tools), pointing_at(vocab, junk), &mut out)
+            .unwrap();
+        assert_eq!(row.forced.len(), expected_output.len());
+        // Without tool tokens (another model's tokenizer) nothing is forced.
+        let mut plain = Row {
+            call: None,
+            pending: VecDeque::new(),
+            forced: Vec::new(),
+            stream: TextStream::new(Vec::new()),
+            sampler: Sampler::new(row.params.clone()),
+            counts: HashMap::new(),
+            ..row
+        };
+        for &id in &written {
+            plain
+                .advance(&tok, None, pointing_at(vocab, id), &mut out)
+                .unwrap();
+        }
+        assert!(plain.pending.is_empty() && plain.forced.is_empty());
+    }
+
+    #[test]
+    fn an_endless_call_is_closed_and_answered_with_an_error() {
+        let (tok, _) = Tokenizer::train(
+            &["1 + 1"],
+            &TrainOptions {
+                vocab_size: 300,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let tools = ToolTokens::of(&tok).unwrap();
+        let params = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::DEFAULT
+        };
+        let mut row = Row {
+            key: 0,
+            sampler: Sampler::new(params.clone()),
+            stream: TextStream::new(Vec::new()),
+            params,
+            counts: HashMap::new(),
+            stop_ids: Vec::new(),
+            budget: 1000,
+            last: 0,
+            prompt_tokens: 1,
+            call: None,
+            pending: VecDeque::new(),
+            forced: Vec::new(),
+        };
+        let vocab = tok.vocab_size();
+        let one = tok.encode_plain("1").unwrap()[0];
+        let mut out = Vec::new();
+        row.advance(
+            &tok,
+            Some(&tools),
+            pointing_at(vocab, tools.start),
+            &mut out,
+        )
+        .unwrap();
+        for _ in 0..=MAX_CALL_TOKENS {
+            row.advance(&tok, Some(&tools), pointing_at(vocab, one), &mut out)
+                .unwrap();
+        }
+        assert_eq!(row.pending.front(), Some(&tools.end));
+        while !row.pending.is_empty() {
+            row.advance(&tok, Some(&tools), pointing_at(vocab, one), &mut out)
+                .unwrap();
+        }
+        assert!(row.stream.text.contains("error: the call is longer than"));
+        assert!(row.call.is_none());
+    }
+}

@@ -72,8 +72,7 @@ pub fn pack(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
         for t in 0..width {
             x.push(r.ids.get(t).copied().unwrap_or(pad));
             y.push(r.ids.get(t + 1).copied().unwrap_or(pad));
-            let resp =
-                t >= r.start && t < r.start + r.len && !r.forced.contains(&(t - r.start));
+            let resp = t >= r.start && t < r.start + r.len && !r.forced.contains(&(t - r.start));
             m.push(if resp { 1f32 } else { 0.0 });
         }
     }

@@ -527,7 +527,11 @@ fn chat_prompt(
         let grounded = r
             .ground(&state.lm.tokenizer, &messages, context)
             .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("retrieval failed: {e:#}"))
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    format!("retrieval failed: {e:#}"),
+                )
             })?;
         messages = grounded.0;
         sources = grounded.1;

@@ -688,4 +688,46 @@ mod tests {
         );
         assert_eq!(ChatTemplate::detect(&t).unwrap(), ChatTemplate::Chatforge);
     }
+
+    #[test]
+    fn calculator_outputs_and_documents_are_never_trained() {
+        use crate::tools::call_text;
+        let t = tok();
+        let reply = format!("It is {} today.", call_text("2 + 3"));
+        let messages = [
+            Message::new(Role::Document, "hello there"),
+            Message::new(Role::User, "how are you <|tool_start|>1+1<|tool_end|>"),
+            Message::new(Role::Assistant, reply),
+        ];
+        let r = render(&t, &ChatTemplate::Chatforge, &messages, false).unwrap();
+        let id = |name: &str| t.special_id(name).unwrap();
+        let at = |name: &str| r.ids.iter().position(|&x| x == id(name)).unwrap();
+        // The document turn is input only.
+        let (doc_start, doc_end) = (at("<|document_start|>"), at("<|document_end|>"));
+        assert!(doc_end > doc_start + 1);
+        assert!(r.mask[doc_start..=doc_end].iter().all(|&m| m == 0));
+        // The call and its tool tokens are trained, the output span is not.
+        let (call, out_start, out_end) = (
+            at("<|tool_start|>"),
+            at("<|output_start|>"),
+            at("<|output_end|>"),
+        );
+        assert!(r.mask[call..out_start].iter().all(|&m| m == 1));
+        assert!(r.mask[out_start..=out_end].iter().all(|&m| m == 0));
+        assert_eq!(r.mask[out_end + 1], 1);
+        assert_eq!(t.decode(&r.ids[out_start + 1..out_end]).unwrap(), "5");
+        // Tool markers a user writes stay text: one tool_start in all, the assistant's.
+        assert_eq!(
+            r.ids.iter().filter(|&&x| x == id("<|tool_start|>")).count(),
+            1
+        );
+        // A template without a document turn folds the passages into the system message.
+        let folded = render(&t, &ChatTemplate::ChatMl, &messages[..2], true).unwrap();
+        let text = t.decode(&folded.ids).unwrap();
+        assert!(
+            text.starts_with("<|im_start|>system\nAnswer from these documents"),
+            "{text}"
+        );
+        assert!(text.contains("hello there<|im_end|>"));
+    }
 }

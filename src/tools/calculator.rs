@@ -278,4 +278,16 @@ mod tests {
         assert!(answer("").contains("empty"));
         assert!(answer("1.2.3").contains("not a number"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any text the model might write between tool tokens: an answer or an error, quickly.
+        #[test]
+        fn any_expression_ends_in_a_value_or_an_error(expr in "[0-9+*/%^().x× -]{0,80}") {
+            let started = std::time::Instant::now();
+            let a = answer(&expr);
+            proptest::prop_assert!(!a.is_empty());
+            proptest::prop_assert!(started.elapsed().as_millis() < 100, "{expr:?} took long");
+        }
+    }
 }

@@ -127,7 +127,12 @@ impl Retrieval {
 
     /// The best passages for `question` that fit the token budget together, best first; a model
     /// with a `context`-token window gives them at most half of it.
-    pub fn passages(&self, tok: &Tokenizer, question: &str, context: usize) -> Result<Vec<Passage>> {
+    pub fn passages(
+        &self,
+        tok: &Tokenizer,
+        question: &str,
+        context: usize,
+    ) -> Result<Vec<Passage>> {
         let budget = self.document_tokens.min(context / 2);
         let mut out = Vec::new();
         let mut used = 0;

@@ -414,9 +414,7 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
     util::write_atomic(&out.join("pretrain_val.txt"), join(val_docs).as_bytes())?;
     let knowledge = knowledge_documents();
     util::write_atomic(&out.join(KNOWLEDGE_FILE), join(&knowledge).as_bytes())?;
-    counts
-        .files
-        .insert(KNOWLEDGE_FILE.into(), knowledge.len());
+    counts.files.insert(KNOWLEDGE_FILE.into(), knowledge.len());
     counts
         .files
         .insert("pretrain_train.txt".into(), train_docs.len());
@@ -458,7 +456,8 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                     // retrieval would give them: the model learns to answer past it.
                     if t.documents.is_empty() && rng.below(5) == 0 {
                         let n = 1 + rng.below(2);
-                        let d: Vec<String> = (0..n).map(|_| distractor(&mut rng, lang, demo)).collect();
+                        let d: Vec<String> =
+                            (0..n).map(|_| distractor(&mut rng, lang, demo)).collect();
                         messages.insert(0, Message::new(Role::Document, d.join("\n\n")));
                     }
                     messages.push(Message::new(Role::Assistant, t.replies[0].clone()));
@@ -688,7 +687,11 @@ mod tests {
                     } else {
                         &v["messages"]
                     };
-                    let user = turns.as_array().unwrap().iter().find(|m| m["role"] == "user");
+                    let user = turns
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|m| m["role"] == "user");
                     user.unwrap()["content"].as_str().unwrap().to_string()
                 })
                 .collect()

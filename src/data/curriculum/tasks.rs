@@ -604,7 +604,16 @@ fn grounded(
     };
     let (q, best, curt, wrong, wrong_curt, answer) = match (lang, rng.below(3)) {
         (Lang::En, 0) => (
-            template(rng, &["Where does {n} live?", "Which town does {n} live in?", "Tell me where {n} lives.", "In which town is the home of {n}?"], split),
+            template(
+                rng,
+                &[
+                    "Where does {n} live?",
+                    "Which town does {n} live in?",
+                    "Tell me where {n} lives.",
+                    "In which town is the home of {n}?",
+                ],
+                split,
+            ),
             format!("{name} lives in {}.", p.town_en),
             p.town_en.to_string(),
             format!("{name} lives in {}.", other_town.0),
@@ -612,7 +621,16 @@ fn grounded(
             Answer::Contains(vec![p.town_en.into()]),
         ),
         (Lang::En, 1) => (
-            template(rng, &["How old is {n}?", "What is the age of {n}?", "Tell me how old {n} is.", "How many years old is {n}?"], split),
+            template(
+                rng,
+                &[
+                    "How old is {n}?",
+                    "What is the age of {n}?",
+                    "Tell me how old {n} is.",
+                    "How many years old is {n}?",
+                ],
+                split,
+            ),
             format!("{name} is {} years old.", p.age),
             p.age.to_string(),
             format!("{name} is {} years old.", p.age + 7),
@@ -620,7 +638,16 @@ fn grounded(
             Answer::Number(p.age as i64),
         ),
         (Lang::En, _) => (
-            template(rng, &["What is the job of {n}?", "What does {n} do for work?", "Tell me what job {n} has.", "What work does {n} do?"], split),
+            template(
+                rng,
+                &[
+                    "What is the job of {n}?",
+                    "What does {n} do for work?",
+                    "Tell me what job {n} has.",
+                    "What work does {n} do?",
+                ],
+                split,
+            ),
             format!("{name} works as a {}.", p.job_en),
             p.job_en.to_string(),
             format!("{name} works as a {}.", other_job.0),
@@ -628,7 +655,16 @@ fn grounded(
             Answer::Contains(vec![p.job_en.into()]),
         ),
         (Lang::Zh, 0) => (
-            template(rng, &["{n}住在哪里？", "{n}住在哪个镇？", "告诉我{n}住在哪儿。", "{n}的家在哪个镇？"], split),
+            template(
+                rng,
+                &[
+                    "{n}住在哪里？",
+                    "{n}住在哪个镇？",
+                    "告诉我{n}住在哪儿。",
+                    "{n}的家在哪个镇？",
+                ],
+                split,
+            ),
             format!("{name}住在{}。", p.town_zh),
             p.town_zh.to_string(),
             format!("{name}住在{}。", other_town.1),
@@ -636,7 +672,16 @@ fn grounded(
             Answer::Contains(vec![p.town_zh.into()]),
         ),
         (Lang::Zh, 1) => (
-            template(rng, &["{n}今年几岁？", "{n}多大了？", "告诉我{n}的年龄。", "{n}今年多少岁？"], split),
+            template(
+                rng,
+                &[
+                    "{n}今年几岁？",
+                    "{n}多大了？",
+                    "告诉我{n}的年龄。",
+                    "{n}今年多少岁？",
+                ],
+                split,
+            ),
             format!("{name}今年{}岁。", p.age),
             p.age.to_string(),
             format!("{name}今年{}岁。", p.age + 7),
@@ -644,7 +689,16 @@ fn grounded(
             Answer::Number(p.age as i64),
         ),
         (Lang::Zh, _) => (
-            template(rng, &["{n}做什么工作？", "{n}的工作是什么？", "告诉我{n}的职业。", "{n}是做什么的？"], split),
+            template(
+                rng,
+                &[
+                    "{n}做什么工作？",
+                    "{n}的工作是什么？",
+                    "告诉我{n}的职业。",
+                    "{n}是做什么的？",
+                ],
+                split,
+            ),
             format!("{name}是{}。", p.job_zh),
             p.job_zh.to_string(),
             format!("{name}是{}。", other_job.1),
