@@ -21,6 +21,15 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+fn add(index: &Path, files: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(["index", "add", "--index"])
+        .arg(index)
+        .args(files)
+        .output()
+        .unwrap()
+}
+
 fn search(index: &Path, query: &str) -> Vec<Value> {
     let out = ok(&chatforge(&[
         "index",
@@ -51,16 +60,10 @@ fn added_files_are_searched_with_file_and_line_in_english_and_chinese() {
     .unwrap();
     let index = dir.path().join("index");
     let i = index.to_str().unwrap();
-    let out = chatforge(&["index", "add", "--index", i, notes.to_str().unwrap()]);
+    let out = add(&index, &[&notes]);
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("4 passages"));
-    ok(&chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        records.to_str().unwrap(),
-    ]));
+    ok(&add(&index, &[&records]));
 
     let hits = search(&index, "When were the tomatoes planted?");
     assert!(
@@ -86,13 +89,7 @@ fn added_files_are_searched_with_file_and_line_in_english_and_chinese() {
     assert!(hits[0]["text"].as_str().unwrap().contains("boiler"));
 
     // Adding a file again replaces its passages instead of doubling them.
-    ok(&chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        notes.to_str().unwrap(),
-    ]));
+    ok(&add(&index, &[&notes]));
     let hits = search(&index, "tomatoes planted");
     let tomatoes = hits
         .iter()
@@ -113,24 +110,11 @@ fn bad_files_and_foreign_indexes_are_refused_and_change_nothing() {
     std::fs::write(&empty, "\n\n").unwrap();
     let index = dir.path().join("index");
     let i = index.to_str().unwrap();
-    ok(&chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        good.to_str().unwrap(),
-    ]));
+    ok(&add(&index, &[&good]));
 
     let other = dir.path().join("other.txt");
     std::fs::write(&other, "Mountains are tall.\n").unwrap();
-    let out = chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        other.to_str().unwrap(),
-        empty.to_str().unwrap(),
-    ]);
+    let out = add(&index, &[&other, &empty]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -141,7 +125,7 @@ fn bad_files_and_foreign_indexes_are_refused_and_change_nothing() {
     assert!(search(&index, "mountains tall").is_empty());
 
     let missing = dir.path().join("missing.txt");
-    let out = chatforge(&["index", "add", "--index", i, missing.to_str().unwrap()]);
+    let out = add(&index, &[&missing]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.txt"));
 
@@ -173,13 +157,7 @@ fn a_killed_add_leaves_the_previous_index_usable() {
     std::fs::write(&small, "The lighthouse keeper is Ada.\n").unwrap();
     let index = dir.path().join("index");
     let i = index.to_str().unwrap();
-    ok(&chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        small.to_str().unwrap(),
-    ]));
+    ok(&add(&index, &[&small]));
     // A file big enough that adding it takes a while.
     let big = dir.path().join("big.txt");
     let mut text = String::new();
@@ -207,13 +185,7 @@ fn a_killed_add_leaves_the_previous_index_usable() {
         "{hits:?}"
     );
     // And a new add works after the killed one.
-    ok(&chatforge(&[
-        "index",
-        "add",
-        "--index",
-        i,
-        small.to_str().unwrap(),
-    ]));
+    ok(&add(&index, &[&small]));
 }
 
 #[test]

@@ -548,6 +548,36 @@ mod tests {
     use super::*;
     use crate::tokenizer::TrainOptions;
 
+    /// A greedy row with room for `budget` tokens.
+    fn greedy_row(stop_ids: Vec<u32>, budget: usize) -> Row {
+        let params = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::DEFAULT
+        };
+        Row {
+            key: 0,
+            sampler: Sampler::new(params.clone()),
+            stream: TextStream::new(Vec::new()),
+            params,
+            counts: HashMap::new(),
+            stop_ids,
+            budget,
+            last: 0,
+            prompt_tokens: 1,
+            call: None,
+            pending: VecDeque::new(),
+            forced: Vec::new(),
+        }
+    }
+
+    fn tokenizer(text: &str) -> Tokenizer {
+        let opts = TrainOptions {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        Tokenizer::train(&[text], &opts).unwrap().0
+    }
+
     /// Logits whose greedy choice is `id`.
     fn pointing_at(vocab: usize, id: u32) -> Vec<f32> {
         let mut l = vec![0.0; vocab];
@@ -557,33 +587,9 @@ mod tests {
 
     #[test]
     fn a_calculator_call_gets_its_output_forced_and_marked() {
-        let (tok, _) = Tokenizer::train(
-            &["one plus two is three. 12 + 30 = 42"],
-            &TrainOptions {
-                vocab_size: 300,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let tok = tokenizer("one plus two is three. 12 + 30 = 42");
         let tools = ToolTokens::of(&tok).expect("chatforge tokenizers reserve the tool tokens");
-        let params = SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::DEFAULT
-        };
-        let mut row = Row {
-            key: 0,
-            sampler: Sampler::new(params.clone()),
-            stream: TextStream::new(Vec::new()),
-            params,
-            counts: HashMap::new(),
-            stop_ids: vec![tok.special_id("<|assistant_end|>").unwrap()],
-            budget: 100,
-            last: 0,
-            prompt_tokens: 1,
-            call: None,
-            pending: VecDeque::new(),
-            forced: Vec::new(),
-        };
+        let mut row = greedy_row(vec![tok.special_id("<|assistant_end|>").unwrap()], 100);
         let vocab = tok.vocab_size();
         let mut out = Vec::new();
         // The model writes "<|tool_start|>12+30<|tool_end|>".
@@ -616,15 +622,7 @@ mod tests {
             .unwrap();
         assert_eq!(row.forced.len(), expected_output.len());
         // Without tool tokens (another model's tokenizer) nothing is forced.
-        let mut plain = Row {
-            call: None,
-            pending: VecDeque::new(),
-            forced: Vec::new(),
-            stream: TextStream::new(Vec::new()),
-            sampler: Sampler::new(row.params.clone()),
-            counts: HashMap::new(),
-            ..row
-        };
+        let mut plain = greedy_row(Vec::new(), 100);
         for &id in &written {
             plain
                 .advance(&tok, None, pointing_at(vocab, id), &mut out)
@@ -635,33 +633,9 @@ mod tests {
 
     #[test]
     fn an_endless_call_is_closed_and_answered_with_an_error() {
-        let (tok, _) = Tokenizer::train(
-            &["1 + 1"],
-            &TrainOptions {
-                vocab_size: 300,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let tok = tokenizer("1 + 1");
         let tools = ToolTokens::of(&tok).unwrap();
-        let params = SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::DEFAULT
-        };
-        let mut row = Row {
-            key: 0,
-            sampler: Sampler::new(params.clone()),
-            stream: TextStream::new(Vec::new()),
-            params,
-            counts: HashMap::new(),
-            stop_ids: Vec::new(),
-            budget: 1000,
-            last: 0,
-            prompt_tokens: 1,
-            call: None,
-            pending: VecDeque::new(),
-            forced: Vec::new(),
-        };
+        let mut row = greedy_row(Vec::new(), 1000);
         let vocab = tok.vocab_size();
         let one = tok.encode_plain("1").unwrap()[0];
         let mut out = Vec::new();

@@ -126,14 +126,15 @@ impl Retrieval {
     pub const DEFAULT_DOCUMENT_TOKENS: usize = 512;
 
     /// The best passages for `question` that fit the token budget together, best first; a model
-    /// with a `context`-token window gives them at most half of it.
+    /// with a `context`-token window gives them at most a quarter of it, so that the question and
+    /// a worked answer still fit beside them.
     pub fn passages(
         &self,
         tok: &Tokenizer,
         question: &str,
         context: usize,
     ) -> Result<Vec<Passage>> {
-        let budget = self.document_tokens.min(context / 2);
+        let budget = self.document_tokens.min(context / 4);
         let mut out = Vec::new();
         let mut used = 0;
         for p in self.index.search(question, self.top_k)? {

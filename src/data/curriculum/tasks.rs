@@ -602,109 +602,74 @@ fn grounded(
             break j;
         }
     };
-    let (q, best, curt, wrong, wrong_curt, answer) = match (lang, rng.below(3)) {
-        (Lang::En, 0) => (
-            template(
-                rng,
-                &[
-                    "Where does {n} live?",
-                    "Which town does {n} live in?",
-                    "Tell me where {n} lives.",
-                    "In which town is the home of {n}?",
-                ],
-                split,
-            ),
-            format!("{name} lives in {}.", p.town_en),
-            p.town_en.to_string(),
-            format!("{name} lives in {}.", other_town.0),
-            other_town.0.to_string(),
-            Answer::Contains(vec![p.town_en.into()]),
+    // The three questions: where the person lives, how old, which job.
+    let kind = rng.below(3);
+    let (en, zh_q): (&[&str], &[&str]) = match kind {
+        0 => (
+            &[
+                "Where does {n} live?",
+                "Which town does {n} live in?",
+                "Tell me where {n} lives.",
+                "In which town is the home of {n}?",
+            ],
+            &[
+                "{n}住在哪里？",
+                "{n}住在哪个镇？",
+                "告诉我{n}住在哪儿。",
+                "{n}的家在哪个镇？",
+            ],
         ),
-        (Lang::En, 1) => (
-            template(
-                rng,
-                &[
-                    "How old is {n}?",
-                    "What is the age of {n}?",
-                    "Tell me how old {n} is.",
-                    "How many years old is {n}?",
-                ],
-                split,
-            ),
-            format!("{name} is {} years old.", p.age),
-            p.age.to_string(),
-            format!("{name} is {} years old.", p.age + 7),
-            (p.age + 7).to_string(),
-            Answer::Number(p.age as i64),
+        1 => (
+            &[
+                "How old is {n}?",
+                "What is the age of {n}?",
+                "Tell me how old {n} is.",
+                "How many years old is {n}?",
+            ],
+            &[
+                "{n}今年几岁？",
+                "{n}多大了？",
+                "告诉我{n}的年龄。",
+                "{n}今年多少岁？",
+            ],
         ),
-        (Lang::En, _) => (
-            template(
-                rng,
-                &[
-                    "What is the job of {n}?",
-                    "What does {n} do for work?",
-                    "Tell me what job {n} has.",
-                    "What work does {n} do?",
-                ],
-                split,
-            ),
-            format!("{name} works as a {}.", p.job_en),
-            p.job_en.to_string(),
-            format!("{name} works as a {}.", other_job.0),
-            other_job.0.to_string(),
-            Answer::Contains(vec![p.job_en.into()]),
+        _ => (
+            &[
+                "What is the job of {n}?",
+                "What does {n} do for work?",
+                "Tell me what job {n} has.",
+                "What work does {n} do?",
+            ],
+            &[
+                "{n}做什么工作？",
+                "{n}的工作是什么？",
+                "告诉我{n}的职业。",
+                "{n}是做什么的？",
+            ],
         ),
-        (Lang::Zh, 0) => (
-            template(
-                rng,
-                &[
-                    "{n}住在哪里？",
-                    "{n}住在哪个镇？",
-                    "告诉我{n}住在哪儿。",
-                    "{n}的家在哪个镇？",
-                ],
-                split,
-            ),
-            format!("{name}住在{}。", p.town_zh),
-            p.town_zh.to_string(),
-            format!("{name}住在{}。", other_town.1),
-            other_town.1.to_string(),
-            Answer::Contains(vec![p.town_zh.into()]),
-        ),
-        (Lang::Zh, 1) => (
-            template(
-                rng,
-                &[
-                    "{n}今年几岁？",
-                    "{n}多大了？",
-                    "告诉我{n}的年龄。",
-                    "{n}今年多少岁？",
-                ],
-                split,
-            ),
-            format!("{name}今年{}岁。", p.age),
-            p.age.to_string(),
-            format!("{name}今年{}岁。", p.age + 7),
-            (p.age + 7).to_string(),
-            Answer::Number(p.age as i64),
-        ),
-        (Lang::Zh, _) => (
-            template(
-                rng,
-                &[
-                    "{n}做什么工作？",
-                    "{n}的工作是什么？",
-                    "告诉我{n}的职业。",
-                    "{n}是做什么的？",
-                ],
-                split,
-            ),
-            format!("{name}是{}。", p.job_zh),
-            p.job_zh.to_string(),
-            format!("{name}是{}。", other_job.1),
-            other_job.1.to_string(),
-            Answer::Contains(vec![p.job_zh.into()]),
-        ),
+    };
+    let q = template(rng, if zh { zh_q } else { en }, split);
+    let value = |town: (&str, &str), job: (&str, &str), age: u32| match kind {
+        0 if zh => town.1.to_string(),
+        0 => town.0.to_string(),
+        1 => age.to_string(),
+        _ if zh => job.1.to_string(),
+        _ => job.0.to_string(),
+    };
+    let sentence = |v: &str| match (zh, kind) {
+        (false, 0) => format!("{name} lives in {v}."),
+        (false, 1) => format!("{name} is {v} years old."),
+        (false, _) => format!("{name} works as a {v}."),
+        (true, 0) => format!("{name}住在{v}。"),
+        (true, 1) => format!("{name}今年{v}岁。"),
+        (true, _) => format!("{name}是{v}。"),
+    };
+    let curt = value((p.town_en, p.town_zh), (p.job_en, p.job_zh), p.age);
+    let wrong_curt = value(other_town, other_job, p.age + 7);
+    let (best, wrong) = (sentence(&curt), sentence(&wrong_curt));
+    let answer = match kind {
+        1 => Answer::Number(p.age as i64),
+        _ => Answer::Contains(vec![curt.clone()]),
     };
     let prompt = user(q.replace("{n}", name));
     if lacks {
