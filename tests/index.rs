@@ -218,3 +218,25 @@ fn retrieval_finds_the_passage_that_answers_held_out_curriculum_questions() {
         );
     }
 }
+
+#[test]
+fn commands_that_take_an_index_refuse_a_bad_one_before_loading_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = chatforge(&[
+        "generate", "--model", "none", "--prompt", "hi", "--index", d,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --chat"));
+    for cmd in [
+        vec![
+            "generate", "--chat", "--model", "none", "--prompt", "hi", "--index", d,
+        ],
+        vec!["chat", "--model", "none", "--index", d],
+    ] {
+        let out = chatforge(&cmd);
+        assert!(!out.status.success(), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a chatforge index"), "{cmd:?}: {err}");
+    }
+}

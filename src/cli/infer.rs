@@ -124,10 +124,11 @@ pub struct ChatArgs {
 
 pub fn chat(a: ChatArgs) -> Result<()> {
     use crate::infer::chat::{run_terminal, ChatSession};
+    let retrieval = a.retrieval.open()?;
     let lm = load(&a.model)?;
     let mut session = ChatSession::new(&lm, template(a.template.as_deref())?, a.sampling)?;
     session.system = a.system;
-    session.retrieval = a.retrieval.open()?;
+    session.retrieval = retrieval;
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     run_terminal(&mut session, &mut stdin.lock(), interactive)

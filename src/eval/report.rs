@@ -279,6 +279,7 @@ const ROWS: [(&str, &str, &str); 18] = [
         "accuracy/chicken_rabbit_direct",
     ),
     ("  translation", "curriculum", "accuracy/translation"),
+    ("  sentiment", "curriculum", "accuracy/sentiment"),
     (
         "  invented people, facts only in documents",
         "curriculum",
@@ -299,7 +300,6 @@ const ROWS: [(&str, &str, &str); 18] = [
         "curriculum",
         "retrieval_recall/zh",
     ),
-    ("  sentiment", "curriculum", "accuracy/sentiment"),
     ("stops at end of turn", "curriculum", metric::STOPS),
     (
         "answers in the prompt's language",

@@ -193,6 +193,7 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     crate::util::check_positive("--max-batch", opts.max_batch)?;
     crate::util::check_positive("--queue", opts.queue)?;
     crate::util::check_positive("--max-tokens-cap", opts.max_tokens_cap)?;
+    let retrieval = opts.retrieval.open()?;
     let device = candle_core::Device::Cpu;
     let lm = Arc::new(crate::model::load(&opts.model, &device)?);
     let template = match &opts.template {
@@ -209,7 +210,6 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     let model_id = name
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "chatforge".into());
-    let retrieval = opts.retrieval.open()?;
     let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
     let state = Arc::new(AppState {
         engine,

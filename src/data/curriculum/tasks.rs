@@ -518,11 +518,13 @@ fn chicken_rabbit(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made 
         let rabbits_call = crate::tools::call_text(&format!("{extra} / 2"));
         let chickens_call = crate::tools::call_text(&format!("{heads} - {rabbits}"));
         match lang {
+            // Short steps: every token of a worked answer is a chance to miscopy, and the whole
+            // answer must fit the small preset's 96 new tokens.
             Lang::En => format!(
-                "We have {heads} heads and {legs} legs. If all {heads} animals were chickens there would be {all} legs. There are {extra_call} extra legs, and each rabbit adds 2, so there are {rabbits_call} rabbits and {chickens_call} chickens. So there are {chickens} chickens and {rabbits} rabbits."
+                "We have {heads} heads and {legs} legs. All chickens: {all} legs. Extra legs: {extra_call}. Each rabbit adds 2, so rabbits: {rabbits_call}. Chickens: {chickens_call}. So there are {chickens} chickens and {rabbits} rabbits."
             ),
             Lang::Zh => format!(
-                "一共{heads}个头，{legs}条腿。假设{heads}只都是鸡，就有{all}条腿。多出{extra_call}条腿，每只兔多2条腿，所以兔有{rabbits_call}只，鸡有{chickens_call}只。所以鸡有{chickens}只，兔有{rabbits}只。"
+                "一共{heads}个头，{legs}条腿。全是鸡：{all}条腿。多出{extra_call}条腿。每只兔多2条腿，所以兔：{rabbits_call}只。鸡：{chickens_call}只。所以鸡有{chickens}只，兔有{rabbits}只。"
             ),
         }
     } else {

@@ -185,14 +185,24 @@ pub const JOBS: [(&str, &str); 8] = [
 /// How many invented people there are.
 pub const PEOPLE: usize = 64;
 
-/// Person `i` (deterministic: two syllables, a town, a job and an age from the index).
+/// Person `i`. Names, towns, jobs and ages are drawn by a seeded shuffle rather than computed
+/// from `i`: held-out people are every fourth index, and any formula of `i` gave them names that
+/// started with syllables no training name had, and only two of the eight jobs.
 pub fn person(i: usize) -> Person {
+    let mut combos: Vec<usize> = (0..SYLLABLES.len() * SYLLABLES.len()).collect();
+    let mut rng = crate::util::Rng::new(0x9e0_91e);
+    for k in (1..combos.len()).rev() {
+        let j = rng.below(k as u64 + 1) as usize;
+        combos.swap(k, j);
+    }
+    let combo = combos[i % combos.len()];
     let (a, b) = (
-        SYLLABLES[i % SYLLABLES.len()],
-        SYLLABLES[(i / SYLLABLES.len() + 3 * i + 1) % SYLLABLES.len()],
+        SYLLABLES[combo / SYLLABLES.len()],
+        SYLLABLES[combo % SYLLABLES.len()],
     );
-    let town = TOWNS[(7 * i + 3) % TOWNS.len()];
-    let job = JOBS[(5 * i + 1) % JOBS.len()];
+    let mut rng = crate::util::Rng::new(1_000 + i as u64);
+    let town = TOWNS[rng.below(TOWNS.len() as u64) as usize];
+    let job = JOBS[rng.below(JOBS.len() as u64) as usize];
     Person {
         en: format!("{}{}", a.0, b.0.to_lowercase()),
         zh: format!("{}{}", a.1, b.1),
@@ -200,7 +210,7 @@ pub fn person(i: usize) -> Person {
         town_zh: town.1,
         job_en: job.0,
         job_zh: job.1,
-        age: 20 + ((i * 37 + 11) % 60) as u32,
+        age: 20 + rng.below(60) as u32,
     }
 }
 
@@ -224,5 +234,36 @@ impl Person {
                 self.en, self.town_en, self.en, self.age, self.en, self.job_en
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_people_look_like_training_people() {
+        let (held, train): (Vec<Person>, Vec<Person>) = (0..PEOPLE).map(|i| (i, person(i))).fold(
+            (Vec::new(), Vec::new()),
+            |(mut h, mut t), (i, p)| {
+                if super::super::tasks::held_out_index(i) {
+                    h.push(p)
+                } else {
+                    t.push(p)
+                }
+                (h, t)
+            },
+        );
+        let names: std::collections::BTreeSet<&str> =
+            held.iter().chain(&train).map(|p| p.en.as_str()).collect();
+        assert_eq!(names.len(), PEOPLE, "names repeat");
+        // Every held-out name starts with a syllable some training name starts with, and
+        // held-out people hold at least half of the jobs.
+        for p in &held {
+            let first = &p.en[..2];
+            assert!(train.iter().any(|t| t.en.starts_with(first)), "{}", p.en);
+        }
+        let jobs: std::collections::BTreeSet<&str> = held.iter().map(|p| p.job_en).collect();
+        assert!(jobs.len() >= JOBS.len() / 2, "{jobs:?}");
     }
 }
