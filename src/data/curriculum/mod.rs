@@ -29,6 +29,8 @@ pub struct CurriculumSize {
     pub qa_documents: usize,
     /// Relation lists ("cat: meow") in several formats.
     pub list_documents: usize,
+    /// Passages about invented people followed by questions answered from them.
+    pub reading_documents: usize,
     /// Conversations per family and language (train; held-out gets a quarter).
     pub conversations_per_family: usize,
     pub preference_prompts_per_family: usize,
@@ -46,6 +48,7 @@ impl CurriculumSize {
             code_documents: n(1000.0),
             qa_documents: n(4000.0),
             list_documents: n(3000.0),
+            reading_documents: n(3000.0),
             conversations_per_family: n(200.0),
             preference_prompts_per_family: n(40.0),
             rl_prompts_per_family: n(40.0),
@@ -248,6 +251,23 @@ fn qa_document(rng: &mut Rng) -> String {
     parts.join("\n\n")
 }
 
+/// Passages about people only the pretraining text knows, then questions in the Q/A form of
+/// [`qa_document`] answered from them (or "The documents don't say").
+fn reading_document(rng: &mut Rng) -> String {
+    let lang = if rng.below(2) == 0 { Lang::En } else { Lang::Zh };
+    let t = tasks::reading(lang, rng);
+    let (q, a) = match lang {
+        Lang::En => ("Q: ", "A: "),
+        Lang::Zh => ("问：", "答："),
+    };
+    let question = t.prompt.last().map(|m| m.content.as_str()).unwrap_or_default();
+    format!(
+        "{}\n{q}{question}\n{a}{}",
+        t.documents.join("\n"),
+        t.replies[0]
+    )
+}
+
 /// Separators of list documents, and the (relation, separator) pairs they never use: those are the
 /// few-shot probes', which only in-context examples may reveal.
 const LIST_SEPARATORS: [&str; 6] = [" -> ", " | ", ": ", " = ", " => ", " / "];
@@ -402,6 +422,7 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
     docs.extend((0..size.code_documents).map(|_| code_document(&mut rng)));
     docs.extend((0..size.qa_documents).map(|_| qa_document(&mut rng)));
     docs.extend((0..size.list_documents).map(|_| list_document(&mut rng)));
+    docs.extend((0..size.reading_documents).map(|_| reading_document(&mut rng)));
     // Shuffle so every part of the file mixes all kinds.
     for i in (1..docs.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;

@@ -217,7 +217,14 @@ pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
     let mut documents = Vec::new();
     let mut source = None;
     let (prompt, answer, replies, wrong_curt) = match family {
-        Family::Grounded => grounded(lang, split, rng, &mut documents, &mut source),
+        Family::Grounded => grounded(
+            lang,
+            split,
+            rng,
+            People::Curriculum,
+            &mut documents,
+            &mut source,
+        ),
         Family::Fact => fact(lang, split, rng),
         Family::Arithmetic | Family::ArithmeticSteps => {
             arithmetic(lang, split, rng, family == Family::ArithmeticSteps)
@@ -242,6 +249,31 @@ pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
     }
     Task {
         family,
+        lang,
+        prompt,
+        answer,
+        replies,
+        wrong_curt,
+        documents,
+        source,
+    }
+}
+
+/// A reading exercise for the pretraining text: a grounded question about people no later
+/// question asks about, with its passages and answer. Reading a passage to find one person's fact
+/// is a skill pretraining must start: a few hundred SFT examples did not teach it.
+pub fn reading(lang: Lang, rng: &mut Rng) -> Task {
+    let (mut documents, mut source) = (Vec::new(), None);
+    let (prompt, answer, replies, wrong_curt) = grounded(
+        lang,
+        Split::Demo,
+        rng,
+        People::Pretraining,
+        &mut documents,
+        &mut source,
+    );
+    Task {
+        family: Family::Grounded,
         lang,
         prompt,
         answer,
@@ -555,14 +587,28 @@ fn chicken_rabbit(lang: Lang, split: Split, rng: &mut Rng, steps: bool) -> Made 
 /// A question about an invented person with passages to answer from: the person's own (unless the
 /// set lacks it) and one or two about other people. Held-out people are never asked about in
 /// training, and some are in no passage at all: "the documents don't say" is the right answer.
+/// Whom a grounded question is about.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum People {
+    /// The knowledge base's people, split into training and held-out ones.
+    Curriculum,
+    /// People only the pretraining text's reading exercises use.
+    Pretraining,
+}
+
 fn grounded(
     lang: Lang,
     split: Split,
     rng: &mut Rng,
+    people: People,
     documents: &mut Vec<String>,
     source: &mut Option<String>,
 ) -> Made {
-    let i = entity(rng, PEOPLE, split);
+    let pick_person = |rng: &mut Rng| match people {
+        People::Curriculum => entity(rng, PEOPLE, split),
+        People::Pretraining => PEOPLE + rng.below((ALL_PEOPLE - PEOPLE) as u64) as usize,
+    };
+    let i = pick_person(rng);
     let lacks = if split == Split::Heldout {
         absent_person(i)
     } else {
@@ -577,7 +623,7 @@ fn grounded(
     }
     for _ in 0..1 + rng.below(2) {
         let j = loop {
-            let j = entity(rng, PEOPLE, split);
+            let j = pick_person(rng);
             if j != i && !absent_person(j) {
                 break j;
             }

@@ -182,8 +182,11 @@ pub const JOBS: [(&str, &str); 8] = [
     ("fisher", "渔夫"),
 ];
 
-/// How many invented people there are.
+/// How many invented people the knowledge base and the grounded questions draw on.
 pub const PEOPLE: usize = 64;
+/// Invented people in all: those past [`PEOPLE`] appear only in the pretraining text's reading
+/// exercises, never in the knowledge base or a question asked later.
+pub const ALL_PEOPLE: usize = SYLLABLES.len() * SYLLABLES.len();
 
 /// Person `i`. Names, towns, jobs and ages are drawn by a seeded shuffle rather than computed
 /// from `i`: held-out people are every fourth index, and any formula of `i` gave them names that
