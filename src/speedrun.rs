@@ -77,7 +77,7 @@ impl Preset {
                 heads: 4,
                 kv_heads: 2,
                 context: 192,
-                pretrain_steps: 250,
+                pretrain_steps: 350,
                 pretrain_batch: 8,
                 pretrain_lr: 5e-3,
                 sft_steps: 250,

@@ -106,8 +106,10 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         rl["eval_after"]["stops_at_end_of_turn"].as_f64().unwrap(),
     );
     assert!(stop.1 >= stop.0 - 0.1, "stop rate {stop:?}");
-    // The final model is evaluated again with the knowledge base's index: retrieval finds the
-    // passage that answers held-out grounded questions whatever the model then does with it.
+    // The final model is evaluated again with the knowledge base's index, on the same prompts.
+    // The tiny preset's held-out prompts hold one grounded question per language, which may be
+    // about someone in no passage: retrieval recall is checked where there is one (and on 200
+    // questions per language in tests/index.rs).
     assert!(
         md.contains("RLHF with index"),
         "report.md lacks the index column"
@@ -115,11 +117,15 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
     let with_index: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval/rlhf_index.json")).unwrap())
             .unwrap();
+    assert_eq!(
+        with_index["curriculum"]["n"],
+        r["eval"]["rlhf"]["curriculum"]["n"]
+    );
     for lang in ["en", "zh"] {
-        let recall = with_index["curriculum"][format!("retrieval_recall/{lang}")]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no retrieval recall for {lang}: {with_index}"));
-        assert!(recall >= 0.9, "retrieval recall ({lang}) {recall}");
+        if let Some(recall) = with_index["curriculum"][format!("retrieval_recall/{lang}")].as_f64()
+        {
+            assert!(recall >= 0.9, "retrieval recall ({lang}) {recall}");
+        }
     }
     for stage in [
         "curriculum",

@@ -254,13 +254,21 @@ fn qa_document(rng: &mut Rng) -> String {
 /// Passages about people only the pretraining text knows, then questions in the Q/A form of
 /// [`qa_document`] answered from them (or "The documents don't say").
 fn reading_document(rng: &mut Rng) -> String {
-    let lang = if rng.below(2) == 0 { Lang::En } else { Lang::Zh };
+    let lang = if rng.below(2) == 0 {
+        Lang::En
+    } else {
+        Lang::Zh
+    };
     let t = tasks::reading(lang, rng);
     let (q, a) = match lang {
         Lang::En => ("Q: ", "A: "),
         Lang::Zh => ("问：", "答："),
     };
-    let question = t.prompt.last().map(|m| m.content.as_str()).unwrap_or_default();
+    let question = t
+        .prompt
+        .last()
+        .map(|m| m.content.as_str())
+        .unwrap_or_default();
     format!(
         "{}\n{q}{question}\n{a}{}",
         t.documents.join("\n"),
