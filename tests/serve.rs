@@ -110,6 +110,8 @@ fn openai_api_streams_batches_and_reports_errors() {
         &chat_body(&id, "the cat", 7, false),
     );
     assert_eq!(status, 200, "{a}");
+    // Without --index a reply is OpenAI's shape alone: no `sources`.
+    assert!(a.get("sources").is_none(), "{a}");
     let (_, b) = post(
         &addr,
         "/v1/chat/completions",

@@ -636,7 +636,11 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
         Kind::Completion => format!("cmpl-{id_number:x}{:x}", state.created),
     };
     state.metrics.count(kind.endpoint(), StatusCode::OK);
-    let sources = serde_json::to_value(&p.sources).unwrap_or(Value::Null);
+    // `sources` only where the server has an index (null: left out).
+    let sources = match &state.retrieval {
+        Some(_) => serde_json::to_value(&p.sources).unwrap_or(Value::Null),
+        None => Value::Null,
+    };
     if p.stream {
         stream_response(state, kind, id, rx, started, p.include_usage, sources)
     } else {
@@ -678,13 +682,12 @@ async fn full_response(
                 let usage = Usage::new(prompt_tokens, completion_tokens);
                 let finish = finish_name(finish_reason);
                 let created = unix_now();
-                let body = match kind {
-                    // `sources`, beside OpenAI's fields: the passages the reply was grounded on.
+                let mut body = match kind {
                     Kind::Chat => json!({
                         "id": id, "object": "chat.completion", "created": created, "model": state.model_id,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "logprobs": null, "finish_reason": finish}],
-                        "usage": usage, "sources": sources,
+                        "usage": usage,
                     }),
                     Kind::Completion => json!({
                         "id": id, "object": "text_completion", "created": created, "model": state.model_id,
@@ -692,6 +695,10 @@ async fn full_response(
                         "usage": usage,
                     }),
                 };
+                // `sources`, beside OpenAI's fields: the passages the reply was grounded on.
+                if !sources.is_null() && kind == Kind::Chat {
+                    body["sources"] = sources;
+                }
                 return Json(body).into_response();
             }
             Event::Failed(message) => {
@@ -789,7 +796,9 @@ fn stream_response(
                                           "logprobs": null, "finish_reason": null});
                         let mut first = chunk(role, None);
                         // The role chunk carries the sources, so a page can show them at once.
-                        first["sources"] = std::mem::take(&mut st.sources);
+                        if !st.sources.is_null() {
+                            first["sources"] = std::mem::take(&mut st.sources);
+                        }
                         return Some((Ok(to_event(&first)), st));
                     }
                     1 => match st.rx.recv().await {
