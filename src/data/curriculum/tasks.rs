@@ -214,48 +214,55 @@ pub fn check(answer: &Answer, reply: &str) -> bool {
 
 /// Makes one task of `family`.
 pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
-    let mut documents = Vec::new();
-    let mut source = None;
-    let (prompt, answer, replies, wrong_curt) = match family {
-        Family::Grounded => grounded(
+    let made = match family {
+        Family::Grounded => None,
+        Family::Fact => Some(fact(lang, split, rng)),
+        Family::Arithmetic | Family::ArithmeticSteps => Some(arithmetic(
             lang,
             split,
             rng,
-            People::Curriculum,
-            &mut documents,
-            &mut source,
-        ),
-        Family::Fact => fact(lang, split, rng),
-        Family::Arithmetic | Family::ArithmeticSteps => {
-            arithmetic(lang, split, rng, family == Family::ArithmeticSteps)
-        }
-        Family::ChickenRabbit | Family::ChickenRabbitDirect => {
-            chicken_rabbit(lang, split, rng, family == Family::ChickenRabbit)
-        }
-        Family::Sentiment => sentiment(lang, split, rng),
-        Family::Extraction => extraction(split, rng),
-        Family::Email => email(split, rng),
-        Family::Translation => translation(lang, split, rng),
-        Family::FollowUp => follow_up(lang, split, rng),
-        Family::Correction => correction(lang, split, rng),
-        Family::Harmful => harmful(lang, split, rng),
-        Family::Benign => benign(lang, split, rng),
+            family == Family::ArithmeticSteps,
+        )),
+        Family::ChickenRabbit | Family::ChickenRabbitDirect => Some(chicken_rabbit(
+            lang,
+            split,
+            rng,
+            family == Family::ChickenRabbit,
+        )),
+        Family::Sentiment => Some(sentiment(lang, split, rng)),
+        Family::Extraction => Some(extraction(split, rng)),
+        Family::Email => Some(email(split, rng)),
+        Family::Translation => Some(translation(lang, split, rng)),
+        Family::FollowUp => Some(follow_up(lang, split, rng)),
+        Family::Correction => Some(correction(lang, split, rng)),
+        Family::Harmful => Some(harmful(lang, split, rng)),
+        Family::Benign => Some(benign(lang, split, rng)),
     };
-    let mut prompt = prompt;
+    let mut task = match made {
+        Some(made) => Task::new(family, lang, made),
+        None => grounded(lang, split, rng, People::Curriculum),
+    };
     if split != Split::Heldout && rng.below(2) == 0 {
-        if let Some(last) = prompt.last_mut() {
+        if let Some(last) = task.prompt.last_mut() {
             last.content = wrap(rng, &last.content);
         }
     }
-    Task {
-        family,
-        lang,
-        prompt,
-        answer,
-        replies,
-        wrong_curt,
-        documents,
-        source,
+    task
+}
+
+impl Task {
+    /// A task without passages.
+    fn new(family: Family, lang: Lang, (prompt, answer, replies, wrong_curt): Made) -> Task {
+        Task {
+            family,
+            lang,
+            prompt,
+            answer,
+            replies,
+            wrong_curt,
+            documents: Vec::new(),
+            source: None,
+        }
     }
 }
 
@@ -263,25 +270,7 @@ pub fn make(family: Family, lang: Lang, split: Split, rng: &mut Rng) -> Task {
 /// question asks about, with its passages and answer. Reading a passage to find one person's fact
 /// is a skill pretraining must start: a few hundred SFT examples did not teach it.
 pub fn reading(lang: Lang, rng: &mut Rng) -> Task {
-    let (mut documents, mut source) = (Vec::new(), None);
-    let (prompt, answer, replies, wrong_curt) = grounded(
-        lang,
-        Split::Demo,
-        rng,
-        People::Pretraining,
-        &mut documents,
-        &mut source,
-    );
-    Task {
-        family: Family::Grounded,
-        lang,
-        prompt,
-        answer,
-        replies,
-        wrong_curt,
-        documents,
-        source,
-    }
+    grounded(lang, Split::Demo, rng, People::Pretraining)
 }
 
 /// Wraps a training question in a greeting or request, so the model learns to answer the question
@@ -596,14 +585,9 @@ enum People {
     Pretraining,
 }
 
-fn grounded(
-    lang: Lang,
-    split: Split,
-    rng: &mut Rng,
-    people: People,
-    documents: &mut Vec<String>,
-    source: &mut Option<String>,
-) -> Made {
+fn grounded(lang: Lang, split: Split, rng: &mut Rng, people: People) -> Task {
+    let mut documents = Vec::new();
+    let mut source = None;
     let pick_person = |rng: &mut Rng| match people {
         People::Curriculum => entity(rng, PEOPLE, split),
         People::Pretraining => PEOPLE + rng.below((ALL_PEOPLE - PEOPLE) as u64) as usize,
@@ -619,7 +603,7 @@ fn grounded(
     let name = if zh { p.zh.as_str() } else { p.en.as_str() };
     if !lacks {
         documents.push(p.document(zh));
-        *source = Some(p.document(zh));
+        source = Some(p.document(zh));
     }
     for _ in 0..1 + rng.below(2) {
         let j = loop {
@@ -727,19 +711,27 @@ fn grounded(
         };
         let answer = Answer::Contains(vec![says.trim_end_matches(['.', '。']).into()]);
         // A guess stated as fact is the wrong answer here.
-        return (
-            prompt,
-            answer,
-            [says, curt.into(), wrong, rude(rng, lang)],
-            Some(wrong_curt),
-        );
+        let replies = [says, curt.into(), wrong, rude(rng, lang)];
+        return Task {
+            documents,
+            source,
+            ..Task::new(
+                Family::Grounded,
+                lang,
+                (prompt, answer, replies, Some(wrong_curt)),
+            )
+        };
     }
-    (
-        prompt,
-        answer,
-        [best, curt, wrong, rude(rng, lang)],
-        Some(wrong_curt),
-    )
+    let replies = [best, curt, wrong, rude(rng, lang)];
+    Task {
+        documents,
+        source,
+        ..Task::new(
+            Family::Grounded,
+            lang,
+            (prompt, answer, replies, Some(wrong_curt)),
+        )
+    }
 }
 
 /// What a grounded reply says when no passage holds the answer.
