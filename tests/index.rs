@@ -239,4 +239,7 @@ fn commands_that_take_an_index_refuse_a_bad_one_before_loading_a_model() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not a chatforge index"), "{cmd:?}: {err}");
     }
+    let out = chatforge(&["chat", "--model", "none", "--index", d, "--passages", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--passages"));
 }

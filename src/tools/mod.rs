@@ -106,6 +106,8 @@ impl RetrievalArgs {
         let Some(dir) = &self.index else {
             return Ok(None);
         };
+        crate::util::check_positive("--passages", self.passages)?;
+        crate::util::check_positive("--document-tokens", self.document_tokens)?;
         Ok(Some(Retrieval {
             index: DocumentIndex::open(dir)?,
             top_k: self.passages,
