@@ -92,6 +92,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!();
+        // The reply's line ends before the sources go to stderr.
+        out.flush()?;
         if !sources.is_empty() {
             eprintln!("(sources: {})", crate::tools::source_list(&sources));
         }
