@@ -521,8 +521,6 @@ fn unsupported_fields_are_refused_by_name() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("tool_choice", json!("auto")),
-        ("logprobs", json!(true)),
-        ("top_logprobs", json!(2)),
         ("response_format", json!({"type": "json_object"})),
     ] {
         let (status, reply) = ask(json!({ field: value }));
@@ -541,4 +539,298 @@ fn unsupported_fields_are_refused_by_name() {
         let (status, reply) = ask(off.clone());
         assert_eq!(status, 200, "{off}: {reply}");
     }
+}
+
+/// The `logprobs` of `/v1/completions` choices, streamed or not: (token strings, log-probabilities).
+fn completion_logprobs(choice: &Value) -> (Vec<String>, Vec<f64>) {
+    let lp = &choice["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    let values = lp["token_logprobs"].as_array().unwrap();
+    (
+        tokens
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect(),
+        values.iter().map(|v| v.as_f64().unwrap()).collect(),
+    )
+}
+
+/// Log-probabilities as OpenAI defines them: the sum over a completion's tokens is the
+/// log-likelihood `chatforge eval` gives the same text; streamed pieces carry the same numbers;
+/// chat's `bytes` spell the reply; the alternatives come most likely first; bad values are
+/// refused by name. Also `n` choices, and `/tokenize` with `/detokenize`.
+#[test]
+fn logprobs_choices_and_tokenize() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &["--max-batch", "4"]);
+    let addr = server.addr.clone();
+    let bias = no_stop_bias(&model);
+
+    // Completions: 16 tokens (the stop tokens are banned), 3 alternatives each.
+    let body = json!({"model": "model", "prompt": "the cat", "max_tokens": 16, "temperature": 0,
+                      "logprobs": 3, "logit_bias": bias});
+    let (status, reply) = post(&addr, "/v1/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    let text = choice["text"].as_str().unwrap().to_string();
+    let (tokens, values) = completion_logprobs(choice);
+    assert_eq!(values.len(), 16, "{reply}");
+    assert_eq!(tokens.concat(), text, "the tokens spell the text");
+    assert!(
+        values.iter().all(|&v| v <= 0.0 && v.is_finite()),
+        "{values:?}"
+    );
+    for (i, top) in choice["logprobs"]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let top: Vec<f64> = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+        let best = top.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            values[i] <= best + 1e-6,
+            "token {i}: {} above {best}",
+            values[i]
+        );
+    }
+    let offsets: Vec<u64> = choice["logprobs"]["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[1] as usize, tokens[0].chars().count());
+
+    // The same request streamed: the same tokens and numbers, piece by piece.
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let (status, sse) = http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        &streamed_body.to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{sse}");
+    let (mut s_tokens, mut s_values) = (Vec::new(), Vec::new());
+    for e in sse_events(&sse) {
+        let Ok(chunk) = serde_json::from_str::<Value>(&e) else {
+            continue;
+        };
+        let c = &chunk["choices"][0];
+        if !c["logprobs"].is_null() {
+            let (t, v) = completion_logprobs(c);
+            s_tokens.extend(t);
+            s_values.extend(v);
+        }
+    }
+    assert_eq!(s_tokens, tokens);
+    assert_eq!(s_values, values);
+
+    // `chatforge eval` scores the same continuation: the sums agree.
+    let file = dir.path().join("continuations.jsonl");
+    std::fs::write(
+        &file,
+        json!({"context": "the cat", "continuation": text}).to_string() + "\n",
+    )
+    .unwrap();
+    let answers = dir.path().join("scores.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--task")
+        .arg(format!("loglikelihood:{}", file.display()))
+        .arg("--answers")
+        .arg(&answers)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored: Value =
+        serde_json::from_str(std::fs::read_to_string(&answers).unwrap().trim()).unwrap();
+    let eval_ll = scored["loglikelihood"].as_f64().unwrap();
+    let sum: f64 = values.iter().sum();
+    assert!(
+        (sum - eval_ll).abs() < 1e-3,
+        "logprobs sum {sum}, eval {eval_ll}"
+    );
+
+    // Chat: the tokens' bytes spell the reply; greedy picks the most likely alternative.
+    let chat = json!({"model": "model", "messages": [{"role": "user", "content": "the dog"}],
+                      "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, reply) = post(&addr, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{reply}");
+    let content = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        content.len() as u64,
+        reply["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|t| t["bytes"].as_array().unwrap().clone())
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        reply["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for t in content {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{t}");
+        assert!(
+            top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(),
+            "{t}"
+        );
+        assert_eq!(
+            t["token"], top[0]["token"],
+            "greedy takes the most likely: {t}"
+        );
+        assert_eq!(t["logprob"], top[0]["logprob"], "{t}");
+    }
+    // Without logprobs, none.
+    let (_, plain) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat_body("model", "hi", 1, false),
+    );
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+
+    // Wrong values are refused by name.
+    for (path, extra, field) in [
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        ("/v1/chat/completions", json!({"logprobs": 3}), "logprobs"),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        ("/v1/completions", json!({"logprobs": -1}), "logprobs"),
+        ("/v1/chat/completions", json!({"n": 0}), "n"),
+        ("/v1/chat/completions", json!({"n": 5}), "n"),
+    ] {
+        let mut body = match path {
+            "/v1/completions" => json!({"model": "model", "prompt": "hi", "max_tokens": 2}),
+            _ => chat_body("model", "hi", 1, false),
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, reply) = post(&addr, path, &body);
+        assert_eq!(status, 400, "{extra}: {reply}");
+        assert_eq!(reply["error"]["param"], field, "{extra}: {reply}");
+    }
+
+    // n = 3: three choices on three seeds, the prompt counted once.
+    let mut three = chat_body("model", "the cat", 3, false);
+    three["n"] = json!(3);
+    three["max_tokens"] = json!(16);
+    three["logit_bias"] = Value::Object(bias.clone());
+    let (status, reply) = post(&addr, "/v1/chat/completions", &three);
+    assert_eq!(status, 200, "{reply}");
+    let choices = reply["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let texts: Vec<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert!(
+        texts[0] != texts[1] && texts[1] != texts[2],
+        "each choice samples on its own seed: {texts:?}"
+    );
+    assert_eq!(reply["usage"]["completion_tokens"], 48, "{reply}");
+    let (_, one) = post(&addr, "/v1/chat/completions", &{
+        let mut b = three.clone();
+        b["n"] = json!(1);
+        b
+    });
+    assert_eq!(
+        reply["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    // Streamed: every choice's chunks, each choice finished once.
+    three["stream"] = json!(true);
+    let (status, sse) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        &three.to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{sse}");
+    let mut streamed = [String::new(), String::new(), String::new()];
+    let mut finished = [0; 3];
+    for e in sse_events(&sse) {
+        let Ok(chunk) = serde_json::from_str::<Value>(&e) else {
+            continue;
+        };
+        let c = &chunk["choices"][0];
+        let Some(i) = c["index"].as_u64() else {
+            continue;
+        };
+        if let Some(t) = c["delta"]["content"].as_str() {
+            streamed[i as usize].push_str(t);
+        }
+        finished[i as usize] += usize::from(!c["finish_reason"].is_null());
+    }
+    assert_eq!(finished, [1, 1, 1], "{sse}");
+    assert!(streamed.iter().all(|t| !t.is_empty()), "{streamed:?}");
+
+    // /tokenize and /detokenize round trip, Chinese and emoji included.
+    let text = "the cat 猫 🙂";
+    let (status, t) = post(
+        &addr,
+        "/tokenize",
+        &json!({"content": text, "with_pieces": true}),
+    );
+    assert_eq!(status, 200, "{t}");
+    let ids: Vec<u64> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    let (_, d) = post(&addr, "/detokenize", &json!({ "tokens": ids }));
+    assert_eq!(d["content"], text);
+    let (_, with_bos) = post(
+        &addr,
+        "/tokenize",
+        &json!({"content": text, "add_special": true}),
+    );
+    assert_eq!(with_bos["tokens"].as_array().unwrap().len(), ids.len() + 1);
+    let (status, bad) = post(&addr, "/detokenize", &json!({"tokens": [1, 1_000_000]}));
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens[1]"),
+        "{bad}"
+    );
 }

@@ -185,7 +185,8 @@ pub struct EvalArgs {
     #[arg(long)]
     model: PathBuf,
     /// KIND:FILE, repeatable. Kinds: arc, hellaswag, mmlu (CSV), gsm8k, curriculum (rl_prompts_*.jsonl),
-    /// probes (fewshot_probes.jsonl), bpb (a shard directory).
+    /// probes (fewshot_probes.jsonl), loglikelihood ({"context", "continuation"} JSONL; each
+    /// score goes to --answers), bpb (a shard directory).
     #[arg(long, required = true)]
     task: Vec<String>,
     /// In-context examples (taken from the start of each file) for multiple choice and base-model GSM8K.

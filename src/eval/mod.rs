@@ -425,10 +425,50 @@ pub fn score_probes(
         .collect())
 }
 
+/// Log-likelihoods of given continuations (`{"context", "continuation"}` per line): the natural
+/// log-probability of each continuation's tokens after its context, the number a server's
+/// `logprobs` sum to. Each goes to `answers` with its line; the metric is their mean.
+pub fn score_loglikelihood(
+    m: &mut dyn Evaluatee,
+    path: &Path,
+    limit: Option<usize>,
+    answers: Option<&mut Vec<Value>>,
+) -> Result<BTreeMap<String, f64>> {
+    let rows = read_jsonl(path)?;
+    let rows = &rows[..limit.unwrap_or(rows.len()).min(rows.len())];
+    let mut requests = Vec::with_capacity(rows.len());
+    for (i, v) in rows.iter().enumerate() {
+        let text = |name: &str| -> Result<String> {
+            field(v, path, i + 1, name)?
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}:{}: \"{name}\" must be a string", path.display(), i + 1)
+                })
+        };
+        requests.push((text("context")?, text("continuation")?));
+    }
+    let scores = m.loglikelihood(&requests)?;
+    if let Some(answers) = answers {
+        for (i, ((context, continuation), s)) in requests.iter().zip(&scores).enumerate() {
+            answers.push(serde_json::json!({"line": i + 1, "context": context,
+                "continuation": continuation, "loglikelihood": s}));
+        }
+    }
+    Ok(BTreeMap::from([
+        ("n".into(), scores.len() as f64),
+        (
+            "mean_loglikelihood".into(),
+            scores.iter().sum::<f64>() / scores.len() as f64,
+        ),
+    ]))
+}
+
 /// Options of a `chatforge eval` run.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
-    /// `kind:path` pairs: arc, hellaswag, mmlu, gsm8k, curriculum, probes, bpb (a shard directory).
+    /// `kind:path` pairs: arc, hellaswag, mmlu, gsm8k, curriculum, probes, loglikelihood, bpb (a
+    /// shard directory).
     pub tasks: Vec<String>,
     pub shots: usize,
     pub limit: Option<usize>,
@@ -514,6 +554,10 @@ pub fn run(
                 score_curriculum(&mut m, path, opts.limit, opts.max_tokens, r, keep)?
             }
             "probes" => score_probes(&mut m, path, opts.limit)?,
+            "loglikelihood" => {
+                let keep = opts.answers.is_some().then_some(&mut answers);
+                score_loglikelihood(&mut m, path, opts.limit, keep)?
+            }
             "bpb" => {
                 let seq = lm.model.config.max_position_embeddings.min(256);
                 // --limit counts windows here, like items elsewhere.
@@ -527,7 +571,7 @@ pub fn run(
                 };
                 BTreeMap::from([("loss".into(), loss), ("bits_per_byte".into(), bpb)])
             }
-            other => bail!("unknown task kind {other:?}: use arc, hellaswag, mmlu, gsm8k, curriculum, probes or bpb"),
+            other => bail!("unknown task kind {other:?}: use arc, hellaswag, mmlu, gsm8k, curriculum, probes, loglikelihood or bpb"),
         };
         let mut r = r;
         r.insert("truncated_prompts".into(), m.truncated_prompts as f64);

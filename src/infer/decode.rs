@@ -55,15 +55,51 @@ pub struct Reply {
     /// Indices into `tokens` that the core wrote rather than the model sampled: calculator
     /// outputs. Training on a reply leaves them out.
     pub forced: Vec<usize>,
+    /// One per token when the request asked for log-probabilities (forced tokens too: how
+    /// likely the model found them).
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A reply token's natural-log probability under the model (its raw logits: before temperature,
+/// penalties and bias, as OpenAI reports them), with the most likely alternatives when asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `id` and of the `top` most likely tokens under `logits`.
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let lp = |i: usize| logits[i] - log_sum;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let top = top.min(logits.len());
+    if top > 0 && top < order.len() {
+        order.select_nth_unstable_by(top - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    }
+    order.truncate(top);
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    TokenLogprob {
+        id,
+        logprob: logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |_| lp(id as usize)),
+        top: order.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    }
 }
 
 /// What a call into the decoder produced, in order.
 #[derive(Clone, Debug)]
 pub enum Update {
-    /// Text that is now certain (complete UTF-8, and not the start of a stop string).
+    /// Text that is now certain (complete UTF-8, and not the start of a stop string), with the
+    /// log-probabilities of the tokens added since the last update when the request asked.
     Text {
         key: usize,
         text: String,
+        logprobs: Vec<TokenLogprob>,
     },
     Done(Reply),
 }
@@ -95,6 +131,9 @@ struct Row {
     /// Tokens the core feeds next instead of sampling: a call's output.
     pending: VecDeque<u32>,
     forced: Vec<usize>,
+    logprobs: Vec<TokenLogprob>,
+    /// How many of `logprobs` an update has carried.
+    logprobs_sent: usize,
 }
 
 /// Why a row ended, and the stop id that ended it.
@@ -111,6 +150,8 @@ impl Row {
         logits: Vec<f32>,
         out: &mut Vec<Update>,
     ) -> Result<Option<Ending>> {
+        // Read before sampling changes the logits (bias, penalties).
+        let raw = self.params.logprobs.map(|top| (logits.clone(), top));
         let next = match self.pending.pop_front() {
             Some(t) => {
                 self.forced.push(self.stream.tokens());
@@ -127,13 +168,18 @@ impl Row {
                 next
             }
         };
+        if let Some((logits, top)) = raw {
+            self.logprobs.push(token_logprob(&logits, next, top));
+        }
         *self.counts.entry(next).or_default() += 1;
         self.last = next;
         let (delta, stopped) = self.stream.push(tokenizer, next)?;
         if !delta.is_empty() {
+            let logprobs = self.unsent_logprobs();
             out.push(Update::Text {
                 key: self.key,
                 text: delta,
+                logprobs,
             });
         }
         if stopped {
@@ -143,6 +189,12 @@ impl Row {
             return Ok(Some((FinishReason::Length, None)));
         }
         Ok(None)
+    }
+
+    fn unsent_logprobs(&mut self) -> Vec<TokenLogprob> {
+        let unsent = self.logprobs[self.logprobs_sent..].to_vec();
+        self.logprobs_sent = self.logprobs.len();
+        unsent
     }
 
     fn sample(&mut self, mut logits: Vec<f32>) -> u32 {
@@ -194,10 +246,12 @@ impl Row {
 
     fn finish(mut self, (finish_reason, stop_token): Ending, out: &mut Vec<Update>) {
         let rest = self.stream.finish();
-        if !rest.is_empty() {
+        let logprobs = self.unsent_logprobs();
+        if !rest.is_empty() || !logprobs.is_empty() {
             out.push(Update::Text {
                 key: self.key,
                 text: rest,
+                logprobs,
             });
         }
         let (text, tokens) = self.stream.into_parts();
@@ -209,6 +263,7 @@ impl Row {
             stop_token,
             prompt_tokens: self.prompt_tokens,
             forced: self.forced,
+            logprobs: self.logprobs,
         }));
     }
 }
@@ -313,6 +368,8 @@ impl<'m> Decoder<'m> {
                 call: None,
                 pending: VecDeque::new(),
                 forced: Vec::new(),
+                logprobs: Vec::new(),
+                logprobs_sent: 0,
             });
             prompts.push(r.prompt);
         }
@@ -567,6 +624,8 @@ mod tests {
             call: None,
             pending: VecDeque::new(),
             forced: Vec::new(),
+            logprobs: Vec::new(),
+            logprobs_sent: 0,
         }
     }
 
@@ -629,6 +688,53 @@ mod tests {
                 .unwrap();
         }
         assert!(plain.pending.is_empty() && plain.forced.is_empty());
+    }
+
+    #[test]
+    fn logprobs_come_from_the_raw_logits_and_ride_on_the_text() {
+        let tok = tokenizer("the cat sat on the mat");
+        let vocab = tok.vocab_size();
+        let mut row = greedy_row(Vec::new(), 3);
+        let (a, b) = (u32::from(b'a'), u32::from(b't'));
+        // The bias makes `a` the choice; the reported numbers ignore it.
+        row.params.logit_bias = vec![(a, 50.0)];
+        row.params.logprobs = Some(2);
+        let mut logits = vec![0.0f32; vocab];
+        logits[b as usize] = 3.0;
+        logits[b'c' as usize] = 2.0;
+        let log_sum = (logits.iter().map(|l| l.exp()).sum::<f32>()).ln();
+        let mut out = Vec::new();
+        let mut ending = None;
+        while ending.is_none() {
+            ending = row.advance(&tok, None, logits.clone(), &mut out).unwrap();
+        }
+        row.finish(ending.unwrap(), &mut out);
+        let carried: Vec<TokenLogprob> = out
+            .iter()
+            .flat_map(|u| match u {
+                Update::Text { logprobs, .. } => logprobs.clone(),
+                Update::Done(_) => Vec::new(),
+            })
+            .collect();
+        let Some(Update::Done(reply)) = out.last() else {
+            panic!("the row finished: {out:?}");
+        };
+        assert_eq!(reply.tokens, vec![a; 3]);
+        assert_eq!(carried, reply.logprobs, "every token's numbers, once");
+        for t in &reply.logprobs {
+            assert_eq!(t.id, a);
+            assert!((t.logprob - (0.0 - log_sum)).abs() < 1e-5, "{t:?}");
+            assert_eq!(
+                t.top.iter().map(|x| x.0).collect::<Vec<_>>(),
+                [b, u32::from(b'c')]
+            );
+            assert!((t.top[0].1 - (3.0 - log_sum)).abs() < 1e-5, "{t:?}");
+        }
+        // Not asked for: none.
+        let mut plain = greedy_row(Vec::new(), 2);
+        let mut out = Vec::new();
+        plain.advance(&tok, None, logits, &mut out).unwrap();
+        assert!(plain.logprobs.is_empty());
     }
 
     #[test]

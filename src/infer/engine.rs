@@ -8,7 +8,7 @@
 //! each piece sized to take about half a decode step ([`PieceSizer`]): a 2,000-token prompt
 //! joining no longer stalls every running stream for the seconds its prefill takes.
 
-use super::decode::{Decoder, FinishReason, Request as Row, Update};
+use super::decode::{Decoder, FinishReason, Request as Row, TokenLogprob, Update};
 use super::sampler::SamplingParams;
 use crate::model::LoadedModel;
 use std::collections::HashMap;
@@ -31,7 +31,11 @@ pub struct Request {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Text(String),
+    /// A piece of the reply, with its tokens' log-probabilities when the request asked.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,
@@ -298,10 +302,14 @@ fn deliver(
 ) {
     for u in updates.drain(..) {
         match u {
-            Update::Text { key, text } => {
+            Update::Text {
+                key,
+                text,
+                logprobs,
+            } => {
                 if let Some(c) = clients.get(&key) {
                     // A closed channel is noticed before the next step.
-                    let _ = c.send(Event::Text(text));
+                    let _ = c.send(Event::Text { text, logprobs });
                 }
             }
             Update::Done(reply) => {

@@ -33,7 +33,15 @@ pub struct SamplingParams {
     /// Added to these tokens' logits at every step (OpenAI's `logit_bias`).
     #[arg(skip)]
     pub logit_bias: Vec<(u32, f32)>,
+    /// Report each reply token's log-probability with this many most likely alternatives
+    /// (0 to [`MAX_TOP_LOGPROBS`]); `None` reports none (OpenAI's `logprobs`/`top_logprobs`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives a reply token's log-probability comes with (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl SamplingParams {
     /// The one set of defaults (llama.cpp's server samples at 0.8 too).
@@ -47,6 +55,7 @@ impl SamplingParams {
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
         logit_bias: Vec::new(),
+        logprobs: None,
     };
 
     /// Greedy decoding of at most `max_tokens`, the rest default.
@@ -107,6 +116,12 @@ impl SamplingParams {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(field, format!("{field} must be between -2 and 2, got {v}"));
             }
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return bad(
+                "top_logprobs",
+                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            );
         }
         if let Some(&(_, b)) = self
             .logit_bias

@@ -4,7 +4,7 @@
 
 pub mod openai;
 
-use crate::infer::decode::reply_budget;
+use crate::infer::decode::{reply_budget, TokenLogprob};
 use crate::infer::engine::{Engine, Event, Request, SubmitError};
 use crate::infer::generate::FinishReason;
 use crate::infer::sampler::SamplingParams;
@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use openai::{error_body, ChatRequest, CompletionRequest, Sampling, Usage};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -234,6 +234,8 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(state);
     Ok((router, model_id))
@@ -316,6 +318,95 @@ async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
         "context_length": state.lm.model.config.max_position_embeddings,
     }]}))
     .into_response()
+}
+
+/// `POST /tokenize` (llama.cpp's server's): `{"content", "add_special", "parse_special",
+/// "with_pieces"}` → `{"tokens": [id...]}`, or `[{"id", "piece"}...]` with pieces.
+async fn tokenize(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    struct TokenizeRequest {
+        content: String,
+        #[serde(default)]
+        add_special: bool,
+        #[serde(default = "yes")]
+        parse_special: bool,
+        #[serde(default)]
+        with_pieces: bool,
+    }
+    fn yes() -> bool {
+        true
+    }
+    let result = (|| {
+        check_key(&state, &headers)?;
+        let req: TokenizeRequest = parse_body(&body)?;
+        let tok = &state.lm.tokenizer;
+        let mut ids: Vec<u32> = match req.add_special {
+            true => tok.bos_id().into_iter().collect(),
+            false => Vec::new(),
+        };
+        let encoded = match req.parse_special {
+            true => tok.encode(&req.content),
+            false => tok.encode_plain(&req.content),
+        };
+        ids.extend(encoded.map_err(|e| ApiError::invalid("content", format!("{e:#}")))?);
+        let tokens = match req.with_pieces {
+            true => ids
+                .iter()
+                .map(|&id| {
+                    let piece = String::from_utf8_lossy(&tok.piece_bytes(id)).into_owned();
+                    json!({"id": id, "piece": piece})
+                })
+                .collect(),
+            false => ids.iter().map(|&id| json!(id)).collect::<Vec<_>>(),
+        };
+        Ok::<_, ApiError>(json!({ "tokens": tokens }))
+    })();
+    let status = result
+        .as_ref()
+        .map_or_else(|e| e.status, |_| StatusCode::OK);
+    state.metrics.count("/tokenize", status);
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /detokenize`: `{"tokens": [id...]}` → `{"content": text}`.
+async fn detokenize(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    struct DetokenizeRequest {
+        tokens: Vec<u32>,
+    }
+    let result = (|| {
+        check_key(&state, &headers)?;
+        let req: DetokenizeRequest = parse_body(&body)?;
+        let vocab = state.lm.tokenizer.vocab_size();
+        if let Some((i, id)) = req
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(ApiError::invalid(
+                "tokens",
+                format!("tokens[{i}] = {id} is not a token id (the vocabulary has {vocab})"),
+            ));
+        }
+        let content = state
+            .lm
+            .tokenizer
+            .decode(&req.tokens)
+            .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))?;
+        Ok(json!({ "content": content }))
+    })();
+    let status = result
+        .as_ref()
+        .map_or_else(|e| e.status, |_| StatusCode::OK);
+    state.metrics.count("/detokenize", status);
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {
@@ -403,13 +494,20 @@ struct Prepared {
     params: SamplingParams,
     stream: bool,
     include_usage: bool,
+    /// Choices to sample (OpenAI's `n`).
+    n: usize,
     /// The passages retrieved for a chat request, sent with the reply as `sources`.
     sources: Vec<crate::tools::index::Passage>,
 }
 
 /// The request's sampling fields over the library's defaults, checked by the rules every caller
 /// shares ([`SamplingParams::check`]), and the prompt checked against the context.
-fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
+fn prepare(
+    state: &AppState,
+    kind: Kind,
+    s: Sampling,
+    prompt: Vec<u32>,
+) -> Result<Prepared, ApiError> {
     if s.model != state.model_id {
         return Err(ApiError {
             param: Some("model"),
@@ -424,14 +522,23 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
         }
         .code("model_not_found"));
     }
-    if s.n.unwrap_or(1) != 1 {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n > state.engine.max_batch as u64 {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "n must be from 1 to {} (the server's --max-batch), got {n}",
+                state.engine.max_batch
+            ),
+        ));
     }
     if let Some((field, why)) = s.unsupported.first() {
         return Err(
             ApiError::invalid(field, format!("{field}: {why}")).code("unsupported_parameter")
         );
     }
+    let logprobs = openai::requested_logprobs(kind == Kind::Chat, &s.logprobs, &s.top_logprobs)
+        .map_err(|(field, message)| ApiError::invalid(field, message))?;
     let vocab = state.lm.model.config.vocab_size;
     let mut logit_bias = Vec::new();
     for (k, &b) in s.logit_bias.iter().flatten() {
@@ -472,6 +579,7 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
         presence_penalty: s.presence_penalty.unwrap_or(d.presence_penalty),
         frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
         logit_bias,
+        logprobs,
     };
     params
         .check()
@@ -485,6 +593,7 @@ fn prepare(state: &AppState, s: Sampling, prompt: Vec<u32>) -> Result<Prepared, 
         params,
         stream: s.stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
+        n: n as usize,
         sources: Vec::new(),
     })
 }
@@ -567,7 +676,7 @@ async fn chat_completions(
         check_key(&state, &headers)?;
         let req: ChatRequest = parse_body(&body)?;
         let (prompt, sources) = chat_prompt(&state, &req)?;
-        let mut p = prepare(&state, req.sampling, prompt)?;
+        let mut p = prepare(&state, Kind::Chat, req.sampling, prompt)?;
         p.sources = sources;
         Ok::<_, ApiError>(p)
     }
@@ -589,7 +698,7 @@ async fn completions(State(state): State<Shared>, headers: HeaderMap, body: Byte
             tok.encode(&prompts[0])
                 .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))?,
         );
-        prepare(&state, req.sampling, ids)
+        prepare(&state, Kind::Completion, req.sampling, ids)
     }
     .await;
     respond(state, Kind::Completion, result).await
@@ -604,32 +713,50 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
         }
     };
     let started = Instant::now();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let logprobs = p.params.logprobs.is_some();
     let mut stop_ids = state.template.stop_ids(&state.lm.tokenizer);
     stop_ids.extend(crate::infer::generate::stop_ids(&state.lm));
-    let request = Request {
-        prompt: p.prompt,
-        params: p.params,
-        stop_ids,
-        events: tx,
-    };
-    if let Err(e) = state.engine.submit(request) {
-        let error = match e {
-            SubmitError::Busy => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "server_overloaded",
-                "the request queue is full; retry after a moment",
-            )
-            .code("queue_full"),
-            SubmitError::Stopped => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "the engine has stopped",
-            ),
+    // One engine request per choice, on seeds seed, seed + 1, ...; their events merge into one
+    // channel tagged with the choice's index. A client that goes away drops `rx`, each forwarder
+    // then ends and drops its request's channel, and the engine lets the rows go.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for index in 0..p.n {
+        let (choice_tx, mut choice_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut params = p.params.clone();
+        params.seed = params.seed.wrapping_add(index as u64);
+        let request = Request {
+            prompt: p.prompt.clone(),
+            params,
+            stop_ids: stop_ids.clone(),
+            events: choice_tx,
         };
-        state.metrics.count(kind.endpoint(), error.status);
-        return error.into_response();
+        if let Err(e) = state.engine.submit(request) {
+            let error = match e {
+                SubmitError::Busy => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "server_overloaded",
+                    "the request queue is full; retry after a moment",
+                )
+                .code("queue_full"),
+                SubmitError::Stopped => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the engine has stopped",
+                ),
+            };
+            state.metrics.count(kind.endpoint(), error.status);
+            return error.into_response();
+        }
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = choice_rx.recv().await {
+                if tx.send((index, event)).is_err() {
+                    break;
+                }
+            }
+        });
     }
+    drop(tx);
     let id_number = state.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{id_number:x}{:x}", state.created),
@@ -641,65 +768,81 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
         Some(_) => serde_json::to_value(&p.sources).unwrap_or(Value::Null),
         None => Value::Null,
     };
+    let reply = Reply {
+        state,
+        kind,
+        id,
+        rx,
+        started,
+        n: p.n,
+        logprobs,
+        sources,
+    };
     if p.stream {
-        stream_response(state, kind, id, rx, started, p.include_usage, sources)
+        stream_response(reply, p.include_usage)
     } else {
-        full_response(state, kind, id, rx, started, sources).await
+        full_response(reply).await
     }
 }
 
-async fn full_response(
+/// A reply under way: its choices' events, tagged with their index, and what shapes the body.
+struct Reply {
     state: Shared,
     kind: Kind,
     id: String,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>,
     started: Instant,
+    /// Choices (OpenAI's `n`).
+    n: usize,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
     sources: Value,
-) -> Response {
-    let mut text = String::new();
+}
+
+impl Reply {
+    /// The log-probabilities of a piece of choice text in the endpoint's shape, or null when the
+    /// request did not ask for them.
+    fn logprobs_json(&self, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
+        match self.logprobs {
+            true => openai::logprobs_json(
+                self.kind == Kind::Chat,
+                &self.state.lm.tokenizer,
+                tokens,
+                offset,
+            ),
+            false => Value::Null,
+        }
+    }
+}
+
+async fn full_response(mut r: Reply) -> Response {
+    let mut texts = vec![String::new(); r.n];
+    let mut token_logprobs = vec![Vec::new(); r.n];
+    let mut finishes: Vec<Option<FinishReason>> = vec![None; r.n];
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     let mut first = true;
-    while let Some(event) = rx.recv().await {
+    while let Some((i, event)) = r.rx.recv().await {
         match event {
-            Event::Text(t) => {
+            Event::Text { text, logprobs } => {
                 if first {
-                    state
-                        .metrics
-                        .first_token
-                        .observe(started.elapsed().as_secs_f64());
+                    let seconds = r.started.elapsed().as_secs_f64();
+                    r.state.metrics.first_token.observe(seconds);
                     first = false;
                 }
-                text.push_str(&t);
+                texts[i].push_str(&text);
+                token_logprobs[i].extend(logprobs);
             }
             Event::Done {
                 finish_reason,
-                prompt_tokens,
-                completion_tokens,
+                prompt_tokens: p,
+                completion_tokens: c,
             } => {
-                state
-                    .metrics
-                    .latency
-                    .observe(started.elapsed().as_secs_f64());
-                let usage = Usage::new(prompt_tokens, completion_tokens);
-                let finish = finish_name(finish_reason);
-                let created = unix_now();
-                let mut body = match kind {
-                    Kind::Chat => json!({
-                        "id": id, "object": "chat.completion", "created": created, "model": state.model_id,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": null, "finish_reason": finish}],
-                        "usage": usage,
-                    }),
-                    Kind::Completion => json!({
-                        "id": id, "object": "text_completion", "created": created, "model": state.model_id,
-                        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                        "usage": usage,
-                    }),
-                };
-                // `sources`, beside OpenAI's fields: the passages the reply was grounded on.
-                if !sources.is_null() && kind == Kind::Chat {
-                    body["sources"] = sources;
+                finishes[i] = Some(finish_reason);
+                prompt_tokens = p;
+                completion_tokens += c;
+                if finishes.iter().all(Option::is_some) {
+                    break;
                 }
-                return Json(body).into_response();
             }
             Event::Failed(message) => {
                 return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -707,12 +850,45 @@ async fn full_response(
             }
         }
     }
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        "the engine dropped the request",
-    )
-    .into_response()
+    if finishes.iter().any(Option::is_none) {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the engine dropped the request",
+        )
+        .into_response();
+    }
+    let seconds = r.started.elapsed().as_secs_f64();
+    r.state.metrics.latency.observe(seconds);
+    let choices: Vec<Value> = (0..r.n)
+        .map(|i| {
+            let finish = finishes[i].map(finish_name);
+            let lp = r.logprobs_json(&token_logprobs[i], &mut 0);
+            let text = std::mem::take(&mut texts[i]);
+            match r.kind {
+                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
+                                     "logprobs": lp, "finish_reason": finish}),
+                Kind::Completion => {
+                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                }
+            }
+        })
+        .collect();
+    // The prompt is counted once, as OpenAI does for n > 1.
+    let usage = Usage::new(prompt_tokens, completion_tokens);
+    let object = match r.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    let mut body = json!({
+        "id": r.id, "object": object, "created": unix_now(), "model": r.state.model_id,
+        "choices": choices, "usage": usage,
+    });
+    // `sources`, beside OpenAI's fields: the passages the reply was grounded on.
+    if !r.sources.is_null() && r.kind == Kind::Chat {
+        body["sources"] = r.sources;
+    }
+    Json(body).into_response()
 }
 
 fn finish_name(reason: FinishReason) -> &'static str {
@@ -722,19 +898,13 @@ fn finish_name(reason: FinishReason) -> &'static str {
     }
 }
 
-/// The chunks of a streamed reply, as OpenAI sends them: the role first, then content deltas, a
-/// chunk with `finish_reason`, the usage chunk when asked for, then `[DONE]`; one id throughout.
-fn stream_response(
-    state: Shared,
-    kind: Kind,
-    id: String,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    started: Instant,
-    include_usage: bool,
-    sources: Value,
-) -> Response {
+/// The chunks of a streamed reply, as OpenAI sends them: each choice's role first, then content
+/// deltas tagged with their choice's index, a chunk with each choice's `finish_reason`, the usage
+/// chunk when asked for, then `[DONE]`; one id throughout.
+fn stream_response(r: Reply, include_usage: bool) -> Response {
     let created = unix_now();
-    let model = state.model_id.clone();
+    let model = r.state.model_id.clone();
+    let (kind, id) = (r.kind, r.id.clone());
     let chunk = move |choice: Value, usage: Option<Value>| -> Value {
         let object = match kind {
             Kind::Chat => "chat.completion.chunk",
@@ -751,91 +921,106 @@ fn stream_response(
         body
     };
     let to_event = |body: &Value| SseEvent::default().data(body.to_string());
-    let delta = move |text: Option<&str>, finish: Option<&str>| -> Value {
+    let delta = move |i: usize, text: Option<&str>, lp: Value, finish: Option<&str>| -> Value {
         match kind {
             Kind::Chat => {
                 let d = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})
+                json!({"index": i, "delta": d, "logprobs": lp, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": i, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish})
             }
         }
     };
-    // The state machine: 0 = role chunk not sent, 1 = streaming, 2 = [DONE] next, 3 = ended.
+    // The state machine: 0 = role chunks not sent, 1 = streaming, 2 = [DONE] next, 3 = ended.
     struct StreamState {
-        rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        r: Reply,
         phase: u8,
-        pending: Vec<SseEvent>,
+        pending: VecDeque<SseEvent>,
         first: bool,
-        sources: Value,
+        /// Characters streamed so far per choice (the completions API's `text_offset`).
+        offsets: Vec<usize>,
+        /// Choices not finished yet, and the usage summed over those that have.
+        running: usize,
+        usage: (usize, usize),
     }
     let init = StreamState {
-        rx,
         phase: if kind == Kind::Chat { 0 } else { 1 },
-        pending: Vec::new(),
+        pending: VecDeque::new(),
         first: true,
-        sources,
+        offsets: vec![0; r.n],
+        running: r.n,
+        usage: (0, 0),
+        r,
     };
     let stream = futures_util::stream::unfold(init, move |mut st| {
-        let state = state.clone();
         let chunk = chunk.clone();
         async move {
             loop {
-                if !st.pending.is_empty() {
-                    let e = st.pending.remove(0);
+                if let Some(e) = st.pending.pop_front() {
                     return Some((Ok::<_, std::convert::Infallible>(e), st));
                 }
                 match st.phase {
                     0 => {
                         st.phase = 1;
-                        let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": null, "finish_reason": null});
-                        let mut first = chunk(role, None);
-                        // The role chunk carries the sources, so a page can show them at once.
-                        if !st.sources.is_null() {
-                            first["sources"] = std::mem::take(&mut st.sources);
+                        for i in 0..st.r.n {
+                            let role = json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": null, "finish_reason": null});
+                            let mut first = chunk(role, None);
+                            // The role chunk carries the sources, so a page can show them at once.
+                            if i == 0 && !st.r.sources.is_null() {
+                                first["sources"] = std::mem::take(&mut st.r.sources);
+                            }
+                            st.pending.push_back(to_event(&first));
                         }
-                        return Some((Ok(to_event(&first)), st));
                     }
-                    1 => match st.rx.recv().await {
-                        Some(Event::Text(t)) => {
+                    1 => match st.r.rx.recv().await {
+                        Some((i, Event::Text { text, logprobs })) => {
                             if st.first {
-                                state
-                                    .metrics
-                                    .first_token
-                                    .observe(started.elapsed().as_secs_f64());
+                                let seconds = st.r.started.elapsed().as_secs_f64();
+                                st.r.state.metrics.first_token.observe(seconds);
                                 st.first = false;
                             }
-                            return Some((Ok(to_event(&chunk(delta(Some(&t), None), None))), st));
+                            let lp = st.r.logprobs_json(&logprobs, &mut st.offsets[i]);
+                            let body = chunk(delta(i, Some(&text), lp, None), None);
+                            return Some((Ok(to_event(&body)), st));
                         }
-                        Some(Event::Done {
-                            finish_reason,
-                            prompt_tokens,
-                            completion_tokens,
-                        }) => {
-                            state
-                                .metrics
-                                .latency
-                                .observe(started.elapsed().as_secs_f64());
-                            let last = chunk(delta(None, Some(finish_name(finish_reason))), None);
-                            st.pending.push(to_event(&last));
+                        Some((
+                            i,
+                            Event::Done {
+                                finish_reason,
+                                prompt_tokens,
+                                completion_tokens,
+                            },
+                        )) => {
+                            let finish = Some(finish_name(finish_reason));
+                            st.pending.push_back(to_event(&chunk(
+                                delta(i, None, Value::Null, finish),
+                                None,
+                            )));
+                            st.usage = (prompt_tokens, st.usage.1 + completion_tokens);
+                            st.running -= 1;
+                            if st.running > 0 {
+                                continue;
+                            }
+                            let seconds = st.r.started.elapsed().as_secs_f64();
+                            st.r.state.metrics.latency.observe(seconds);
                             if include_usage {
-                                let usage = serde_json::to_value(Usage::new(
-                                    prompt_tokens,
-                                    completion_tokens,
-                                ))
-                                .unwrap_or(Value::Null);
-                                st.pending.push(to_event(&chunk(Value::Null, Some(usage))));
+                                let usage =
+                                    serde_json::to_value(Usage::new(st.usage.0, st.usage.1))
+                                        .unwrap_or(Value::Null);
+                                st.pending
+                                    .push_back(to_event(&chunk(Value::Null, Some(usage))));
                             }
                             st.phase = 2;
                         }
-                        Some(Event::Failed(message)) => {
+                        Some((_, Event::Failed(message))) => {
                             let body = error_body(&message, "server_error", None, None);
-                            st.pending.push(SseEvent::default().data(body.to_string()));
+                            st.pending
+                                .push_back(SseEvent::default().data(body.to_string()));
                             st.phase = 2;
                         }
                         None => st.phase = 2,

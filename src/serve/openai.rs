@@ -89,6 +89,10 @@ pub struct Sampling {
     pub frequency_penalty: Option<f32>,
     /// Token id (as a string) → bias added to its logit, -100 to 100.
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Chat: `true` to report each token's log-probability. Completions: how many alternatives.
+    pub logprobs: Option<Value>,
+    /// Chat: how many alternatives per token (0 to 20), with `logprobs: true`.
+    pub top_logprobs: Option<Value>,
     /// Fields of OpenAI's API this server does not implement yet. They are read only so that a
     /// request using them is refused by name instead of answered as if they were honoured.
     #[serde(flatten)]
@@ -101,8 +105,6 @@ pub struct Unsupported {
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub logprobs: Option<Value>,
-    pub top_logprobs: Option<Value>,
     pub response_format: Option<Value>,
 }
 
@@ -110,8 +112,6 @@ impl Unsupported {
     /// The first field given that would change the reply, with what to do instead.
     pub fn first(&self) -> Option<(&'static str, &'static str)> {
         let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        let off = [Value::Bool(false), Value::from(0)];
-        let not_off = |v: &Option<Value>| given(v) && !v.as_ref().is_some_and(|v| off.contains(v));
         let plain_text = self
             .response_format
             .as_ref()
@@ -121,8 +121,6 @@ impl Unsupported {
             (given(&self.tool_choice), "tool_choice", "function calling is not supported yet; send the request without tool_choice"),
             (given(&self.functions), "functions", "function calling is not supported yet; send the request without functions"),
             (given(&self.function_call), "function_call", "function calling is not supported yet; send the request without function_call"),
-            (not_off(&self.logprobs), "logprobs", "log-probabilities are not supported yet; leave logprobs out or false"),
-            (given(&self.top_logprobs), "top_logprobs", "log-probabilities are not supported yet; leave top_logprobs out"),
             (!plain_text, "response_format", "structured output is not supported yet; leave response_format out or {\"type\": \"text\"}"),
         ]
         .into_iter()
@@ -165,4 +163,131 @@ impl Usage {
 /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+/// What `logprobs` and `top_logprobs` ask for: `None` for no log-probabilities, else how many
+/// alternatives per token. Chat takes `logprobs: true` with `top_logprobs: N`; completions take
+/// `logprobs: N`. The error names the field and the fix.
+pub fn requested_logprobs(
+    chat: bool,
+    logprobs: &Option<Value>,
+    top_logprobs: &Option<Value>,
+) -> Result<Option<usize>, (&'static str, String)> {
+    use crate::infer::sampler::MAX_TOP_LOGPROBS;
+    let count = |field: &'static str, v: &Value| match v.as_u64() {
+        Some(n) if n as usize <= MAX_TOP_LOGPROBS => Ok(n as usize),
+        _ => Err((
+            field,
+            format!("{field} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {v}"),
+        )),
+    };
+    let logprobs = logprobs.as_ref().filter(|v| !v.is_null());
+    let top = top_logprobs.as_ref().filter(|v| !v.is_null());
+    if !chat {
+        if top.is_some() {
+            return Err((
+                "top_logprobs",
+                "top_logprobs is for chat completions; on /v1/completions send logprobs: N".into(),
+            ));
+        }
+        return logprobs.map(|v| count("logprobs", v)).transpose();
+    }
+    let on = match logprobs {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) => {
+            return Err((
+                "logprobs",
+                format!("logprobs must be true or false, got {v}; the number of alternatives goes in top_logprobs"),
+            ))
+        }
+    };
+    match (on, top) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(("top_logprobs", "top_logprobs needs logprobs: true".into())),
+        (true, top) => Ok(Some(
+            top.map(|v| count("top_logprobs", v))
+                .transpose()?
+                .unwrap_or(0),
+        )),
+    }
+}
+
+/// Log-probabilities in the shape of the endpoint: chat's `{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`, or the completions API's `{tokens, token_logprobs, top_logprobs,
+/// text_offset}`. `offset` is the reply's length in characters so far (for `text_offset`) and
+/// moves past these tokens.
+pub fn logprobs_json(
+    chat: bool,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    tokens: &[crate::infer::decode::TokenLogprob],
+    offset: &mut usize,
+) -> Value {
+    let piece = |id: u32| {
+        let bytes = tokenizer.piece_bytes(id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    if chat {
+        let content: Vec<Value> = tokens
+            .iter()
+            .map(|t| {
+                let (token, bytes) = piece(t.id);
+                let top: Vec<Value> = t
+                    .top
+                    .iter()
+                    .map(|&(id, lp)| {
+                        let (token, bytes) = piece(id);
+                        json!({"token": token, "logprob": lp, "bytes": bytes})
+                    })
+                    .collect();
+                json!({"token": token, "logprob": t.logprob, "bytes": bytes, "top_logprobs": top})
+            })
+            .collect();
+        return json!({"content": content, "refusal": null});
+    }
+    let (mut names, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for t in tokens {
+        let (token, _) = piece(t.id);
+        offsets.push(*offset);
+        *offset += token.chars().count();
+        names.push(token);
+        lps.push(t.logprob);
+        let top: serde_json::Map<String, Value> = t
+            .top
+            .iter()
+            .map(|&(id, lp)| (piece(id).0, json!(lp)))
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": names, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requested_logprobs;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn logprobs_requests_follow_each_endpoint() {
+        let ask = |chat: bool, lp: Value, top: Value| {
+            let some = |v: Value| (!v.is_null()).then_some(v);
+            requested_logprobs(chat, &some(lp), &some(top))
+        };
+        assert_eq!(ask(true, Value::Null, Value::Null), Ok(None));
+        assert_eq!(ask(true, json!(false), Value::Null), Ok(None));
+        assert_eq!(ask(true, json!(true), Value::Null), Ok(Some(0)));
+        assert_eq!(ask(true, json!(true), json!(5)), Ok(Some(5)));
+        assert_eq!(ask(false, json!(3), Value::Null), Ok(Some(3)));
+        for (chat, lp, top, field) in [
+            (true, json!(2), Value::Null, "logprobs"),
+            (true, Value::Null, json!(2), "top_logprobs"),
+            (true, json!(true), json!(21), "top_logprobs"),
+            (true, json!(true), json!(-1), "top_logprobs"),
+            (false, json!(true), Value::Null, "logprobs"),
+            (false, json!(2), json!(2), "top_logprobs"),
+        ] {
+            let err = ask(chat, lp.clone(), top.clone()).unwrap_err();
+            assert_eq!(err.0, field, "{lp} {top}: {}", err.1);
+        }
+    }
 }

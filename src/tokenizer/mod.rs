@@ -380,6 +380,22 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The bytes one token stands for (a piece of a UTF-8 character for some tokens); a special
+    /// token's own text. What OpenAI's `logprobs` report as `bytes`.
+    pub fn piece_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.is_special(id) {
+            return piece.into_bytes();
+        }
+        piece
+            .chars()
+            .map(byte_level::unicode_to_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| piece.into_bytes())
+    }
 }
 
 /// Reads a merges.txt file: one "left right" pair per line (a `#version` header is skipped).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The official `openai` Python client, unchanged, against `chatforge serve`: a plain reply, a
-streamed reply that matches it, a stop sequence, the completions endpoint, and errors raised as the
-client's own exception types. Exits non-zero on the first mismatch.
+streamed reply that matches it, a stop sequence, the completions endpoint, log-probabilities
+(streamed too), n choices, and errors raised as the client's own exception types. Exits non-zero on the first mismatch.
 
 usage: openai_client.py BASE_URL API_KEY
 """
@@ -57,6 +57,32 @@ if stop.strip():
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
 print("completion:", repr(completion.choices[0].text))
 assert completion.usage.completion_tokens <= 8
+
+# Log-probabilities, parsed into the client's own types; the streamed ones are the same.
+lp = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens, (len(content), lp.usage)
+spelled = bytes(b for t in content for b in t.bytes).decode("utf-8", "replace")
+assert spelled == lp.choices[0].message.content, (spelled, lp.choices[0].message.content)
+assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+print("logprobs:", [(t.token, round(t.logprob, 3)) for t in content[:4]])
+streamed = []
+for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True):
+    if chunk.choices and chunk.choices[0].logprobs is not None:
+        streamed.extend((t.token, t.logprob) for t in chunk.choices[0].logprobs.content)
+assert streamed == [(t.token, t.logprob) for t in content], streamed
+
+many = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0.8, seed=3, n=2)
+assert [c.index for c in many.choices] == [0, 1], many.choices
+print("n=2:", [c.message.content for c in many.choices])
+
+scored = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+token_logprobs = scored.choices[0].logprobs.token_logprobs
+assert len(token_logprobs) == scored.usage.completion_tokens, scored
+assert "".join(scored.choices[0].logprobs.tokens) == scored.choices[0].text
+print("completion logprobs sum:", sum(token_logprobs))
 
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
