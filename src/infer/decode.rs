@@ -11,6 +11,7 @@
 //! ([`Decoder::begin_join`], [`Decoder::prefill`]): the server's running streams then keep their
 //! pace while a long prompt comes in, instead of stalling for the whole prompt.
 
+use super::grammar::{Allowed, Constraint, GrammarCompiler};
 use super::sampler::{Sampler, SamplingParams};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
@@ -134,6 +135,8 @@ struct Row {
     logprobs: Vec<TokenLogprob>,
     /// How many of `logprobs` an update has carried.
     logprobs_sent: usize,
+    /// The grammar the reply must match, if any.
+    constraint: Option<Constraint>,
 }
 
 /// Why a row ended, and the stop id that ended it.
@@ -150,7 +153,7 @@ impl Row {
         logits: Vec<f32>,
         out: &mut Vec<Update>,
     ) -> Result<Option<Ending>> {
-        // Read before sampling changes the logits (bias, penalties).
+        // Read before sampling changes the logits (grammar, bias, penalties).
         let raw = self.params.logprobs.map(|top| (logits.clone(), top));
         let next = match self.pending.pop_front() {
             Some(t) => {
@@ -158,9 +161,16 @@ impl Row {
                 t
             }
             None => {
+                let mut logits = logits;
+                if self.constrain(&mut logits)? {
+                    return Ok(Some((FinishReason::Stop, None)));
+                }
                 let next = self.sample(logits);
                 if self.stop_ids.contains(&next) {
                     return Ok(Some((FinishReason::Stop, Some(next))));
+                }
+                if let Some(c) = self.constraint.as_mut() {
+                    c.consume(next)?;
                 }
                 if let Some(t) = tools {
                     self.track_call(tokenizer, t, next)?;
@@ -189,6 +199,32 @@ impl Row {
             return Ok(Some((FinishReason::Length, None)));
         }
         Ok(None)
+    }
+
+    /// Masks the tokens the row's grammar does not allow here; the stop tokens stay only where
+    /// the grammar may end. True when the grammar is complete and the reply must end.
+    fn constrain(&mut self, logits: &mut [f32]) -> Result<bool> {
+        let Some(c) = self.constraint.as_mut() else {
+            return Ok(false);
+        };
+        let (mask, can_end) = match c.allowed(logits.len())? {
+            Allowed::End => return Ok(true),
+            Allowed::Tokens { mask, can_end } => (mask, can_end),
+        };
+        let stops: Vec<(u32, f32)> = self
+            .stop_ids
+            .iter()
+            .filter_map(|&id| logits.get(id as usize).map(|&l| (id, l)))
+            .collect();
+        for (l, ok) in logits.iter_mut().zip(mask) {
+            if !ok {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for (id, l) in stops {
+            logits[id as usize] = if can_end { l } else { f32::NEG_INFINITY };
+        }
+        Ok(false)
     }
 
     fn unsent_logprobs(&mut self) -> Vec<TokenLogprob> {
@@ -288,6 +324,8 @@ pub struct Decoder<'m> {
     joining: Option<Joining>,
     /// The calculator's tokens, where the tokenizer has them.
     tools: Option<ToolTokens>,
+    /// Compiles requests' grammars; built at the first request that has one.
+    grammars: Option<GrammarCompiler>,
 }
 
 impl<'m> Decoder<'m> {
@@ -299,6 +337,7 @@ impl<'m> Decoder<'m> {
             cache: None,
             joining: None,
             tools: ToolTokens::of(tokenizer),
+            grammars: None,
         }
     }
 
@@ -355,6 +394,16 @@ impl<'m> Decoder<'m> {
         let mut prompts = Vec::with_capacity(requests.len());
         for r in requests {
             let budget = self.check(&r)?;
+            let constraint = match &r.params.grammar {
+                Some(g) => {
+                    if self.grammars.is_none() {
+                        self.grammars = Some(GrammarCompiler::new(self.tokenizer)?);
+                    }
+                    let compiler = self.grammars.as_ref().expect("built above");
+                    Some(Constraint::new(compiler, g)?)
+                }
+                None => None,
+            };
             rows.push(Row {
                 key: r.key,
                 sampler: Sampler::new(r.params.clone()),
@@ -370,6 +419,7 @@ impl<'m> Decoder<'m> {
                 forced: Vec::new(),
                 logprobs: Vec::new(),
                 logprobs_sent: 0,
+                constraint,
             });
             prompts.push(r.prompt);
         }
@@ -626,6 +676,7 @@ mod tests {
             forced: Vec::new(),
             logprobs: Vec::new(),
             logprobs_sent: 0,
+            constraint: None,
         }
     }
 

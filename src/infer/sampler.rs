@@ -38,6 +38,11 @@ pub struct SamplingParams {
     #[arg(skip)]
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// What the reply must match (a JSON schema, a Lark grammar, a regular expression): tokens
+    /// that would leave it are never sampled.
+    #[arg(skip)]
+    #[serde(default)]
+    pub grammar: Option<super::grammar::Grammar>,
 }
 
 /// The most alternatives a reply token's log-probability comes with (OpenAI's limit).
@@ -56,6 +61,7 @@ impl SamplingParams {
         frequency_penalty: 0.0,
         logit_bias: Vec::new(),
         logprobs: None,
+        grammar: None,
     };
 
     /// Greedy decoding of at most `max_tokens`, the rest default.

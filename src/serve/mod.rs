@@ -7,6 +7,7 @@ pub mod openai;
 use crate::infer::decode::{reply_budget, TokenLogprob};
 use crate::infer::engine::{Engine, Event, Request, SubmitError};
 use crate::infer::generate::FinishReason;
+use crate::infer::grammar::GrammarCompiler;
 use crate::infer::sampler::SamplingParams;
 use crate::model::LoadedModel;
 use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
@@ -169,6 +170,8 @@ impl Metrics {
 struct AppState {
     engine: Engine,
     lm: Arc<LoadedModel>,
+    /// Checks `response_format` grammars; built at the first request that has one.
+    grammars: std::sync::OnceLock<Result<GrammarCompiler, String>>,
     template: ChatTemplate,
     retrieval: Option<crate::tools::Retrieval>,
     model_id: String,
@@ -213,6 +216,7 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
     let state = Arc::new(AppState {
         engine,
+        grammars: std::sync::OnceLock::new(),
         lm,
         template,
         retrieval,
@@ -276,6 +280,15 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             .await?;
         Ok(())
     })
+}
+
+impl AppState {
+    fn grammars(&self) -> Result<&GrammarCompiler> {
+        self.grammars
+            .get_or_init(|| GrammarCompiler::new(&self.lm.tokenizer).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }
 
 fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -539,6 +552,15 @@ fn prepare(
     }
     let logprobs = openai::requested_logprobs(kind == Kind::Chat, &s.logprobs, &s.top_logprobs)
         .map_err(|(field, message)| ApiError::invalid(field, message))?;
+    let grammar = openai::requested_grammar(&s.response_format)
+        .map_err(|message| ApiError::invalid("response_format", message))?;
+    if let Some(g) = &grammar {
+        // Compiled here too, so that a bad schema is the client's 400, not a failed reply.
+        state
+            .grammars()
+            .and_then(|c| c.matcher(g))
+            .map_err(|e| ApiError::invalid("response_format", format!("{e:#}")))?;
+    }
     let vocab = state.lm.model.config.vocab_size;
     let mut logit_bias = Vec::new();
     for (k, &b) in s.logit_bias.iter().flatten() {
@@ -580,6 +602,7 @@ fn prepare(
         frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
         logit_bias,
         logprobs,
+        grammar,
     };
     params
         .check()

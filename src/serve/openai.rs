@@ -93,6 +93,8 @@ pub struct Sampling {
     pub logprobs: Option<Value>,
     /// Chat: how many alternatives per token (0 to 20), with `logprobs: true`.
     pub top_logprobs: Option<Value>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    pub response_format: Option<Value>,
     /// Fields of OpenAI's API this server does not implement yet. They are read only so that a
     /// request using them is refused by name instead of answered as if they were honoured.
     #[serde(flatten)]
@@ -105,23 +107,33 @@ pub struct Unsupported {
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub response_format: Option<Value>,
 }
 
 impl Unsupported {
     /// The first field given that would change the reply, with what to do instead.
     pub fn first(&self) -> Option<(&'static str, &'static str)> {
         let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        let plain_text = self
-            .response_format
-            .as_ref()
-            .is_none_or(|f| f.is_null() || f["type"] == "text");
         [
-            (given(&self.tools), "tools", "function calling is not supported yet; send the request without tools"),
-            (given(&self.tool_choice), "tool_choice", "function calling is not supported yet; send the request without tool_choice"),
-            (given(&self.functions), "functions", "function calling is not supported yet; send the request without functions"),
-            (given(&self.function_call), "function_call", "function calling is not supported yet; send the request without function_call"),
-            (!plain_text, "response_format", "structured output is not supported yet; leave response_format out or {\"type\": \"text\"}"),
+            (
+                given(&self.tools),
+                "tools",
+                "function calling is not supported yet; send the request without tools",
+            ),
+            (
+                given(&self.tool_choice),
+                "tool_choice",
+                "function calling is not supported yet; send the request without tool_choice",
+            ),
+            (
+                given(&self.functions),
+                "functions",
+                "function calling is not supported yet; send the request without functions",
+            ),
+            (
+                given(&self.function_call),
+                "function_call",
+                "function calling is not supported yet; send the request without function_call",
+            ),
         ]
         .into_iter()
         .find(|(on, _, _)| *on)
@@ -163,6 +175,32 @@ impl Usage {
 /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+/// The grammar `response_format` asks for: none for text, any JSON object for `json_object`, the
+/// schema of `json_schema`. The error says what is wrong.
+pub fn requested_grammar(
+    response_format: &Option<Value>,
+) -> Result<Option<crate::infer::grammar::Grammar>, String> {
+    use crate::infer::grammar::Grammar;
+    let Some(format) = response_format.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonSchema(json!({"type": "object"})))),
+        Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema) => Ok(Some(Grammar::JsonSchema(schema.clone()))),
+            None => Err(
+                "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}"
+                    .into(),
+            ),
+        },
+        _ => Err(format!(
+            "response_format type must be \"text\", \"json_object\" or \"json_schema\", got {}",
+            format.get("type").unwrap_or(&Value::Null)
+        )),
+    }
 }
 
 /// What `logprobs` and `top_logprobs` ask for: `None` for no log-probabilities, else how many

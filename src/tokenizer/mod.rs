@@ -112,6 +112,7 @@ pub struct TrainReport {
 }
 
 /// A trained or loaded tokenizer.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The same tokenizer with special-token parsing off: text that merely looks like a special

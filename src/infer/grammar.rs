@@ -1,0 +1,187 @@
+//! Constrained decoding: a reply that must match a JSON schema (OpenAI's `response_format`), a
+//! Lark grammar or a regular expression. llguidance compiles the grammar and, at each step, gives
+//! the set of tokens that keep the text inside it; the decoding core masks every other token
+//! before sampling. The reply is valid by construction rather than checked afterwards.
+//!
+//! llguidance sees the vocabulary as a trie of each token's bytes ([`trie_of`]); special tokens
+//! are marked so that no grammar can produce them as text. Ending the reply is the core's job: it
+//! allows the row's stop tokens once the grammar accepts, and ends the row when the grammar is
+//! complete.
+
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, Result};
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// What a reply must match.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grammar {
+    /// A JSON value that validates against this schema (`{"type": "object"}` for any object).
+    JsonSchema(Value),
+    /// A grammar in llguidance's Lark dialect.
+    Lark(String),
+    /// A regular expression the whole reply matches.
+    Regex(String),
+}
+
+/// The whitespace a JSON reply may have between tokens: a space, or a line break with an
+/// indentation. Unbounded whitespace (llguidance's default) lets a weak model pad a reply until
+/// `max_tokens`, or stack empty lines.
+const JSON_WHITESPACE: &str = r"\x20|\n[\x20\x09]{0,16}";
+
+impl Grammar {
+    fn top_level(&self) -> TopLevelGrammar {
+        match self {
+            Grammar::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                if let Some(object) = schema.as_object_mut() {
+                    // The caller's own llguidance options win.
+                    object.entry("x-guidance").or_insert_with(
+                        || serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}),
+                    );
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            Grammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+        }
+    }
+}
+
+/// Compiles grammars for one tokenizer. Building it walks the whole vocabulary once.
+#[derive(Clone)]
+pub struct GrammarCompiler {
+    factory: Arc<ParserFactory>,
+}
+
+impl GrammarCompiler {
+    pub fn new(tokenizer: &Tokenizer) -> Result<GrammarCompiler> {
+        let env: TokEnv = Arc::new(Vocabulary {
+            trie: trie_of(tokenizer),
+            tokenizer: tokenizer.clone(),
+        });
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| anyhow!("cannot prepare constrained decoding: {e}"))?;
+        factory.quiet();
+        Ok(GrammarCompiler {
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// A fresh matcher for one reply; a grammar that does not compile is an error that says why.
+    pub fn matcher(&self, grammar: &Grammar) -> Result<Matcher> {
+        let parser = self
+            .factory
+            .create_parser(grammar.top_level())
+            .map_err(|e| anyhow!("the grammar does not compile: {e}"))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(anyhow!("the grammar does not compile: {e}"));
+        }
+        Ok(matcher)
+    }
+}
+
+/// The vocabulary as llguidance sees it: each token's bytes; special tokens behind the marker
+/// byte, which no text contains.
+fn trie_of(tokenizer: &Tokenizer) -> TokTrie {
+    let vocab = tokenizer.vocab_size();
+    let words: Vec<Vec<u8>> = (0..vocab as u32)
+        .map(|id| {
+            let bytes = tokenizer.piece_bytes(id);
+            if tokenizer.is_special(id) {
+                let mut marked = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                marked.extend(bytes);
+                marked
+            } else {
+                bytes
+            }
+        })
+        .collect();
+    // The end token is the core's business (see the module docs); any special id will do here.
+    let eos = (0..vocab as u32)
+        .find(|&id| tokenizer.is_special(id))
+        .unwrap_or(0);
+    let info = TokRxInfo {
+        vocab_size: vocab as u32,
+        tok_eos: eos,
+        tok_bos: tokenizer.bos_id(),
+        tok_pad: None,
+        tok_unk: None,
+        tok_end_of_turn: None,
+    };
+    TokTrie::from(&info, &words)
+}
+
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    /// Text as the model's own tokenizer splits it (special-token text stays text).
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        match std::str::from_utf8(s) {
+            Ok(text) => self
+                .tokenizer
+                .encode_plain(text)
+                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
+            Err(_) => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+/// A row's grammar while it decodes.
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+/// What the grammar allows next.
+pub enum Allowed {
+    /// These tokens (a bit per id), and also ending the reply when `can_end`.
+    Tokens { mask: Vec<bool>, can_end: bool },
+    /// The grammar is complete: the reply ends here.
+    End,
+}
+
+impl Constraint {
+    pub fn new(compiler: &GrammarCompiler, grammar: &Grammar) -> Result<Constraint> {
+        Ok(Constraint {
+            matcher: compiler.matcher(grammar)?,
+        })
+    }
+
+    pub fn allowed(&mut self, vocab: usize) -> Result<Allowed> {
+        if self.matcher.is_stopped() {
+            return Ok(Allowed::End);
+        }
+        let can_end = self
+            .matcher
+            .is_accepting()
+            .map_err(|e| anyhow!("grammar: {e}"))?;
+        let set = self
+            .matcher
+            .compute_mask()
+            .map_err(|e| anyhow!("grammar: {e}"))?;
+        let mask: Vec<bool> = (0..vocab).map(|id| set.is_allowed(id as TokenId)).collect();
+        if !can_end && !mask.iter().any(|&m| m) {
+            return Err(anyhow!("grammar: no token can continue the reply"));
+        }
+        Ok(Allowed::Tokens { mask, can_end })
+    }
+
+    pub fn consume(&mut self, id: u32) -> Result<()> {
+        self.matcher
+            .consume_token(id)
+            .map_err(|e| anyhow!("grammar: {e}"))
+    }
+}
