@@ -487,3 +487,28 @@ fn smollm2_structured_output_validates_through_the_openai_client() {
     assert!(stdout.contains("20 of 20 replies validate"), "{stdout}");
     eprintln!("{stdout}");
 }
+
+/// A tool-call round trip with the official `openai` client (call → tool message → answer):
+/// SmolLM2 is made to call `get_weather` for Paris, streamed and not, then answers in text.
+#[test]
+fn smollm2_calls_a_tool_and_answers_through_the_openai_client() {
+    let Some(model) = smollm2() else { return };
+    if !common::python_has("openai", "pip install openai") {
+        return;
+    }
+    let server = common::server::start(&model, &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_tools.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("tools: all checks passed"), "{stdout}");
+    eprintln!("{stdout}");
+}

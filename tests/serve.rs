@@ -517,10 +517,10 @@ fn unsupported_fields_are_refused_by_name() {
     };
     for (field, value) in [
         (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
+            "functions",
+            json!([{"name": "f", "parameters": {"type": "object"}}]),
         ),
-        ("tool_choice", json!("auto")),
+        ("function_call", json!("auto")),
     ] {
         let (status, reply) = ask(json!({ field: value }));
         assert_eq!(status, 400, "{field}: {reply}");
@@ -533,7 +533,7 @@ fn unsupported_fields_are_refused_by_name() {
     for off in [
         json!({"logprobs": false}),
         json!({"response_format": {"type": "text"}}),
-        json!({"tools": null}),
+        json!({"functions": null}),
     ] {
         let (status, reply) = ask(off.clone());
         assert_eq!(status, 200, "{off}: {reply}");
@@ -925,4 +925,168 @@ fn response_format_holds_every_reply_to_its_schema() {
         assert_eq!(status, 400, "{bad}: {reply}");
         assert_eq!(reply["error"]["param"], "response_format", "{reply}");
     }
+}
+
+/// Function calling: `tool_choice: "required"` (or a named function) makes even the barely
+/// trained test model call a tool, with arguments that meet the tool's schema; the call comes
+/// back as `tool_calls` (streamed as a `tool_calls` delta) with finish_reason "tool_calls"; the
+/// call and the tool's result are accepted back as history; bad tools are refused by name.
+#[test]
+fn tool_calls_round_trip_in_openai_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = serve_model(dir.path());
+    let server = start(&model, &[]);
+    let addr = server.addr.clone();
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+         "parameters": {"type": "object", "properties": {
+             "city": {"type": "string", "maxLength": 10},
+             "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+         "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+         "required": ["a", "b"], "additionalProperties": false}}},
+    ]);
+    let ask = |choice: Value, seed: u64, stream: bool| {
+        let mut body = chat_body("model", "weather in Paris?", seed, stream);
+        body["tools"] = tools.clone();
+        body["tool_choice"] = choice;
+        body["temperature"] = json!(1.0);
+        body["max_tokens"] = json!(200);
+        body
+    };
+    let check_args = |name: &str, arguments: &str| {
+        let a: Value =
+            serde_json::from_str(arguments).unwrap_or_else(|e| panic!("{e}: {arguments}"));
+        match name {
+            "get_weather" => {
+                assert!(
+                    a["city"].as_str().is_some_and(|c| c.chars().count() <= 10),
+                    "{a}"
+                );
+                assert!(a["unit"] == "c" || a["unit"] == "f", "{a}");
+            }
+            "add" => {
+                assert!(
+                    a["a"].as_u64().is_some_and(|v| v <= 99)
+                        && a["b"].as_u64().is_some_and(|v| v <= 99),
+                    "{a}"
+                );
+                assert_eq!(a.as_object().unwrap().len(), 2, "{a}");
+            }
+            other => panic!("called {other}"),
+        }
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for seed in 0..6 {
+        let (status, reply) = post(
+            &addr,
+            "/v1/chat/completions",
+            &ask(json!("required"), seed, false),
+        );
+        assert_eq!(status, 200, "{reply}");
+        let choice = &reply["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{reply}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_")),
+            "{call}"
+        );
+        let name = call["function"]["name"].as_str().unwrap();
+        check_args(name, call["function"]["arguments"].as_str().unwrap());
+        names.insert(name.to_string());
+    }
+    // A named function is the one called.
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    for seed in 0..3 {
+        let (_, reply) = post(
+            &addr,
+            "/v1/chat/completions",
+            &ask(named.clone(), seed, false),
+        );
+        let call = &reply["choices"][0]["message"]["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "add", "{reply}");
+        check_args("add", call["arguments"].as_str().unwrap());
+    }
+    eprintln!("required calls named {names:?}");
+    // Streamed: one tool_calls delta, then finish_reason "tool_calls".
+    let (status, sse) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(named, 7, true).to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{sse}");
+    let chunks: Vec<Value> = sse_events(&sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(deltas.len(), 1, "{sse}");
+    assert_eq!(deltas[0]["index"], 0);
+    check_args("add", deltas[0]["function"]["arguments"].as_str().unwrap());
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"),
+        "{sse}"
+    );
+    // The call and its result go back as history; "none" gets a plain reply.
+    let mut body = chat_body("model", "weather in Paris?", 3, false);
+    body["messages"] = json!([
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"c\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 and sunny"},
+    ]);
+    body["tools"] = tools.clone();
+    body["tool_choice"] = json!("none");
+    let (status, reply) = post(&addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["choices"][0]["message"]["tool_calls"].is_null(),
+        "{reply}"
+    );
+    assert_ne!(reply["choices"][0]["finish_reason"], "tool_calls");
+    // Refused by name.
+    let bad_history = json!([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]);
+    for (extra, field) in [
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}),
+            "tools",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+        (json!({"messages": bad_history}), "messages"),
+    ] {
+        let mut body = chat_body("model", "hi", 1, false);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, reply) = post(&addr, "/v1/chat/completions", &body);
+        assert_eq!(status, 400, "{extra}: {reply}");
+        assert_eq!(reply["error"]["param"], field, "{extra}: {reply}");
+    }
+    let (status, reply) = post(
+        &addr,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": "hi", "tools": tools}),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["param"], "tools");
 }

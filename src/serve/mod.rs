@@ -3,6 +3,7 @@
 //! OpenAI-shaped errors, Prometheus metrics and a chat page embedded in the binary.
 
 pub mod openai;
+pub mod tools;
 
 use crate::infer::decode::{reply_budget, TokenLogprob};
 use crate::infer::engine::{Engine, Event, Request, SubmitError};
@@ -509,6 +510,8 @@ struct Prepared {
     include_usage: bool,
     /// Choices to sample (OpenAI's `n`).
     n: usize,
+    /// The tools the model was offered: its replies are read for calls.
+    tools: Vec<tools::Tool>,
     /// The passages retrieved for a chat request, sent with the reply as `sources`.
     sources: Vec<crate::tools::index::Passage>,
 }
@@ -617,6 +620,7 @@ fn prepare(
         stream: s.stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
         n: n as usize,
+        tools: Vec::new(),
         sources: Vec::new(),
     })
 }
@@ -625,22 +629,23 @@ fn prepare(
 fn chat_prompt(
     state: &AppState,
     req: &ChatRequest,
+    offered: &[tools::Tool],
 ) -> Result<(Vec<u32>, Vec<crate::tools::index::Passage>), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => Role::System,
-            "user" => Role::User,
+            "user" | "tool" => Role::User,
             "assistant" => Role::Assistant,
             "document" => Role::Document,
             other => {
                 return Err(ApiError::invalid(
                     "messages",
                     format!(
-                        "messages[{i}]: role {other:?} is not supported (system, user, assistant, document)"
+                        "messages[{i}]: role {other:?} is not supported (system, user, assistant, tool, document)"
                     ),
                 ))
             }
@@ -651,7 +656,40 @@ fn chat_prompt(
                 .map_err(|e| ApiError::invalid("messages", format!("messages[{i}]: {e}")))?,
             None => String::new(),
         };
+        let text = match m.role.as_str() {
+            // A tool's result goes back in a user turn, as the Hermes convention has it.
+            "tool" => tools::response_text(&text),
+            "assistant" => {
+                let mut text = text;
+                for (k, call) in m.tool_calls.iter().flatten().enumerate() {
+                    let f = &call["function"];
+                    let (Some(name), Some(arguments)) =
+                        (f["name"].as_str(), f["arguments"].as_str())
+                    else {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            format!("messages[{i}].tool_calls[{k}] needs function.name and function.arguments (a JSON string)"),
+                        ));
+                    };
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&tools::call_text(name, arguments));
+                }
+                text
+            }
+            _ => text,
+        };
         messages.push(Message::new(role, text));
+    }
+    if !offered.is_empty() {
+        let about = tools::system_text(offered);
+        match messages.first_mut() {
+            Some(first) if first.role == Role::System => {
+                first.content = format!("{}\n\n{about}", first.content)
+            }
+            _ => messages.insert(0, Message::new(Role::System, about)),
+        }
     }
     let mut sources = Vec::new();
     if let Some(r) = &state.retrieval {
@@ -698,9 +736,31 @@ async fn chat_completions(
     let result = async {
         check_key(&state, &headers)?;
         let req: ChatRequest = parse_body(&body)?;
-        let (prompt, sources) = chat_prompt(&state, &req)?;
+        let (offered, choice) = tools::parse(&req.sampling.tools, &req.sampling.tool_choice)
+            .map_err(|(field, message)| ApiError::invalid(field, message))?;
+        // With tool_choice "none" the model is not told of the tools.
+        let offered = match choice {
+            tools::ToolChoice::None => Vec::new(),
+            _ => offered,
+        };
+        let (prompt, sources) = chat_prompt(&state, &req, &offered)?;
+        let forced = tools::grammar(&offered, &choice);
         let mut p = prepare(&state, Kind::Chat, req.sampling, prompt)?;
+        if let Some(g) = forced {
+            if p.params.grammar.is_some() {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "a required tool call and response_format cannot be combined; drop one",
+                ));
+            }
+            state
+                .grammars()
+                .and_then(|c| c.matcher(&g))
+                .map_err(|e| ApiError::invalid("tools", format!("{e:#}")))?;
+            p.params.grammar = Some(g);
+        }
         p.sources = sources;
+        p.tools = offered;
         Ok::<_, ApiError>(p)
     }
     .await;
@@ -711,6 +771,12 @@ async fn completions(State(state): State<Shared>, headers: HeaderMap, body: Byte
     let result = async {
         check_key(&state, &headers)?;
         let req: CompletionRequest = parse_body(&body)?;
+        if req.sampling.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid(
+                "tools",
+                "tools are for /v1/chat/completions",
+            ));
+        }
         let prompts = req.prompt.into_vec();
         if prompts.len() != 1 {
             return Err(ApiError::invalid("prompt", "send exactly one prompt"));
@@ -799,6 +865,7 @@ async fn respond(state: Shared, kind: Kind, prepared: Result<Prepared, ApiError>
         started,
         n: p.n,
         logprobs,
+        tools: p.tools,
         sources,
     };
     if p.stream {
@@ -819,10 +886,71 @@ struct Reply {
     n: usize,
     /// Whether the request asked for log-probabilities.
     logprobs: bool,
+    /// The tools offered; empty when replies are plain text.
+    tools: Vec<tools::Tool>,
     sources: Value,
 }
 
 impl Reply {
+    /// The one delta of a choice held back because tools were offered: its text, or its calls
+    /// (true) as `tool_calls` deltas with their index.
+    fn held_chunk(
+        &self,
+        choice: usize,
+        (text, logprobs): (String, Vec<TokenLogprob>),
+        offset: &mut usize,
+    ) -> (Value, bool) {
+        let (message, called) = self.message(choice, text.clone());
+        if !called {
+            let lp = self.logprobs_json(&logprobs, offset);
+            let d = json!({"content": text});
+            return (
+                json!({"index": choice, "delta": d, "logprobs": lp, "finish_reason": null}),
+                false,
+            );
+        }
+        let calls: Vec<Value> = message["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(k, c)| {
+                let mut c = c.clone();
+                c["index"] = json!(k);
+                c
+            })
+            .collect();
+        let mut d = json!({ "tool_calls": calls });
+        if let Some(content) = message["content"].as_str() {
+            d["content"] = json!(content);
+        }
+        (
+            json!({"index": choice, "delta": d, "logprobs": null, "finish_reason": null}),
+            true,
+        )
+    }
+
+    /// A chat choice's message: its text, or the calls it makes (true) when tools were offered.
+    fn message(&self, choice: usize, text: String) -> (Value, bool) {
+        if self.tools.is_empty() {
+            return (json!({"role": "assistant", "content": text}), false);
+        }
+        let (content, calls) = tools::extract(&text, &self.tools);
+        if calls.is_empty() {
+            return (json!({"role": "assistant", "content": text}), false);
+        }
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                json!({"id": format!("call_{}{choice}{k}", self.id.trim_start_matches("chatcmpl-")), "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
+        let message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+        (message, true)
+    }
+
     /// The log-probabilities of a piece of choice text in the endpoint's shape, or null when the
     /// request did not ask for them.
     fn logprobs_json(&self, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
@@ -885,12 +1013,17 @@ async fn full_response(mut r: Reply) -> Response {
     r.state.metrics.latency.observe(seconds);
     let choices: Vec<Value> = (0..r.n)
         .map(|i| {
-            let finish = finishes[i].map(finish_name);
+            let mut finish = finishes[i].map(finish_name);
             let lp = r.logprobs_json(&token_logprobs[i], &mut 0);
             let text = std::mem::take(&mut texts[i]);
             match r.kind {
-                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
-                                     "logprobs": lp, "finish_reason": finish}),
+                Kind::Chat => {
+                    let (message, called) = r.message(i, text);
+                    if called {
+                        finish = Some("tool_calls");
+                    }
+                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                }
                 Kind::Completion => {
                     json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
                 }
@@ -969,8 +1102,12 @@ fn stream_response(r: Reply, include_usage: bool) -> Response {
         /// Choices not finished yet, and the usage summed over those that have.
         running: usize,
         usage: (usize, usize),
+        /// With tools offered, each choice's text and log-probabilities are held until it ends:
+        /// only then is it known to be text or calls.
+        held: Vec<(String, Vec<TokenLogprob>)>,
     }
     let init = StreamState {
+        held: vec![(String::new(), Vec::new()); r.n],
         phase: if kind == Kind::Chat { 0 } else { 1 },
         pending: VecDeque::new(),
         first: true,
@@ -1007,6 +1144,11 @@ fn stream_response(r: Reply, include_usage: bool) -> Response {
                                 st.r.state.metrics.first_token.observe(seconds);
                                 st.first = false;
                             }
+                            if !st.r.tools.is_empty() {
+                                st.held[i].0.push_str(&text);
+                                st.held[i].1.extend(logprobs);
+                                continue;
+                            }
                             let lp = st.r.logprobs_json(&logprobs, &mut st.offsets[i]);
                             let body = chunk(delta(i, Some(&text), lp, None), None);
                             return Some((Ok(to_event(&body)), st));
@@ -1019,7 +1161,15 @@ fn stream_response(r: Reply, include_usage: bool) -> Response {
                                 completion_tokens,
                             },
                         )) => {
-                            let finish = Some(finish_name(finish_reason));
+                            let mut finish = Some(finish_name(finish_reason));
+                            if !st.r.tools.is_empty() {
+                                let held = std::mem::take(&mut st.held[i]);
+                                let (body, called) = st.r.held_chunk(i, held, &mut st.offsets[i]);
+                                if called {
+                                    finish = Some("tool_calls");
+                                }
+                                st.pending.push_back(to_event(&chunk(body, None)));
+                            }
                             st.pending.push_back(to_event(&chunk(
                                 delta(i, None, Value::Null, finish),
                                 None,

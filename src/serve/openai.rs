@@ -43,6 +43,9 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One string or a list of them (`stop`, and `prompt` of the completions endpoint).
@@ -95,6 +98,10 @@ pub struct Sampling {
     pub top_logprobs: Option<Value>,
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
     pub response_format: Option<Value>,
+    /// Functions the model may call (chat only): `[{"type": "function", "function": {...}}]`.
+    pub tools: Option<Value>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name"}}`.
+    pub tool_choice: Option<Value>,
     /// Fields of OpenAI's API this server does not implement yet. They are read only so that a
     /// request using them is refused by name instead of answered as if they were honoured.
     #[serde(flatten)]
@@ -103,8 +110,6 @@ pub struct Sampling {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Unsupported {
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
 }
@@ -115,24 +120,14 @@ impl Unsupported {
         let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
         [
             (
-                given(&self.tools),
-                "tools",
-                "function calling is not supported yet; send the request without tools",
-            ),
-            (
-                given(&self.tool_choice),
-                "tool_choice",
-                "function calling is not supported yet; send the request without tool_choice",
-            ),
-            (
                 given(&self.functions),
                 "functions",
-                "function calling is not supported yet; send the request without functions",
+                "the legacy functions field is not supported; send tools",
             ),
             (
                 given(&self.function_call),
                 "function_call",
-                "function calling is not supported yet; send the request without function_call",
+                "the legacy function_call field is not supported; send tool_choice",
             ),
         ]
         .into_iter()
