@@ -512,3 +512,66 @@ fn smollm2_calls_a_tool_and_answers_through_the_openai_client() {
     assert!(stdout.contains("tools: all checks passed"), "{stdout}");
     eprintln!("{stdout}");
 }
+
+/// A Qwen3-style model (per-head query/key norms, heads wider than hidden / heads) trains, its
+/// norms learn, and `export --format gguf` writes architecture `qwen3` (llama.cpp's tensor names
+/// `attn_q_norm`/`attn_k_norm`, Hugging Face's row order), which loads back scoring the same.
+#[test]
+fn a_qwen3_model_trains_and_round_trips_through_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, _) = common::tiny_shards(dir.path());
+    let tok = chatforge::tokenizer::Tokenizer::load(&shards).unwrap();
+    let mut cfg = common::tiny_config(tok.vocab_size(), 64);
+    cfg.model_type = "qwen3".into();
+    cfg.architectures = vec!["Qwen3ForCausalLM".into()];
+    cfg.head_dim = Some(16);
+    let cfg_path = dir.path().join("qwen3.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = dir.path().join("run");
+    chatforge::train::pretrain::pretrain(&common::tiny_pretrain(&shards, &cfg_path, &run, 12))
+        .unwrap();
+    let original = chatforge::model::load(&run, &Device::Cpu).unwrap();
+    assert!(original.model.config.qk_norm());
+    let weights: std::collections::HashMap<String, Tensor> = original
+        .model
+        .named_weights()
+        .unwrap()
+        .into_iter()
+        .collect();
+    let q_norm: Vec<f32> = weights["model.layers.0.self_attn.q_norm.weight"]
+        .to_vec1()
+        .unwrap();
+    assert_eq!(q_norm.len(), 16);
+    assert!(
+        q_norm.iter().any(|&w| (w - 1.0).abs() > 1e-4),
+        "the query norm never moved from its initial ones: {q_norm:?}"
+    );
+    let gguf = dir.path().join("qwen3.gguf");
+    common::export(&run, &["--format", "gguf", "--quant", "f32"], &gguf);
+    let file = gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap()).unwrap();
+    let arch = file.metadata["general.architecture"].to_string().unwrap();
+    assert_eq!(arch, "qwen3");
+    assert!(file.tensor_infos.contains_key("blk.1.attn_k_norm.weight"));
+    let back = chatforge::model::load(&gguf, &Device::Cpu).unwrap();
+    assert!(back.model.config.qk_norm());
+    assert_eq!(back.model.config.head_size(), 16);
+    let seq: Vec<u32> = back
+        .tokenizer
+        .encode("the cat sat on the mat, 12 + 30")
+        .unwrap();
+    let n = seq.len() - 1;
+    let nll = |lm: &chatforge::model::LoadedModel| -> Vec<f32> {
+        let x = Tensor::from_vec(seq[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(seq[1..].to_vec(), (1, n), &Device::Cpu).unwrap();
+        lm.model
+            .token_nll(&x, &y)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for (a, b) in nll(&original).iter().zip(nll(&back)) {
+        assert!((a - b).abs() < 1e-4, "run {a} vs GGUF {b}");
+    }
+}

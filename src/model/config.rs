@@ -97,13 +97,19 @@ impl LlamaConfig {
         let attn = h * (q + 2 * kv) + q * h;
         let attn_bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * ff + if self.mlp_bias { 2 * ff + h } else { 0 };
-        let block = attn + attn_bias + mlp + 2 * h;
+        let qk_norm = if self.qk_norm() { 2 * hd } else { 0 };
+        let block = attn + attn_bias + mlp + 2 * h + qk_norm;
         let head = if self.tie_word_embeddings {
             0
         } else {
             self.vocab_size * h
         };
         self.vocab_size * h + self.num_hidden_layers * block + h + head
+    }
+
+    /// Whether each query and key head is RMS-normalised before the rotation (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
     }
 
     pub fn head_size(&self) -> usize {
@@ -164,14 +170,22 @@ impl LlamaConfig {
         let source = path.display().to_string();
         // Other families are refused by name before their fields confuse the Llama reader.
         if let Some(kind) = raw.get("model_type").and_then(|t| t.as_str()) {
-            if !matches!(kind, "llama" | "mistral" | "qwen2") {
+            if !matches!(kind, "llama" | "mistral" | "qwen2" | "qwen3") {
                 let arch = raw
                     .get("architectures")
                     .and_then(|a| a.get(0))
                     .and_then(|a| a.as_str())
                     .unwrap_or(kind);
-                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2)");
+                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2, qwen3)");
             }
+        }
+        let sliding = raw.get("use_sliding_window") == Some(&serde_json::Value::Bool(true))
+            || raw
+                .get("layer_types")
+                .and_then(|t| t.as_array())
+                .is_some_and(|t| t.iter().any(|l| l == "sliding_attention"));
+        if sliding {
+            bail!("{source}: sliding-window attention layers are not supported yet; chatforge attends over the whole context");
         }
         let mut cfg: LlamaConfig = serde_json::from_value(raw.clone())
             .map_err(|e| anyhow::anyhow!("{source}: not a Llama config ({e})"))?;

@@ -66,9 +66,10 @@ pub enum GgufQuant {
     Q4_0,
 }
 
-/// Writes `out` as a GGUF file (architecture `llama`) that llama.cpp runs: the weights (norms in
-/// f32, matrices in `quant` where their rows divide into blocks), q/k rows interleaved as
-/// llama.cpp's rotary embedding expects, and the tokenizer (byte-level BPE vocabulary, merges,
+/// Writes `out` as a GGUF file that llama.cpp runs (architecture `llama`, or `qwen3` for a model
+/// with per-head query/key norms): the weights (norms in f32, matrices in `quant` where their rows
+/// divide into blocks), for `llama` q/k rows interleaved as llama.cpp's rotary embedding expects
+/// (`qwen3` keeps Hugging Face's order), and the tokenizer (byte-level BPE vocabulary, merges,
 /// special tokens) and chat template in its metadata.
 pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
@@ -103,7 +104,11 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
     let vector =
         |t: &candle_core::Tensor| -> Result<QTensor> { Ok(QTensor::quantize(t, GgmlDType::F32)?) };
     // Hugging Face's half-split rotary layout to llama.cpp's interleaved one (its converter's permute).
+    let arch = if c.qk_norm() { "qwen3" } else { "llama" };
     let interleave = |t: candle_core::Tensor, heads: usize| -> Result<candle_core::Tensor> {
+        if arch != "llama" {
+            return Ok(t);
+        }
         let dims = t.dims().to_vec();
         let d = dims[0] / heads;
         let rest: usize = dims[1..].iter().product();
@@ -149,6 +154,14 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
                 gg("attn_v.bias"),
                 vector(&get(&hf("self_attn.v_proj.bias"))?)?,
             ));
+        }
+        if c.qk_norm() {
+            for (gguf, hf_name) in [("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")] {
+                out_tensors.push((
+                    gg(&format!("{gguf}.weight")),
+                    vector(&get(&hf(&format!("self_attn.{hf_name}.weight")))?)?,
+                ));
+            }
         }
         out_tensors.push((
             gg("attn_output.weight"),
@@ -212,46 +225,40 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "chatforge".into());
+    let key = |k: &str| format!("{arch}.{k}");
     let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(name)),
         (
-            "llama.context_length".into(),
+            key("context_length"),
             Value::U32(c.max_position_embeddings as u32),
         ),
+        (key("embedding_length"), Value::U32(c.hidden_size as u32)),
+        (key("block_count"), Value::U32(c.num_hidden_layers as u32)),
         (
-            "llama.embedding_length".into(),
-            Value::U32(c.hidden_size as u32),
-        ),
-        (
-            "llama.block_count".into(),
-            Value::U32(c.num_hidden_layers as u32),
-        ),
-        (
-            "llama.feed_forward_length".into(),
+            key("feed_forward_length"),
             Value::U32(c.intermediate_size as u32),
         ),
+        (key("attention.head_count"), Value::U32(heads as u32)),
+        (key("attention.head_count_kv"), Value::U32(kv as u32)),
         (
-            "llama.attention.head_count".into(),
-            Value::U32(heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(kv as u32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
+            key("attention.key_length"),
             Value::U32(c.head_size() as u32),
         ),
         (
-            "llama.rope.freq_base".into(),
-            Value::F32(c.rope_theta as f32),
+            key("attention.value_length"),
+            Value::U32(c.head_size() as u32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            key("rope.dimension_count"),
+            Value::U32(c.head_size() as u32),
+        ),
+        (key("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
             Value::F32(c.rms_norm_eps as f32),
         ),
-        ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
+        (key("vocab_size"), Value::U32(c.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         // The name llama.cpp knows our split by; GPT-4's for tokenizers that are not ours.
         (

@@ -1,6 +1,6 @@
-//! GGUF files (llama.cpp, Ollama): architectures `llama` (SmolLM2, Llama 2/3, Mistral) and
-//! `qwen2` (with its q/k/v biases) into the same [`Llama`] that chatforge trains. Projection
-//! weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
+//! GGUF files (llama.cpp, Ollama): architectures `llama` (SmolLM2, Llama 2/3, Mistral), `qwen2`
+//! (with its q/k/v biases) and `qwen3` (per-head query/key norms) into the same [`Llama`] that
+//! chatforge trains. Projection weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
 //! F32) and are multiplied quantized; norms are dequantized, the embedding is dequantized for the
 //! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
 //! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
@@ -252,9 +252,9 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if arch != "llama" && arch != "qwen2" {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
         bail!(
-            "{}: architecture {arch:?} is not supported (supported: llama, qwen2)",
+            "{}: architecture {arch:?} is not supported (supported: llama, qwen2, qwen3)",
             path.display()
         );
     }
@@ -287,10 +287,10 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .unwrap_or(10_000.0) as f64;
     let eos = r.meta_u32("tokenizer.ggml.eos_token_id").ok();
     let config = LlamaConfig {
-        architectures: vec![if arch == "qwen2" {
-            "Qwen2ForCausalLM".into()
-        } else {
-            "LlamaForCausalLM".into()
+        architectures: vec![match arch.as_str() {
+            "qwen2" => "Qwen2ForCausalLM".into(),
+            "qwen3" => "Qwen3ForCausalLM".into(),
+            _ => "LlamaForCausalLM".into(),
         }],
         model_type: arch.clone(),
         vocab_size,
@@ -299,7 +299,11 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         num_hidden_layers: r.meta_u32(&key("block_count"))? as usize,
         num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
-        head_dim: None,
+        // Qwen3's heads are not hidden / heads wide; the file says how wide.
+        head_dim: r
+            .meta_u32(&key("attention.key_length"))
+            .ok()
+            .map(|d| d as usize),
         max_position_embeddings: r.meta_u32(&key("context_length"))? as usize,
         rms_norm_eps: eps,
         rope_theta: theta,
@@ -340,6 +344,11 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         ] {
             r.expect_shape(&format!("blk.{i}.{name}"), &shape)?;
         }
+        if c.qk_norm() {
+            for name in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+                r.expect_shape(&format!("blk.{i}.{name}"), &[c.head_size()])?;
+            }
+        }
         if c.attention_bias {
             for (name, n) in [("q", q_rows), ("k", kv_rows), ("v", kv_rows)] {
                 r.expect_shape(&format!("blk.{i}.attn_{name}.bias"), &[n])?;
@@ -362,7 +371,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
                 r.proj(&format!("{b}.attn_k"), bias)?,
             )
         };
-        layers.push(Block::new(
+        let mut block = Block::new(
             &config,
             r.dense(&format!("{b}.attn_norm.weight"))?,
             r.dense(&format!("{b}.ffn_norm.weight"))?,
@@ -375,7 +384,14 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
                 r.proj(&format!("{b}.ffn_up"), false)?,
                 r.proj(&format!("{b}.ffn_down"), false)?,
             ],
-        ));
+        );
+        if config.qk_norm() {
+            block = block.with_qk_norm(
+                r.dense(&format!("{b}.attn_q_norm.weight"))?,
+                r.dense(&format!("{b}.attn_k_norm.weight"))?,
+            );
+        }
+        layers.push(block);
     }
     let embed = r.dense("token_embd.weight")?;
     let head_name = if config.tie_word_embeddings {

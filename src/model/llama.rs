@@ -1,5 +1,6 @@
 //! A Llama-family decoder-only Transformer: RMSNorm, rotary embeddings, grouped-query attention,
-//! SwiGLU MLP, optional biases, tied or untied embeddings. Tensor names follow Hugging Face
+//! SwiGLU MLP, optional biases, tied or untied embeddings, and Qwen3's per-head query/key norms:
+//! families that differ from Llama by a switch are that switch here, not a file of their own. Tensor names follow Hugging Face
 //! (`model.layers.0.self_attn.q_proj.weight`, ...), so the same code loads real checkpoints.
 //!
 //! One implementation serves training, inference and loaded models (run directories, Hugging Face
@@ -184,6 +185,9 @@ pub(super) struct Attention {
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
+    /// Qwen3's RMSNorm of each query and key head before the rotation (`[head_dim]` weights).
+    pub(super) qk_norm: Option<(Tensor, Tensor)>,
+    pub(super) eps: f64,
 }
 
 pub(super) struct Mlp {
@@ -230,10 +234,18 @@ impl Block {
                 heads: c.num_attention_heads,
                 kv_heads: c.kv_heads(),
                 head_dim: c.head_size(),
+                qk_norm: None,
+                eps: c.rms_norm_eps,
             },
             post_norm,
             mlp: Mlp { gate, up, down },
         }
+    }
+
+    /// The block with per-head query and key norms (Qwen3).
+    pub(super) fn with_qk_norm(mut self, q_norm: Tensor, k_norm: Tensor) -> Self {
+        self.attn.qk_norm = Some((q_norm, k_norm));
+        self
     }
 
     /// The projections in [`PROJECTIONS`] order, with their names.
@@ -328,7 +340,12 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let scale = 1.0 / (d as f64).sqrt();
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let (mut q, mut k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        if let Some((qn, kn)) = &self.qk_norm {
+            // Each head's vector is normalised on its own: rows of `d`, whatever the layout.
+            q = rms_norm(&q, qn, self.eps)?;
+            k = rms_norm(&k, kn, self.eps)?;
+        }
         if cache.is_none() && mask.is_none() {
             // Training and plain scoring: rotation and attention as one node on the projections'
             // layout (see kernels::rope_attention).
@@ -407,12 +424,20 @@ impl Llama {
             let projections: [Proj; 7] = projections
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("seven projections"));
-            layers.push(Block::new(
+            let mut block = Block::new(
                 c,
                 param(&l.pp("input_layernorm"), c, hid, "weight")?,
                 param(&l.pp("post_attention_layernorm"), c, hid, "weight")?,
                 projections,
-            ));
+            );
+            if c.qk_norm() {
+                let a = l.pp("self_attn");
+                block = block.with_qk_norm(
+                    param(&a.pp("q_norm"), c, hd, "weight")?,
+                    param(&a.pp("k_norm"), c, hd, "weight")?,
+                );
+            }
+            layers.push(block);
         }
         let norm = param(&m.pp("norm"), c, hid, "weight")?;
         let head = if c.tie_word_embeddings {
@@ -477,6 +502,10 @@ impl Llama {
             proj(format!("{at}.mlp.up_proj"), &l.mlp.up)?;
             proj(format!("{at}.mlp.down_proj"), &l.mlp.down)?;
             norms.push((format!("{at}.input_layernorm.weight"), l.input_norm.clone()));
+            if let Some((qn, kn)) = &l.attn.qk_norm {
+                norms.push((format!("{at}.self_attn.q_norm.weight"), qn.clone()));
+                norms.push((format!("{at}.self_attn.k_norm.weight"), kn.clone()));
+            }
             norms.push((
                 format!("{at}.post_attention_layernorm.weight"),
                 l.post_norm.clone(),
