@@ -170,13 +170,13 @@ impl LlamaConfig {
         let source = path.display().to_string();
         // Other families are refused by name before their fields confuse the Llama reader.
         if let Some(kind) = raw.get("model_type").and_then(|t| t.as_str()) {
-            if !matches!(kind, "llama" | "mistral" | "qwen2" | "qwen3") {
+            if !matches!(kind, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
                 let arch = raw
                     .get("architectures")
                     .and_then(|a| a.get(0))
                     .and_then(|a| a.as_str())
                     .unwrap_or(kind);
-                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2, qwen3)");
+                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2, qwen3, phi3)");
             }
         }
         let sliding = raw.get("use_sliding_window") == Some(&serde_json::Value::Bool(true))
@@ -207,6 +207,21 @@ impl LlamaConfig {
                 .unwrap_or("default");
             if kind != "default" {
                 bail!("{source}: rotary scaling \"{kind}\" is not supported yet (only the default rotary embedding)");
+            }
+            let partial = r.get("partial_rotary_factor").and_then(|f| f.as_f64());
+            if partial.is_some_and(|f| f != 1.0) {
+                bail!("{source}: a partial rotary embedding (partial_rotary_factor {}) is not supported yet", partial.unwrap_or(1.0));
+            }
+        }
+        if cfg.model_type == "phi3" {
+            // Phi-3 is Llama with fused q/k/v and gate/up projections, which the loader splits
+            // (`model::split_fused`): from here on it is a Llama, and exports as one.
+            cfg.model_type = "llama".into();
+            cfg.architectures = vec!["LlamaForCausalLM".into()];
+            // Attention over a window of `sliding_window` tokens equals full attention over a
+            // context no longer than that.
+            if let Some(w) = raw.get("sliding_window").and_then(|w| w.as_u64()) {
+                cfg.max_position_embeddings = cfg.max_position_embeddings.min(w as usize);
             }
         }
         cfg.validate(&source)?;

@@ -15,7 +15,7 @@ pub use llama::{KvCache, Llama};
 
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 /// A model with its tokenizer, loaded from a run or checkpoint directory or a GGUF file.
@@ -224,11 +224,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         );
     }
     let weights = weight_files(dir)?;
-    // SAFETY: the files are mapped read-only; chatforge writes them only by atomic rename.
-    // bf16 and f16 weights are converted to f32 as they are read.
-    let vb =
-        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, DType::F32, device) }
-            .with_context(|| format!("cannot read the weights in {}", dir.display()))?;
+    let vb = var_builder(&weights, &config, device)
+        .with_context(|| format!("cannot read the weights in {}", dir.display()))?;
     let model = Llama::new(&config, vb).with_context(|| {
         format!(
             "{} do not match {} (a checkpoint from an incompatible config?)",
@@ -246,4 +243,97 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         dir: dir.to_path_buf(),
         chat_template: hf_chat_template(dir),
     })
+}
+
+/// Weights with fused projections (Phi-3's `qkv_proj` and `gate_up_proj`) read under the split
+/// names the model asks for: each projection is its rows of the fused matrix.
+struct SplitFused {
+    tensors: candle_core::safetensors::MmapedSafetensors,
+    config: LlamaConfig,
+}
+
+impl SplitFused {
+    /// The fused tensor and row range that hold `name`, when it is a split projection.
+    fn source(&self, name: &str) -> Option<(String, usize, usize)> {
+        let c = &self.config;
+        let (q, kv, ff) = (
+            c.num_attention_heads * c.head_size(),
+            c.kv_heads() * c.head_size(),
+            c.intermediate_size,
+        );
+        let (prefix, leaf) = name.rsplit_once('.')?;
+        let (block, proj) = prefix.rsplit_once('.')?;
+        let (fused, start, rows) = match proj {
+            "q_proj" => ("qkv_proj", 0, q),
+            "k_proj" => ("qkv_proj", q, kv),
+            "v_proj" => ("qkv_proj", q + kv, kv),
+            "gate_proj" => ("gate_up_proj", 0, ff),
+            "up_proj" => ("gate_up_proj", ff, ff),
+            _ => return None,
+        };
+        Some((format!("{block}.{fused}.{leaf}"), start, rows))
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SplitFused {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &shape {
+            candle_core::bail!("{name} has shape {:?}, expected {shape:?}", t.shape());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.source(name) {
+            Some((fused, start, rows)) => self
+                .tensors
+                .load(&fused, dev)?
+                .narrow(0, start, rows)?
+                .contiguous()?
+                .to_dtype(dtype),
+            None => self.tensors.load(name, dev)?.to_dtype(dtype),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match self.source(name) {
+            Some((fused, _, _)) => self.tensors.get(&fused).is_ok(),
+            None => self.tensors.get(name).is_ok(),
+        }
+    }
+}
+
+/// The weights in `files` for a model of `config`, as [`Llama::new`] asks for them; fused
+/// projections (Phi-3) are split on the way.
+pub fn var_builder(
+    files: &[PathBuf],
+    config: &LlamaConfig,
+    device: &Device,
+) -> Result<candle_nn::VarBuilder<'static>> {
+    // SAFETY: the files are mapped read-only; chatforge writes them only by atomic rename.
+    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+    if tensors
+        .get("model.layers.0.self_attn.qkv_proj.weight")
+        .is_ok()
+    {
+        let split = SplitFused {
+            tensors,
+            config: config.clone(),
+        };
+        return Ok(candle_nn::VarBuilder::from_backend(
+            Box::new(split),
+            DType::F32,
+            device.clone(),
+        ));
+    }
+    // SAFETY: as above. bf16 and f16 weights are converted to f32 as they are read.
+    Ok(unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(files, DType::F32, device) }?)
 }
