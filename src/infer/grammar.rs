@@ -75,10 +75,13 @@ impl GrammarCompiler {
 
     /// A fresh matcher for one reply; a grammar that does not compile is an error that says why.
     pub fn matcher(&self, grammar: &Grammar) -> Result<Matcher> {
-        let parser = self
-            .factory
-            .create_parser(grammar.top_level())
-            .map_err(|e| anyhow!("the grammar does not compile: {e}"))?;
+        // Whatever a client sends, a grammar that trips the compiler is an error, not a crash.
+        let parser = crate::util::panic_to_error(|| {
+            self.factory
+                .create_parser(grammar.top_level())
+                .map_err(|e| anyhow!("{e}"))
+        })
+        .map_err(|e| anyhow!("the grammar does not compile: {e}"))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(anyhow!("the grammar does not compile: {e}"));
