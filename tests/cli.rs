@@ -252,6 +252,81 @@ fn generate_streams_and_is_deterministic_at_temperature_zero() {
     assert_eq!(a, b);
     assert!(a.starts_with("Once upon"));
     assert!(stats["completion_tokens"].as_u64().unwrap() <= 20);
+
+    // --json-schema binds the reply (the tiny model knows no JSON); --regex too.
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    for seed in ["1", "2", "3"] {
+        let o = chatforge(&[
+            "generate",
+            "--model",
+            s(&run),
+            "--prompt",
+            "Once upon",
+            "--json",
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "60",
+            "--json-schema",
+            s(&schema),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let text = reply["text"].as_str().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(
+            v["n"].as_u64().is_some_and(|n| n <= 9) && v["ok"].is_boolean(),
+            "{v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    }
+    let o = chatforge(&[
+        "generate",
+        "--model",
+        s(&run),
+        "--prompt",
+        "x",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--regex",
+        "(yes|no)",
+    ]);
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        ["yes", "no"].contains(&reply["text"].as_str().unwrap()),
+        "{reply}"
+    );
+    // Bad constraints are named before anything is printed.
+    std::fs::write(dir.path().join("bad.json"), r#"{"type": "strin"}"#).unwrap();
+    let bad = s(&dir.path().join("bad.json")).to_string();
+    for (args, needle) in [
+        (vec!["--json-schema", bad.as_str()], "strin"),
+        (
+            vec!["--json-schema", "/no/such/schema.json"],
+            "/no/such/schema.json",
+        ),
+        (vec!["--regex", "(unclosed"], "grammar"),
+    ] {
+        let mut all = vec!["generate", "--model", s(&run), "--prompt", "Once upon"];
+        all.extend(args);
+        fails_with(&all, &[needle]);
+        let o = chatforge(&all);
+        assert!(
+            o.stdout.is_empty(),
+            "printed {:?}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
 }
 
 #[test]

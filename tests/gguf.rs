@@ -447,20 +447,8 @@ fn smollm2_answers_from_the_users_documents_through_the_openai_client() {
     let bare = String::from_utf8_lossy(&bare.stdout);
     assert!(!bare.contains("1947"), "{bare}");
     let server = common::server::start(&model, &["--index", index.to_str().unwrap()]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_retrieval.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("http://{}/v1", server.addr))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
-    eprintln!("{stdout}");
+    let base = format!("http://{}/v1", server.addr);
+    common::python_client("openai_retrieval.py", &[base], "all checks passed");
 }
 
 /// `response_format` with the official `openai` client (pip `openai` and `jsonschema`; .ci/run
@@ -472,20 +460,8 @@ fn smollm2_structured_output_validates_through_the_openai_client() {
         return;
     }
     let server = common::server::start(&model, &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_structured.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("http://{}/v1", server.addr))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("20 of 20 replies validate"), "{stdout}");
-    eprintln!("{stdout}");
+    let base = format!("http://{}/v1", server.addr);
+    common::python_client("openai_structured.py", &[base], "20 of 20 replies validate");
 }
 
 /// A tool-call round trip with the official `openai` client (call → tool message → answer):
@@ -497,20 +473,8 @@ fn smollm2_calls_a_tool_and_answers_through_the_openai_client() {
         return;
     }
     let server = common::server::start(&model, &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_tools.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("http://{}/v1", server.addr))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("tools: all checks passed"), "{stdout}");
-    eprintln!("{stdout}");
+    let base = format!("http://{}/v1", server.addr);
+    common::python_client("openai_tools.py", &[base], "tools: all checks passed");
 }
 
 /// A Qwen3-style model (per-head query/key norms, heads wider than hidden / heads) trains, its

@@ -347,18 +347,8 @@ fn the_official_openai_python_client_works_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let model = serve_model(dir.path());
     let server = start(&model, &["--api-key", "test-key"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("http://{}/v1", server.addr))
-        .arg("test-key")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
-    eprintln!("{stdout}");
+    let args = [format!("http://{}/v1", server.addr), "test-key".into()];
+    common::python_client("openai_client.py", &args, "all checks passed");
 }
 
 /// The chat page in headless Chromium: types two messages (English, Chinese), waits for the

@@ -30,6 +30,9 @@ pub struct GenerateArgs {
     chat: bool,
     #[command(flatten)]
     pub(super) sampling: SamplingParams,
+    /// What the reply must match.
+    #[command(flatten)]
+    constraint: crate::infer::grammar::GrammarArgs,
     /// With --chat: answer from this index's passages (see `chatforge index`).
     #[command(flatten)]
     retrieval: RetrievalArgs,
@@ -42,9 +45,10 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-pub fn generate(a: GenerateArgs) -> Result<()> {
+pub fn generate(mut a: GenerateArgs) -> Result<()> {
     // Before anything is printed or loaded.
     a.sampling.validate()?;
+    a.sampling.grammar = a.constraint.grammar()?;
     if a.retrieval.index.is_some() && !a.chat {
         bail!("--index answers chat questions: add --chat");
     }
@@ -67,16 +71,23 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         ids
     };
     let mut out = std::io::stdout();
-    if !a.json && !a.chat {
-        print!("{}", a.prompt);
-    }
+    // A plain prompt is echoed before its continuation, once decoding has started (a grammar
+    // that does not compile fails first, with nothing printed).
+    let mut echo = !a.json && !a.chat;
     let g = generate_from_ids(&lm, &ids, &a.sampling, &stops, None, |piece| {
+        if echo {
+            print!("{}", a.prompt);
+            echo = false;
+        }
         if !a.json {
             print!("{}", crate::tools::readable(piece));
             out.flush()?;
         }
         Ok(())
     })?;
+    if echo {
+        print!("{}", a.prompt);
+    }
     let decode_tokens = g.tokens.len().saturating_sub(1);
     let timing = serde_json::json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.tokens.len(),
         "finish_reason": g.finish_reason, "seconds": g.seconds,

@@ -29,6 +29,44 @@ pub enum Grammar {
     Regex(String),
 }
 
+/// The command line's way to bind a reply (`generate`): at most one of a JSON schema file, a Lark
+/// grammar file or a regular expression.
+#[derive(Clone, Debug, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct GrammarArgs {
+    /// The reply is JSON that validates against the schema in this file.
+    #[arg(long)]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// The reply matches the grammar in this file (llguidance's Lark dialect).
+    #[arg(long)]
+    pub grammar: Option<std::path::PathBuf>,
+    /// The reply matches this regular expression.
+    #[arg(long)]
+    pub regex: Option<String>,
+}
+
+impl GrammarArgs {
+    /// The grammar asked for, its file read; errors name the file.
+    pub fn grammar(&self) -> Result<Option<Grammar>> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow!("cannot read {}: {e}", p.display()))
+        };
+        if let Some(p) = &self.json_schema {
+            let schema = serde_json::from_str(&read(p)?).map_err(|e| {
+                anyhow!(
+                    "{}: not JSON ({e}); --json-schema takes a JSON schema file",
+                    p.display()
+                )
+            })?;
+            return Ok(Some(Grammar::JsonSchema(schema)));
+        }
+        if let Some(p) = &self.grammar {
+            return Ok(Some(Grammar::Lark(read(p)?)));
+        }
+        Ok(self.regex.clone().map(Grammar::Regex))
+    }
+}
+
 /// The whitespace a JSON reply may have between tokens: a space, or a line break with an
 /// indentation. Unbounded whitespace (llguidance's default) lets a weak model pad a reply until
 /// `max_tokens`, or stack empty lines.

@@ -375,10 +375,15 @@ async fn tokenize(State(state): State<Shared>, headers: HeaderMap, body: Bytes) 
         };
         Ok::<_, ApiError>(json!({ "tokens": tokens }))
     })();
+    counted(&state, "/tokenize", result)
+}
+
+/// A JSON reply or an error, counted in the metrics under `endpoint`.
+fn counted(state: &AppState, endpoint: &'static str, result: Result<Value, ApiError>) -> Response {
     let status = result
         .as_ref()
         .map_or_else(|e| e.status, |_| StatusCode::OK);
-    state.metrics.count("/tokenize", status);
+    state.metrics.count(endpoint, status);
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -413,14 +418,7 @@ async fn detokenize(State(state): State<Shared>, headers: HeaderMap, body: Bytes
             .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))?;
         Ok(json!({ "content": content }))
     })();
-    let status = result
-        .as_ref()
-        .map_or_else(|e| e.status, |_| StatusCode::OK);
-    state.metrics.count("/detokenize", status);
-    match result {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    counted(&state, "/detokenize", result)
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {

@@ -186,3 +186,24 @@ pub fn tiny_pretrain(
         },
     }
 }
+
+/// Runs the client script `tests/clients/SCRIPT` with python3 on `args`; asserts that it exits 0
+/// and prints `expect`, and shows its output.
+pub fn python_client(script: &str, args: &[String], expect: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let out = std::process::Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(expect), "{script}: {stdout}");
+    eprintln!("{stdout}");
+}
