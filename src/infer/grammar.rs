@@ -184,6 +184,8 @@ impl TokenizerEnv for Vocabulary {
 /// A row's grammar while it decodes.
 pub struct Constraint {
     matcher: Matcher,
+    /// The id llguidance treats as the end; ending is the core's business (module docs).
+    eos: u32,
 }
 
 /// What the grammar allows next.
@@ -198,6 +200,7 @@ impl Constraint {
     pub fn new(compiler: &GrammarCompiler, grammar: &Grammar) -> Result<Constraint> {
         Ok(Constraint {
             matcher: compiler.matcher(grammar)?,
+            eos: compiler.factory.tok_env().tok_trie().eos_token(),
         })
     }
 
@@ -213,7 +216,14 @@ impl Constraint {
             .matcher
             .compute_mask()
             .map_err(|e| anyhow!("grammar: {e}"))?;
-        let mask: Vec<bool> = (0..vocab).map(|id| set.is_allowed(id as TokenId)).collect();
+        // Rows past the tokenizer's vocabulary (a padded embedding) are never allowed.
+        let known = set.len().min(vocab);
+        let mut mask: Vec<bool> = (0..vocab)
+            .map(|id| id < known && set.is_allowed(id as TokenId))
+            .collect();
+        if let Some(m) = mask.get_mut(self.eos as usize) {
+            *m = false;
+        }
         if !can_end && !mask.iter().any(|&m| m) {
             return Err(anyhow!("grammar: no token can continue the reply"));
         }
@@ -224,5 +234,49 @@ impl Constraint {
         self.matcher
             .consume_token(id)
             .map_err(|e| anyhow!("grammar: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::TrainOptions;
+
+    #[test]
+    fn the_mask_allows_only_what_continues_the_grammar() {
+        let opts = TrainOptions {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        let (tok, _) = Tokenizer::train(&["yes no maybe yes no"], &opts).unwrap();
+        let compiler = GrammarCompiler::new(&tok).unwrap();
+        let mut c = Constraint::new(&compiler, &Grammar::Regex("(yes|no)".into())).unwrap();
+        // The model's embedding may have rows past the tokenizer's vocabulary.
+        let vocab = tok.vocab_size() + 10;
+        let Allowed::Tokens { mask, can_end } = c.allowed(vocab).unwrap() else {
+            panic!("the grammar is not complete yet");
+        };
+        assert!(!can_end);
+        assert!(mask[tok.vocab_size()..].iter().all(|&m| !m));
+        let allowed: Vec<String> = (0..tok.vocab_size() as u32)
+            .filter(|&id| mask[id as usize])
+            .map(|id| String::from_utf8_lossy(&tok.piece_bytes(id)).into_owned())
+            .collect();
+        assert!(!allowed.is_empty());
+        assert!(
+            allowed
+                .iter()
+                .all(|p| "yes".starts_with(p.as_str()) || "no".starts_with(p.as_str())),
+            "{allowed:?}"
+        );
+        // After "no" the grammar is complete.
+        for id in tok.encode_plain("no").unwrap() {
+            c.consume(id).unwrap();
+        }
+        assert!(matches!(
+            c.allowed(vocab).unwrap(),
+            Allowed::End | Allowed::Tokens { can_end: true, .. }
+        ));
+        assert!(Constraint::new(&compiler, &Grammar::Regex("(".into())).is_err());
     }
 }
