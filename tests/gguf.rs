@@ -418,17 +418,13 @@ fn smollm2_answers_from_the_users_documents_through_the_openai_client() {
     }
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
-    let out = Command::new(env!("CARGO_BIN_EXE_chatforge"))
-        .args(["index", "add", "--index"])
-        .arg(&index)
-        .arg(&wiki)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::chatforge_ok(&[
+        "index".as_ref(),
+        "add".as_ref(),
+        "--index".as_ref(),
+        index.as_os_str(),
+        wiki.as_os_str(),
+    ]);
     // Without the index the model does not know these facts.
     let bare = Command::new(env!("CARGO_BIN_EXE_chatforge"))
         .args([
@@ -455,26 +451,33 @@ fn smollm2_answers_from_the_users_documents_through_the_openai_client() {
 /// installs them): 20 of 20 json_schema replies of SmolLM2 validate against their schemas.
 #[test]
 fn smollm2_structured_output_validates_through_the_openai_client() {
-    let Some(model) = smollm2() else { return };
-    if !common::python_has("openai, jsonschema", "pip install openai jsonschema") {
-        return;
-    }
-    let server = common::server::start(&model, &[]);
-    let base = format!("http://{}/v1", server.addr);
-    common::python_client("openai_structured.py", &[base], "20 of 20 replies validate");
+    smollm2_through_a_client(
+        "openai, jsonschema",
+        "openai_structured.py",
+        "20 of 20 replies validate",
+    );
 }
 
 /// A tool-call round trip with the official `openai` client (call → tool message → answer):
 /// SmolLM2 is made to call `get_weather` for Paris, streamed and not, then answers in text.
 #[test]
 fn smollm2_calls_a_tool_and_answers_through_the_openai_client() {
+    smollm2_through_a_client("openai", "openai_tools.py", "tools: all checks passed");
+}
+
+/// Serves SmolLM2 and runs a client script against it (skipped, outside CI, without the model or
+/// the Python `modules`).
+fn smollm2_through_a_client(modules: &str, script: &str, expect: &str) {
     let Some(model) = smollm2() else { return };
-    if !common::python_has("openai", "pip install openai") {
+    if !common::python_has(
+        modules,
+        &format!("pip install {}", modules.replace(',', "")),
+    ) {
         return;
     }
     let server = common::server::start(&model, &[]);
     let base = format!("http://{}/v1", server.addr);
-    common::python_client("openai_tools.py", &[base], "tools: all checks passed");
+    common::python_client(script, &[base], expect);
 }
 
 /// A Qwen3-style model (per-head query/key norms, heads wider than hidden / heads) trains, its

@@ -633,20 +633,16 @@ fn logprobs_choices_and_tokenize() {
     )
     .unwrap();
     let answers = dir.path().join("scores.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_chatforge"))
-        .args(["eval", "--model"])
-        .arg(&model)
-        .arg("--task")
-        .arg(format!("loglikelihood:{}", file.display()))
-        .arg("--answers")
-        .arg(&answers)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let task = format!("loglikelihood:{}", file.display());
+    common::chatforge_ok(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--task".as_ref(),
+        task.as_ref(),
+        "--answers".as_ref(),
+        answers.as_os_str(),
+    ]);
     let scored: Value =
         serde_json::from_str(std::fs::read_to_string(&answers).unwrap().trim()).unwrap();
     let eval_ll = scored["loglikelihood"].as_f64().unwrap();

@@ -11,7 +11,7 @@
 //! ([`Decoder::begin_join`], [`Decoder::prefill`]): the server's running streams then keep their
 //! pace while a long prompt comes in, instead of stalling for the whole prompt.
 
-use super::grammar::{Allowed, Constraint, GrammarCompiler};
+use super::grammar::{Allowed, Constraint, Grammars};
 use super::sampler::{Sampler, SamplingParams};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
@@ -324,8 +324,9 @@ pub struct Decoder<'m> {
     joining: Option<Joining>,
     /// The calculator's tokens, where the tokenizer has them.
     tools: Option<ToolTokens>,
-    /// Compiles requests' grammars; built at the first request that has one.
-    grammars: Option<GrammarCompiler>,
+    /// Compiles requests' grammars: the loaded model's shared compiler, or this decoder's own.
+    shared_grammars: Option<&'m Grammars>,
+    own_grammars: Grammars,
 }
 
 impl<'m> Decoder<'m> {
@@ -337,7 +338,16 @@ impl<'m> Decoder<'m> {
             cache: None,
             joining: None,
             tools: ToolTokens::of(tokenizer),
-            grammars: None,
+            shared_grammars: None,
+            own_grammars: Grammars::default(),
+        }
+    }
+
+    /// A decoder for a loaded model, sharing its grammar compiler.
+    pub fn of(lm: &'m crate::model::LoadedModel) -> Self {
+        Decoder {
+            shared_grammars: Some(&lm.grammars),
+            ..Decoder::new(&lm.model, &lm.tokenizer)
         }
     }
 
@@ -396,11 +406,8 @@ impl<'m> Decoder<'m> {
             let budget = self.check(&r)?;
             let constraint = match &r.params.grammar {
                 Some(g) => {
-                    if self.grammars.is_none() {
-                        self.grammars = Some(GrammarCompiler::new(self.tokenizer)?);
-                    }
-                    let compiler = self.grammars.as_ref().expect("built above");
-                    Some(Constraint::new(compiler, g)?)
+                    let grammars = self.shared_grammars.unwrap_or(&self.own_grammars);
+                    Some(Constraint::new(grammars.get(self.tokenizer)?, g)?)
                 }
                 None => None,
             };

@@ -205,7 +205,7 @@ impl PieceSizer {
 
 fn run(lm: &LoadedModel, queue: Receiver<Request>, max_batch: usize, stats: &EngineStats) {
     let fault_at = injected_fault();
-    let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
+    let mut decoder = Decoder::of(lm);
     let mut clients: HashMap<usize, UnboundedSender<Event>> = HashMap::new();
     let mut next_key = 0usize;
     let mut updates = Vec::new();

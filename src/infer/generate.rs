@@ -69,7 +69,7 @@ pub fn generate_from_ids(
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
     let start = std::time::Instant::now();
-    let mut decoder = Decoder::new(&lm.model, &lm.tokenizer);
+    let mut decoder = Decoder::of(lm);
     let mut updates = Vec::new();
     let request = Request {
         key: 0,

@@ -181,6 +181,20 @@ impl TokenizerEnv for Vocabulary {
     }
 }
 
+/// A tokenizer's compiler, built the first time a grammar needs it and then shared: a loaded
+/// model keeps one ([`crate::model::LoadedModel::grammars`]) for every decoder and the server.
+#[derive(Default)]
+pub struct Grammars(std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>);
+
+impl Grammars {
+    pub fn get(&self, tokenizer: &Tokenizer) -> Result<&GrammarCompiler> {
+        self.0
+            .get_or_init(|| GrammarCompiler::new(tokenizer).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
+    }
+}
+
 /// A row's grammar while it decodes.
 pub struct Constraint {
     matcher: Matcher,

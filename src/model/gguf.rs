@@ -431,5 +431,6 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         tokenizer,
         dir: path.to_path_buf(),
         chat_template,
+        grammars: Default::default(),
     })
 }

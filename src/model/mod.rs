@@ -26,6 +26,8 @@ pub struct LoadedModel {
     pub dir: PathBuf,
     /// The model's own Jinja chat template, when it ships one (GGUF `tokenizer.chat_template`).
     pub chat_template: Option<String>,
+    /// The grammar compiler for this tokenizer, built once at the first constrained request.
+    pub grammars: crate::infer::grammar::Grammars,
 }
 
 impl LoadedModel {
@@ -242,6 +244,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         tokenizer,
         dir: dir.to_path_buf(),
         chat_template: hf_chat_template(dir),
+        grammars: Default::default(),
     })
 }
 

@@ -171,8 +171,6 @@ impl Metrics {
 struct AppState {
     engine: Engine,
     lm: Arc<LoadedModel>,
-    /// Checks `response_format` grammars; built at the first request that has one.
-    grammars: std::sync::OnceLock<Result<GrammarCompiler, String>>,
     template: ChatTemplate,
     retrieval: Option<crate::tools::Retrieval>,
     model_id: String,
@@ -217,7 +215,6 @@ pub fn build(opts: &ServeOptions) -> Result<(Router, String)> {
     let engine = Engine::start(lm.clone(), opts.max_batch, opts.queue);
     let state = Arc::new(AppState {
         engine,
-        grammars: std::sync::OnceLock::new(),
         lm,
         template,
         retrieval,
@@ -284,11 +281,9 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
 }
 
 impl AppState {
+    /// The model's grammar compiler, which the engine shares.
     fn grammars(&self) -> Result<&GrammarCompiler> {
-        self.grammars
-            .get_or_init(|| GrammarCompiler::new(&self.lm.tokenizer).map_err(|e| format!("{e:#}")))
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        self.lm.grammars.get(&self.lm.tokenizer)
     }
 }
 

@@ -146,6 +146,21 @@ pub fn python_has(modules: &str, install: &str) -> bool {
     ok
 }
 
+/// Runs the chatforge binary on `args`, asserting that it succeeds (its stderr in the message).
+pub fn chatforge_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chatforge {:?}: {}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs `chatforge export --model MODEL --out OUT` with the given format options, asserting success.
 pub fn export(model: &Path, format: &[&str], out: &Path) {
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))

@@ -704,25 +704,17 @@ fn grounded(lang: Lang, split: Split, rng: &mut Rng, people: People) -> Task {
         _ => Answer::Contains(vec![curt.clone()]),
     };
     let prompt = user(q.replace("{n}", name));
-    if lacks {
+    let (answer, replies) = if lacks {
         let (says, curt) = match lang {
             Lang::En => (format!("{NOT_IN_DOCUMENTS_EN}."), "Not stated."),
             Lang::Zh => (format!("{NOT_IN_DOCUMENTS_ZH}。"), "没有写。"),
         };
         let answer = Answer::Contains(vec![says.trim_end_matches(['.', '。']).into()]);
         // A guess stated as fact is the wrong answer here.
-        let replies = [says, curt.into(), wrong, rude(rng, lang)];
-        return Task {
-            documents,
-            source,
-            ..Task::new(
-                Family::Grounded,
-                lang,
-                (prompt, answer, replies, Some(wrong_curt)),
-            )
-        };
-    }
-    let replies = [best, curt, wrong, rude(rng, lang)];
+        (answer, [says, curt.into(), wrong, rude(rng, lang)])
+    } else {
+        (answer, [best, curt, wrong, rude(rng, lang)])
+    };
     Task {
         documents,
         source,
