@@ -274,17 +274,7 @@ fn exported_gguf_loads_back_as_the_same_model() {
     let q8 = chatforge::model::load(&q8_path, &Device::Cpu).unwrap();
     let seq: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
     let n = seq.len() - 1;
-    let nll = |lm: &chatforge::model::LoadedModel| -> Vec<f32> {
-        let x = Tensor::from_vec(seq[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(seq[1..].to_vec(), (1, n), &Device::Cpu).unwrap();
-        lm.model
-            .token_nll(&x, &y)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let nll = |lm: &chatforge::model::LoadedModel| token_nll(lm, &seq);
     let (exact, quantized) = (nll(&back), nll(&q8));
     let gap = exact
         .iter()
@@ -526,19 +516,22 @@ fn a_qwen3_model_trains_and_round_trips_through_gguf() {
         .tokenizer
         .encode("the cat sat on the mat, 12 + 30")
         .unwrap();
-    let n = seq.len() - 1;
-    let nll = |lm: &chatforge::model::LoadedModel| -> Vec<f32> {
-        let x = Tensor::from_vec(seq[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(seq[1..].to_vec(), (1, n), &Device::Cpu).unwrap();
-        lm.model
-            .token_nll(&x, &y)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let nll = |lm: &chatforge::model::LoadedModel| token_nll(lm, &seq);
     for (a, b) in nll(&original).iter().zip(nll(&back)) {
         assert!((a - b).abs() < 1e-4, "run {a} vs GGUF {b}");
     }
+}
+
+/// The model's loss (nats) on each next token of `seq`.
+fn token_nll(lm: &chatforge::model::LoadedModel, seq: &[u32]) -> Vec<f32> {
+    let n = seq.len() - 1;
+    let x = Tensor::from_vec(seq[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(seq[1..].to_vec(), (1, n), &Device::Cpu).unwrap();
+    lm.model
+        .token_nll(&x, &y)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
