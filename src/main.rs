@@ -1,5 +1,5 @@
 //! The `chatforge` binary: sets the allocator, parses the command line and hands it to
-//! `chatforge::cli`, and prints any error.
+//! `chatforge::cli`, and prints any error. Under mpirun it first joins the job (`chatforge::dist`).
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -7,6 +7,14 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     park_candle_workers();
     let cli = chatforge::cli::Cli::parse();
+    // Under mpirun: join the job (and share this host's cores) before any thread starts.
+    let _membership = match chatforge::dist::join() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     // A server's memory should go back down after a burst; training wants it kept.
     if !cli.owns_threads() {
         keep_freed_memory();
@@ -20,6 +28,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let world = chatforge::dist::world();
+            if world.size() > 1 {
+                // The other ranks may be waiting in a collective for this one: end them all.
+                eprintln!("error on rank {}: {e:#}", world.rank());
+                world.abort(1);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

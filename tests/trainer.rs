@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use chatforge::dist::Part;
 use chatforge::model::Llama;
 use chatforge::tokenizer::{Tokenizer, TrainOptions};
 use chatforge::train::checkpoint;
@@ -18,7 +19,12 @@ struct Flaky {
 }
 
 impl Stage for Flaky {
-    fn batch_loss(&mut self, model: &Llama, _rng: &mut Rng) -> anyhow::Result<(Tensor, usize)> {
+    fn batch_loss(
+        &mut self,
+        model: &Llama,
+        _rng: &mut Rng,
+        _part: Part,
+    ) -> anyhow::Result<(Tensor, usize)> {
         self.call += 1;
         let n = self.tokens.len() - 1;
         let x = Tensor::new(&self.tokens[..n], &Device::Cpu)?.unsqueeze(0)?;
@@ -68,6 +74,7 @@ fn run(dir: &std::path::Path, bad: Vec<usize>, steps: usize) -> anyhow::Result<(
             parents: Vec::new(),
             data: serde_json::Value::Null,
             lora: None,
+            batch_size: 1,
         },
         &mut stage,
     )?;

@@ -85,7 +85,21 @@ impl Cli {
         matches!(self.command, Command::Serve(_))
     }
 
+    /// Whether the command can run as one of several ranks under mpirun (the training stages).
+    pub fn runs_distributed(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Rlhf(_)
+        )
+    }
+
     pub fn run(self) -> Result<()> {
+        let ranks = crate::dist::world().size();
+        if ranks > 1 && !self.runs_distributed() {
+            anyhow::bail!(
+                "this command runs in one process, but mpirun started {ranks}; run it without mpirun (pretrain, sft, reward and rlhf train across ranks)"
+            );
+        }
         match self.command {
             Command::Tokenizer(c) => data::tokenizer(c),
             Command::Tokenize(a) => data::tokenize(a),
@@ -111,8 +125,11 @@ impl Cli {
     }
 }
 
-/// Prints a report as indented JSON on stdout.
+/// Prints a report as indented JSON on stdout (rank 0 alone under mpirun).
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    if !crate::dist::is_leader() {
+        return Ok(());
+    }
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -53,6 +53,9 @@ pub struct TrainArgs {
     /// Evaluate every N steps (default: the stage's: pretraining 100, SFT and reward 50, RLHF 25).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Write the training loss to metrics.jsonl every N steps (default 10).
+    #[arg(long)]
+    pub log_every: Option<usize>,
     /// Write a checkpoint every N steps (default 200).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
@@ -93,6 +96,7 @@ impl TrainArgs {
             grad_clip,
             seed,
             eval_every,
+            log_every,
             checkpoint_every,
             keep_checkpoints,
             max_bad_steps,
@@ -100,6 +104,8 @@ impl TrainArgs {
         );
         o.validate()?;
         o.resume |= self.resume;
+        // Under mpirun, rank 0 alone shows progress.
+        o.quiet |= !crate::dist::is_leader();
         o.halt_after = self.halt_after.or(o.halt_after);
         Ok(o)
     }

@@ -5,6 +5,7 @@ use super::losses::dpo_loss;
 use super::rollout::{pack, response_logprobs, Row};
 use super::{PolicyEval, RlhfOptions};
 use crate::data::prefs::{read_pref_file, Comparison};
+use crate::dist::Part;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate};
 use crate::tokenizer::Tokenizer;
@@ -231,13 +232,33 @@ impl DpoStage {
     }
 }
 
+/// The step statistics of a DPO batch: mean implicit rewards, their margin, and how often the
+/// chosen answer wins.
+const DPO_STATS: [&str; 4] = [
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+];
+
 impl Stage for DpoStage {
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
         let mut idx: Vec<usize> = (0..self.batch_size)
             .map(|_| rng.below(self.train.len() as u64) as usize)
             .collect();
         idx.sort_unstable();
         idx.dedup();
+        // The loss is a mean over the batch's pairs: the part sums its own and divides by all.
+        let all = idx.len();
+        let idx = &idx[part.rows(all)];
+        if idx.is_empty() {
+            // Fewer distinct pairs than ranks: this rank adds nothing (but the same statistics).
+            self.stats = DPO_STATS.iter().map(|k| (k.to_string(), 0.0)).collect();
+            return Ok((
+                Tensor::zeros((), candle_core::DType::F32, model.device())?,
+                0,
+            ));
+        }
         let mut taken = std::mem::take(&mut self.train);
         let mut picked: Vec<&mut Pair> = taken
             .iter_mut()
@@ -256,29 +277,15 @@ impl Stage for DpoStage {
         self.train = taken;
         let (loss, c, r) = result?;
         let margin = (&c - &r)?;
-        self.stats = vec![
-            (
-                "reward_chosen".into(),
-                c.mean_all()?.to_scalar::<f32>()? as f64,
-            ),
-            (
-                "reward_rejected".into(),
-                r.mean_all()?.to_scalar::<f32>()? as f64,
-            ),
-            (
-                "reward_margin".into(),
-                margin.mean_all()?.to_scalar::<f32>()? as f64,
-            ),
-            (
-                "reward_accuracy".into(),
-                margin
-                    .gt(0.0)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .mean_all()?
-                    .to_scalar::<f32>()? as f64,
-            ),
-        ];
-        Ok((loss.mean_all()?, tokens))
+        let mean = |t: &Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
+        let won = margin.gt(0.0)?.to_dtype(candle_core::DType::F32)?;
+        let values = [mean(&c)?, mean(&r)?, mean(&margin)?, mean(&won)?];
+        self.stats = DPO_STATS
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        Ok(((loss.sum_all()? / all as f64)?, tokens))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {

@@ -309,6 +309,13 @@ impl RlhfOptions {
 }
 
 pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
+    let ranks = crate::dist::world().size();
+    if ranks > 1 && opts.algo != Algo::Dpo {
+        bail!(
+            "--algo {} trains in one process for now (its rollouts are not yet split across ranks); run it without mpirun, or use --algo dpo, which trains across the {ranks} ranks",
+            format!("{:?}", opts.algo).to_lowercase()
+        );
+    }
     opts.validate()?;
     let (config, tok) = crate::model::load_config_and_tokenizer(&opts.policy)
         .map_err(|e| anyhow::anyhow!("--policy: {e:#}"))?;
@@ -396,6 +403,7 @@ pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
         parents,
         data,
         lora: None,
+        batch_size: opts.minibatch,
     };
     let mut stage: Box<dyn Stage> = match opts.algo {
         Algo::Dpo => Box::new(dpo::DpoStage::new(opts, &tok, &template, eval)?),

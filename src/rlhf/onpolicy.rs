@@ -17,6 +17,7 @@ use super::{mean, Algo, PolicyEval, RewardSource, RlhfOptions};
 use crate::data::curriculum::tasks::check;
 use crate::data::prefs::RlPrompt;
 use crate::data::shards::ShardSet;
+use crate::dist::Part;
 use crate::model::Llama;
 use crate::train::trainer::Stage;
 use crate::util::Rng;
@@ -294,7 +295,9 @@ impl Stage for OnPolicy {
         self.opts.value_lr_scale
     }
 
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
+        // Refused before training starts (`rlhf`): rollouts are not split across ranks yet.
+        anyhow::ensure!(part == Part::WHOLE, "PPO and GRPO train in one process");
         if self.queue.is_empty() {
             self.rollout(model, rng)?;
         }

@@ -316,30 +316,37 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// The summed gradients, clipped to `max_norm` (if positive) by global norm; returns them with
-    /// the norm before clipping.
-    pub fn finish(self, params: &[Param], max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
-        let grads: Vec<Tensor> = self
-            .sums
+    /// The summed gradients, one per parameter (zeros where none flowed).
+    pub fn into_grads(self, params: &[Param]) -> Result<Vec<Tensor>> {
+        self.sums
             .into_iter()
             .zip(params)
             .map(|(g, p)| match g {
                 Some(g) => Ok(g),
                 None => p.var.zeros_like(),
             })
-            .collect::<Result<_>>()?;
-        let mut sq = 0.0f64;
-        for g in &grads {
-            sq += sum_of_squares(g)?;
-        }
-        let norm = sq.sqrt();
-        if max_norm > 0.0 && norm > max_norm {
-            let scale = max_norm / (norm + 1e-6);
-            let grads = grads.iter().map(|g| g * scale).collect::<Result<_>>()?;
-            return Ok((grads, norm));
-        }
-        Ok((grads, norm))
+            .collect()
     }
+
+    /// The summed gradients, clipped (see [`clip`]).
+    pub fn finish(self, params: &[Param], max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
+        clip(self.into_grads(params)?, max_norm)
+    }
+}
+
+/// `grads` clipped to `max_norm` (if positive) by global norm, with the norm before clipping.
+pub fn clip(grads: Vec<Tensor>, max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
+    let mut sq = 0.0f64;
+    for g in &grads {
+        sq += sum_of_squares(g)?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        let grads = grads.iter().map(|g| g * scale).collect::<Result<_>>()?;
+        return Ok((grads, norm));
+    }
+    Ok((grads, norm))
 }
 
 /// Linear warmup to `peak`, then cosine decay to `peak * min_ratio` at `total` steps.

@@ -2,6 +2,7 @@
 
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::shards::{ShardSet, TokenSplit};
+use crate::dist::Part;
 use crate::model::{Llama, LlamaConfig};
 use crate::tokenizer::Tokenizer;
 use crate::util::{self, Rng};
@@ -211,7 +212,7 @@ struct PretrainStage<'a> {
 }
 
 impl Stage for PretrainStage<'_> {
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
         let (x, y) = sample_batch(
             &self.shards.train,
             rng,
@@ -219,7 +220,14 @@ impl Stage for PretrainStage<'_> {
             self.seq_len,
             &self.device,
         )?;
-        Ok((model.loss(&x, &y)?, self.batch_size * self.seq_len))
+        // Every row holds seq_len targets, so the part's mean weighs by its share of rows.
+        let rows = part.rows(self.batch_size);
+        let (x, y) = (
+            x.narrow(0, rows.start, rows.len())?,
+            y.narrow(0, rows.start, rows.len())?,
+        );
+        let loss = (model.loss(&x, &y)? * part.share(self.batch_size))?;
+        Ok((loss, rows.len() * self.seq_len))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
@@ -276,6 +284,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport> {
         data: serde_json::json!({"shards": opts.data, "sources": meta.sources,
             "train_tokens": meta.train.tokens, "val_tokens": meta.val.tokens}),
         lora: None,
+        batch_size: opts.batch_size,
     };
     let r = train(&opts.train, spec, &mut stage)?;
     Ok(PretrainReport {

@@ -6,6 +6,7 @@
 use super::sft::OnError;
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::prefs::{read_pref_file, read_prompt_file, Comparison};
+use crate::dist::Part;
 use crate::infer::generate::generate_batch;
 use crate::infer::generate::stop_ids_of;
 use crate::infer::sampler::SamplingParams;
@@ -356,19 +357,26 @@ impl Stage for RewardStage {
         }
     }
 
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
         let batch: Vec<&Encoded> = (0..self.batch_size)
             .map(|_| &self.train[rng.below(self.train.len() as u64) as usize])
             .collect();
+        // The loss is a mean over pairs: the part's pairs weigh by their share of the batch's.
+        let pairs = |b: &[&Encoded]| -> usize {
+            b.iter()
+                .map(|e| e.seqs.len() * e.seqs.len().saturating_sub(1) / 2)
+                .sum()
+        };
+        let all_pairs = pairs(&batch);
+        let batch = &batch[part.rows(batch.len())];
         let tokens = batch
             .iter()
             .map(|e| e.seqs.iter().map(|s| s.len()).sum::<usize>())
             .sum();
-        let sb = self.scores(model, &batch)?;
-        Ok((
-            Self::pair_loss(&sb.scores, &sb.better, &sb.worse)?.0,
-            tokens,
-        ))
+        let sb = self.scores(model, batch)?;
+        let share = pairs(batch) as f64 / all_pairs.max(1) as f64;
+        let loss = (Self::pair_loss(&sb.scores, &sb.better, &sb.worse)?.0 * share)?;
+        Ok((loss, tokens))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
@@ -519,6 +527,7 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
             "train_comparisons": n_train, "val_comparisons": n_val, "skipped": skipped, "truncated": truncated}),
         lora: None,
+        batch_size: opts.batch_size,
     };
     let r = train(&opts.train, spec, &mut stage)?;
     let before = r
@@ -528,7 +537,8 @@ pub fn train_reward(opts: &RewardOptions) -> Result<RewardReport> {
         .map(|(_, v)| *v)
         .unwrap_or(f64::NAN);
     let mut info = RewardInfo::default();
-    if r.finished {
+    // Rank 0 wrote the run: it alone measures and normalises it.
+    if r.finished && crate::dist::is_leader() {
         let mut rm = RewardModel::load(&opts.out)?;
         let st = stage.stats(&rm.model, &stage.val)?;
         info.heldout_accuracy = st.accuracy;

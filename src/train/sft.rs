@@ -3,6 +3,7 @@
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::chat::{read_chat_file, ChatFormat};
 use crate::data::shards::ShardSet;
+use crate::dist::Part;
 use crate::model::lora::LoraConfig;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
@@ -188,7 +189,7 @@ impl SftStage {
 }
 
 impl Stage for SftStage {
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
         let rows: Vec<&RenderedChat> = (0..self.batch_size)
             .map(|_| &self.train[rng.below(self.train.len() as u64) as usize])
             .collect();
@@ -200,10 +201,15 @@ impl Stage for SftStage {
             let windows: Vec<Vec<u32>> = x.to_vec2()?;
             extra = windows;
         }
+        // The whole batch is padded alike on every rank; the part's summed loss is divided by
+        // the whole batch's count of assistant tokens.
         let (x, y, m) = self.tensors(&rows, extra)?;
-        let (total, count) = Self::masked_loss(model, &x, &y, &m)?;
-        let tokens = x.elem_count();
-        Ok(((total / count.max(1.0))?, tokens))
+        let count = m.sum_all()?.to_scalar::<f32>()? as f64;
+        let mine = part.rows(x.dim(0)?);
+        let narrow = |t: &Tensor| t.narrow(0, mine.start, mine.len());
+        let (x, y, m) = (narrow(&x)?, narrow(&y)?, narrow(&m)?);
+        let (total, _) = Self::masked_loss(model, &x, &y, &m)?;
+        Ok(((total / count.max(1.0))?, x.elem_count()))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
@@ -297,6 +303,7 @@ pub fn sft(opts: &SftOptions) -> Result<SftReport> {
         data: serde_json::json!({"files": opts.data, "val_files": opts.val_data,
             "train_conversations": n_train, "val_conversations": n_val, "skipped": skipped}),
         lora: opts.lora.clone(),
+        batch_size: opts.batch_size,
     };
     let r = train(&opts.train, spec, &mut stage)?;
     let before = r

@@ -1,9 +1,13 @@
 //! The training loop every stage shares: initialisation or resume, AdamW with warmup + cosine,
 //! gradient accumulation and clipping, periodic evaluation, metrics.jsonl, a progress bar, atomic
 //! checkpoints, and the finished run directory. A stage supplies batches and evaluation.
+//!
+//! Under mpirun each rank computes its part of every batch, gradients and losses are summed
+//! across ranks before clipping, and rank 0 alone evaluates and writes (see `crate::dist`).
 
 use super::checkpoint::{self, Checkpoint, TrainState};
 use super::optim::{lr_at, AdamW, AdamWConfig, GradAccumulator};
+use crate::dist::{self, Part};
 use crate::model::llama::{parameter_count, seeded_init};
 use crate::model::lora::LoraConfig;
 use crate::model::{Llama, LlamaConfig};
@@ -81,6 +85,7 @@ impl LoopOptions {
         check_positive("--steps", self.steps)?;
         check_positive("--grad-accum", self.grad_accum)?;
         check_positive("--eval-every", self.eval_every)?;
+        check_positive("--log-every", self.log_every)?;
         check_positive("--checkpoint-every", self.checkpoint_every)?;
         check_range("--lr", self.lr, f64::MIN_POSITIVE..=10.0)?;
         check_range("--min-lr-ratio", self.min_lr_ratio, 0.0..=1.0)?;
@@ -96,8 +101,10 @@ fn default_max_bad_steps() -> usize {
 
 /// What a stage contributes to the loop.
 pub trait Stage {
-    /// Mean loss of one micro-batch drawn with `rng`, and how many tokens it processed.
-    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng) -> Result<(Tensor, usize)>;
+    /// Draws one micro-batch with `rng` (the whole global batch, so every rank's RNG moves
+    /// alike) and returns `part`'s share of its mean loss, the part's summed loss over the whole
+    /// batch's count (so the parts' shares add up to the mean), and the tokens the part processed.
+    fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)>;
     /// Held-out metrics; the first is the headline (lower is better).
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>>;
     /// Creates trainable tensors beyond the language model (a reward or value head) in the run's
@@ -151,6 +158,8 @@ pub struct RunSpec<'a> {
     pub data: serde_json::Value,
     /// Train LoRA adapters on the frozen starting weights instead of every weight.
     pub lora: Option<LoraConfig>,
+    /// Rows of the global batch, refused under mpirun unless the ranks split it evenly.
+    pub batch_size: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -169,6 +178,8 @@ pub struct LoopReport {
     pub skipped_steps: usize,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// Seconds this invocation spent summing gradients across ranks (0 in one process).
+    pub all_reduce_seconds: f64,
     /// Peak resident memory of the process when training finished.
     pub peak_rss_mb: f64,
     #[serde(skip)]
@@ -226,6 +237,9 @@ fn describe(metrics: &[(String, f64)]) -> String {
 /// Trains (or resumes) a run with `stage` and writes the run directory when all steps are done.
 pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result<LoopReport> {
     opts.validate()?;
+    let world = dist::world();
+    dist::check_divides("--batch-size", spec.batch_size, world.size())?;
+    let (part, leader) = (Part::of_world(), dist::is_leader());
     let device = Device::Cpu;
     let run = spec.out;
     let existing = checkpoint::list_checkpoints(run)?;
@@ -285,14 +299,18 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             if let Some(state) = ck.state.stage_state.clone() {
                 stage.restore(state)?;
             }
-            checkpoint::truncate_metrics(&metrics_path, step)?;
+            if leader {
+                checkpoint::truncate_metrics(&metrics_path, step)?;
+            }
             if !opts.quiet {
                 eprintln!("resuming {} from step {step}", run.display());
             }
             true
         }
         _ => {
-            let _ = std::fs::remove_file(&metrics_path);
+            if leader {
+                let _ = std::fs::remove_file(&metrics_path);
+            }
             false
         }
     };
@@ -314,11 +332,17 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         &pb,
         opts.quiet,
         format!(
-            "{}: {params} parameters, matmuls on {}",
-            spec.stage, precision.kernel
+            "{}: {params} parameters, matmuls on {}{}",
+            spec.stage,
+            precision.kernel,
+            if world.size() > 1 {
+                format!(", data parallel over {}", world.backend())
+            } else {
+                String::new()
+            }
         ),
     );
-    let eval_before = if resumed {
+    let eval_before = if resumed || !leader {
         Vec::new()
     } else {
         let m = stage.evaluate(&model)?;
@@ -332,6 +356,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let mut last_loss = f64::NAN;
     let mut last_eval = eval_before.clone();
     let (mut skipped, mut bad_in_a_row) = (0usize, 0usize);
+    // Time spent summing gradients across ranks (waiting for the slowest included).
+    let mut summing_s = 0.0f64;
     while step < opts.steps {
         let lr = lr_at(
             step,
@@ -344,13 +370,19 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         let mut loss_sum = 0.0;
         let mut step_tokens = 0u64;
         for _ in 0..opts.grad_accum {
-            let (loss, tokens) = stage.batch_loss(&model, &mut rng)?;
+            let (loss, tokens) = stage.batch_loss(&model, &mut rng, part)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             step_tokens += tokens as u64;
             let scaled = (loss / opts.grad_accum as f64)?;
             acc.add(&optimizer.params, &scaled.backward()?)?;
         }
-        let (grads, grad_norm) = acc.finish(&optimizer.params, opts.grad_clip)?;
+        let summing = Instant::now();
+        let grads = dist::sum_tensors(world, &acc.into_grads(&optimizer.params)?)?;
+        let mut totals = [loss_sum, step_tokens as f64];
+        world.sum_f64(&mut totals);
+        summing_s += summing.elapsed().as_secs_f64();
+        let (grads, grad_norm) = super::optim::clip(grads, opts.grad_clip)?;
+        let (loss_sum, step_tokens) = (totals[0], totals[1] as u64);
         let loss = loss_sum / opts.grad_accum as f64;
         step += 1;
         tokens_seen += step_tokens;
@@ -385,8 +417,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             "loss {last_loss:.4} | {} tok/s | lr {lr:.2e}",
             util::human_count(tps)
         ));
-        let extra = stage.step_metrics();
-        if step % opts.log_every.max(1) == 0 || step == opts.steps {
+        let extra = mean_over_ranks(world, stage.step_metrics());
+        if leader && (step % opts.log_every.max(1) == 0 || step == opts.steps) {
             let mut line = serde_json::json!({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": tokens_seen, "tokens_per_s": tps, "elapsed_s": elapsed_before + secs});
             for (k, v) in &extra {
@@ -394,7 +426,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             }
             append_metrics(&metrics_path, &line)?;
         }
-        if step % opts.eval_every.max(1) == 0 || step == opts.steps {
+        if leader && (step % opts.eval_every.max(1) == 0 || step == opts.steps) {
             last_eval = stage.evaluate(&model)?;
             append_metrics(&metrics_path, &metrics_json(step, &last_eval))?;
             say(
@@ -407,7 +439,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             );
         }
         let halt = opts.halt_after == Some(step);
-        if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps || halt {
+        let due = step % opts.checkpoint_every.max(1) == 0 || step == opts.steps || halt;
+        if leader && due {
             let state = TrainState {
                 stage: spec.stage.into(),
                 step,
@@ -434,6 +467,19 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     }
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
+    if world.size() > 1 {
+        say(
+            &pb,
+            opts.quiet,
+            format!(
+                "{}: {:.1} s of {seconds:.1} s ({:.1}%) went to summing gradients across the {} ranks",
+                spec.stage,
+                summing_s,
+                100.0 * summing_s / seconds.max(1e-9),
+                world.size()
+            ),
+        );
+    }
     let report = LoopReport {
         stage: spec.stage.into(),
         steps: step,
@@ -446,13 +492,32 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         skipped_steps: skipped,
         tokens_per_second: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         seconds: elapsed_before + seconds,
+        all_reduce_seconds: summing_s,
         peak_rss_mb: util::peak_rss_mb(),
         losses,
     };
-    if report.finished {
+    if leader && report.finished {
         write_run(&spec, opts, precision.kernel, &varmap, &model, &report)?;
     }
     Ok(report)
+}
+
+/// Each rank's step statistics (means over its part) averaged over the ranks.
+fn mean_over_ranks(
+    world: &dyn dist::Collective,
+    metrics: Vec<(String, f64)>,
+) -> Vec<(String, f64)> {
+    if world.size() == 1 {
+        return metrics;
+    }
+    let mut values: Vec<f64> = metrics.iter().map(|(_, v)| *v).collect();
+    world.sum_f64(&mut values);
+    let n = world.size() as f64;
+    metrics
+        .into_iter()
+        .zip(values)
+        .map(|((k, _), v)| (k, v / n))
+        .collect()
 }
 
 /// Loads starting weights into `varmap`; tensors named in `optional` (new heads) may be absent and
