@@ -1,6 +1,7 @@
 //! Data-parallel training under mpirun (the `mpi` feature): two ranks give a single process's
-//! losses for the same global batch (pretraining, SFT full and LoRA, the reward model, DPO), a killed rank ends
-//! the job with mpirun naming it, and `--resume` continues the run with one rank or two.
+//! losses for the same global batch (pretraining, SFT full and LoRA, the reward model, DPO), GRPO
+//! and PPO learn with each rank sampling its part of a rollout, a killed rank ends the job with
+//! mpirun naming it, and `--resume` continues the run with one rank or two.
 //!
 //! The binary with MPI is built by this test into `target/mpi` (the test build's own binary has
 //! no MPI, as a default build has none); without `mpirun` the tests skip, and fail under CI.
@@ -311,6 +312,100 @@ fn sft_lora_reward_and_dpo_on_two_ranks_give_the_single_process_losses() {
         );
         assert!(two.join("model.safetensors").exists(), "{name}");
     }
+}
+
+/// One metric of every logged step.
+fn metric(run: &Path, name: &str) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[name].as_f64())
+        .collect()
+}
+
+/// RL prompts whose checker wants a 猫 in the answer (a token the base model rarely writes).
+fn write_cat_prompts(dir: &Path) -> PathBuf {
+    let mut s = String::new();
+    for i in 0..40 {
+        s.push_str(
+            &serde_json::json!({"prompt": format!("Tell me story {i}."), "answer": {"contains": ["猫"]}})
+                .to_string(),
+        );
+        s.push('\n');
+    }
+    let p = dir.join("cat_prompts.jsonl");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn grpo_and_ppo_learn_with_rollouts_split_across_two_ranks() {
+    let Some(mpi) = mpi() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::base_run(dir.path());
+    let prompts = write_cat_prompts(dir.path());
+    let rl = |algo: &str, out: &Path, steps: &str| {
+        stage_args(
+            &["rlhf", "--algo", algo],
+            &[("--policy", &base), ("--prompts", &prompts), ("--out", out)],
+            &[
+                "--reward-source",
+                "checker",
+                "--rollout-prompts",
+                "4",
+                "--group-size",
+                "4",
+                "--max-new-tokens",
+                "10",
+                "--minibatch",
+                "16",
+                "--epochs",
+                "2",
+                "--kl-coef",
+                "0.02",
+                "--eval-samples",
+                "32",
+                "--lr",
+                "3e-3",
+                "--weight-decay",
+                "0",
+                "--log-every",
+                "1",
+                "--steps",
+                steps,
+            ],
+        )
+    };
+    // GRPO raises the held-out checker accuracy as it does in one process (tests/rlhf.rs).
+    let grpo = dir.path().join("grpo");
+    let out = ok(mpi.ranks(2, &rl("grpo", &grpo, "60")));
+    assert_two_ranks(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (before, after) = (
+        report["eval_before"]["accuracy"].as_f64().unwrap(),
+        report["eval_after"]["accuracy"].as_f64().unwrap(),
+    );
+    eprintln!("GRPO on 2 ranks: held-out accuracy {before} → {after}");
+    assert!(after > before + 0.1, "held-out accuracy {before} → {after}");
+    // Each rank sampled 2 of the 4 prompts; the statistics cover all 16 responses.
+    let responses = metric(&grpo, "rollout_responses");
+    assert!(
+        !responses.is_empty() && responses.iter().all(|&n| n == 16.0),
+        "{responses:?}"
+    );
+
+    // PPO halted on two ranks resumes on one: the checkpoint holds the whole rollout.
+    let ppo = dir.path().join("ppo");
+    let mut halted = rl("ppo", &ppo, "12");
+    halted.extend(strings(&["--checkpoint-every", "3", "--halt-after", "6"]));
+    ok(mpi.ranks(2, &halted));
+    assert!(!ppo.join("model.safetensors").exists());
+    let mut resumed = rl("ppo", &ppo, "12");
+    resumed.push("--resume".into());
+    ok(mpi.alone(&resumed));
+    assert!(ppo.join("model.safetensors").exists());
+    assert_eq!(losses(&ppo).len(), 12);
+    assert!(metric(&ppo, "value_loss").iter().all(|v| v.is_finite()));
 }
 
 /// The process ids of `chatforge` ranks whose command line names `out`, with their rank.

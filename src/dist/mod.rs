@@ -26,6 +26,8 @@ pub trait Collective: Send + Sync {
     /// Replaces `values` on every rank by their element-wise sum over all ranks.
     fn sum_f32(&self, values: &mut [f32]);
     fn sum_f64(&self, values: &mut [f64]);
+    /// Every rank's `mine`, in rank order, on every rank.
+    fn gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>>;
     /// Ends every rank of the job with `code` (one rank failing would leave the others waiting
     /// in a collective forever).
     fn abort(&self, code: i32) -> !;
@@ -45,6 +47,9 @@ impl Collective for Alone {
     }
     fn sum_f32(&self, _: &mut [f32]) {}
     fn sum_f64(&self, _: &mut [f64]) {}
+    fn gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
+        vec![mine.to_vec()]
+    }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
@@ -161,6 +166,20 @@ pub fn check_divides(flag: &str, n: usize, ranks: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Every rank's `mine`, in rank order, on every rank (as JSON: what is gathered is small, a
+/// rollout's samples).
+pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(
+    world: &dyn Collective,
+    mine: &T,
+) -> Result<Vec<T>> {
+    let bytes = serde_json::to_vec(mine)?;
+    world
+        .gather_bytes(&bytes)
+        .iter()
+        .map(|b| Ok(serde_json::from_slice(b)?))
+        .collect()
 }
 
 /// The element-wise sums of f32 tensors over all ranks, in their shapes (one collective call).

@@ -3,6 +3,7 @@
 use super::Collective;
 use anyhow::{bail, Result};
 use mpi::collective::SystemOperation;
+use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -79,6 +80,30 @@ impl Collective for MpiWorld {
     }
     fn sum_f64(&self, values: &mut [f64]) {
         self.sum(values)
+    }
+    fn gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
+        let comm = self.comm.lock().expect("MPI lock");
+        let len = i32::try_from(mine.len()).expect("a gathered part under 2 GB");
+        let mut counts = vec![0i32; self.size];
+        comm.all_gather_into(&len, &mut counts[..]);
+        let displs: Vec<i32> = counts
+            .iter()
+            .scan(0i32, |at, &n| {
+                let start = *at;
+                *at += n;
+                Some(start)
+            })
+            .collect();
+        let mut all = vec![0u8; counts.iter().map(|&n| n as usize).sum()];
+        {
+            let mut parts = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            comm.all_gather_varcount_into(mine, &mut parts);
+        }
+        counts
+            .iter()
+            .zip(&displs)
+            .map(|(&n, &d)| all[d as usize..(d + n) as usize].to_vec())
+            .collect()
     }
     fn abort(&self, code: i32) -> ! {
         // Not through the mutex: a thread may hold it, blocked in a collective.

@@ -309,13 +309,6 @@ impl RlhfOptions {
 }
 
 pub fn rlhf(opts: &RlhfOptions) -> Result<RlhfReport> {
-    let ranks = crate::dist::world().size();
-    if ranks > 1 && opts.algo != Algo::Dpo {
-        bail!(
-            "--algo {} trains in one process for now (its rollouts are not yet split across ranks); run it without mpirun, or use --algo dpo, which trains across the {ranks} ranks",
-            format!("{:?}", opts.algo).to_lowercase()
-        );
-    }
     opts.validate()?;
     let (config, tok) = crate::model::load_config_and_tokenizer(&opts.policy)
         .map_err(|e| anyhow::anyhow!("--policy: {e:#}"))?;

@@ -12,7 +12,7 @@
 use super::losses::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
 };
-use super::rollout::{pack, place, response_entropy, response_logprobs, Row, Sample};
+use super::rollout::{pack, place, response_entropy_sums, response_logprobs, Row, Sample};
 use super::{mean, Algo, PolicyEval, RewardSource, RlhfOptions};
 use crate::data::curriculum::tasks::check;
 use crate::data::prefs::RlPrompt;
@@ -111,8 +111,47 @@ impl OnPolicy {
         Ok(out)
     }
 
+    /// Samples `prompts` (the rollout's from index `first` on) and measures the responses.
+    fn measure(
+        &self,
+        model: &Llama,
+        prompts: &[&RlPrompt],
+        first: usize,
+        per_prompt: usize,
+        seed: u64,
+    ) -> Result<RolloutPart> {
+        if prompts.is_empty() {
+            return Ok(RolloutPart::default());
+        }
+        let o = &self.opts;
+        let mut samples =
+            self.eval
+                .sampling()
+                .sample(model, prompts, per_prompt, o.temperature, seed)?;
+        let rows: Vec<&Row> = samples.iter().map(|s| &s.row).collect();
+        let part = RolloutPart {
+            old_logp: response_logprobs(model, &rows, self.pad)?,
+            ref_logp: response_logprobs(&self.eval.reference, &rows, self.pad)?,
+            scores: self.scores(prompts, &samples)?,
+            values: match o.algo {
+                Algo::Ppo => self.values(model, &rows)?,
+                _ => Vec::new(),
+            },
+            entropy: response_entropy_sums(model, &rows, self.pad)?,
+            samples: Vec::new(),
+        };
+        for s in &mut samples {
+            s.prompt += first;
+        }
+        Ok(RolloutPart { samples, ..part })
+    }
+
     /// Samples and scores a rollout batch and queues its minibatches.
-    fn rollout(&mut self, model: &Llama, rng: &mut Rng) -> Result<()> {
+    ///
+    /// Under mpirun each rank samples and measures its part of the prompts (the costly part);
+    /// the parts are gathered, so every rank holds the whole rollout, computes the same
+    /// advantages, statistics and minibatches, and trains on its part of each.
+    fn rollout(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<()> {
         let o = &self.opts;
         let picked: Vec<&RlPrompt> = (0..o.rollout_prompts)
             .map(|_| &self.prompts[rng.below(self.prompts.len() as u64) as usize])
@@ -122,20 +161,32 @@ impl OnPolicy {
         } else {
             1
         };
-        let samples = self.eval.sampling().sample(
-            model,
-            &picked,
-            per_prompt,
-            o.temperature,
-            rng.next_u64(),
-        )?;
+        let seed = rng.next_u64();
+        let mine = part.rows(picked.len());
+        let local = self.measure(model, &picked[mine.clone()], mine.start, per_prompt, seed)?;
+        let mut all = RolloutPart::default();
+        for p in crate::dist::gather(crate::dist::world(), &local)? {
+            all.append(p);
+        }
+        let RolloutPart {
+            samples,
+            old_logp,
+            ref_logp,
+            scores,
+            values,
+            entropy,
+        } = all;
         if samples.is_empty() {
             anyhow::bail!("no responses could be sampled: the prompts fill the whole context");
         }
+        if samples.len() < part.count {
+            anyhow::bail!(
+                "the rollout has {} responses, fewer than the {} ranks; raise --rollout-prompts",
+                samples.len(),
+                part.count
+            );
+        }
         let rows: Vec<&Row> = samples.iter().map(|s| &s.row).collect();
-        let old_logp = response_logprobs(model, &rows, self.pad)?;
-        let ref_logp = response_logprobs(&self.eval.reference, &rows, self.pad)?;
-        let scores = self.scores(&picked, &samples)?;
         let kl_seq: Vec<f64> = old_logp
             .iter()
             .zip(&ref_logp)
@@ -150,8 +201,10 @@ impl OnPolicy {
             ),
             (
                 "rollout_entropy".to_string(),
-                response_entropy(model, &rows, self.pad)?,
+                entropy.0 / entropy.1.max(1.0),
             ),
+            // Every rank's responses, gathered: the statistics cover the whole rollout.
+            ("rollout_responses".to_string(), samples.len() as f64),
         ];
         let checked: Vec<f64> = samples
             .iter()
@@ -168,7 +221,6 @@ impl OnPolicy {
         let mut experiences = Vec::with_capacity(samples.len());
         match o.algo {
             Algo::Ppo => {
-                let values = self.values(model, &rows)?;
                 // With --prompt-baseline each score is taken relative to the mean of the other
                 // answers to the same prompt (leave-one-out), removing how easy the prompt is.
                 let shaped = if o.prompt_baseline {
@@ -249,7 +301,14 @@ impl OnPolicy {
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i as u64 + 1) as usize);
             }
-            for chunk in order.chunks(o.minibatch) {
+            let mut chunks: Vec<&[usize]> = order.chunks(o.minibatch).collect();
+            // Every rank needs a row of each minibatch: a short last one joins the one before.
+            if chunks.len() > 1 && chunks[chunks.len() - 1].len() < part.count {
+                let n = chunks.len();
+                chunks[n - 2] = &order[(n - 2) * o.minibatch..];
+                chunks.pop();
+            }
+            for chunk in chunks {
                 batches.push(chunk.iter().map(|&i| experiences[i].clone()).collect());
             }
         }
@@ -257,6 +316,32 @@ impl OnPolicy {
         self.queue = batches;
         self.rollout_stats = stats;
         Ok(())
+    }
+}
+
+/// What a rank sampled and measured of a rollout; the ranks' parts append into the whole.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct RolloutPart {
+    /// Prompt indices into the whole rollout's prompts.
+    samples: Vec<Sample>,
+    old_logp: Vec<Vec<f32>>,
+    ref_logp: Vec<Vec<f32>>,
+    scores: Vec<f64>,
+    /// PPO's value estimates per response token (empty for GRPO).
+    values: Vec<Vec<f32>>,
+    /// Entropy summed over response tokens, and their count.
+    entropy: (f64, f64),
+}
+
+impl RolloutPart {
+    fn append(&mut self, other: RolloutPart) {
+        self.samples.extend(other.samples);
+        self.old_logp.extend(other.old_logp);
+        self.ref_logp.extend(other.ref_logp);
+        self.scores.extend(other.scores);
+        self.values.extend(other.values);
+        self.entropy.0 += other.entropy.0;
+        self.entropy.1 += other.entropy.1;
     }
 }
 
@@ -296,35 +381,39 @@ impl Stage for OnPolicy {
     }
 
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
-        // Refused before training starts (`rlhf`): rollouts are not split across ranks yet.
-        anyhow::ensure!(part == Part::WHOLE, "PPO and GRPO train in one process");
         if self.queue.is_empty() {
-            self.rollout(model, rng)?;
+            self.rollout(model, rng, part)?;
         }
         let batch = self.queue.pop().expect("a rollout queues minibatches");
         let o = &self.opts;
         let device = model.device().clone();
         let rows: Vec<&Row> = batch.iter().map(|e| &e.row).collect();
-        let p = pack(&rows, self.pad, &device)?;
-        let w = p.width;
+        // The whole minibatch is packed alike on every rank; this rank's rows are cut from it,
+        // and the loss divides by the whole minibatch's response tokens.
+        let whole = pack(&rows, self.pad, &device)?;
+        let w = whole.width;
+        let count = whole.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let mine = part.rows(rows.len());
+        let cut = |t: &Tensor| t.narrow(0, mine.start, mine.len());
+        let (x, y, mask) = (cut(&whole.x)?, cut(&whole.y)?, cut(&whole.mask)?);
         let col = |f: &dyn Fn(&Experience) -> &[f32]| -> Result<Tensor> {
             let v: Vec<&[f32]> = batch.iter().map(f).collect();
-            place(&rows, w, &v, &device)
+            Ok(cut(&place(&rows, w, &v, &device)?)?)
+        };
+        // Statistics are this rank's own means (the trainer averages them over ranks).
+        let local = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let own_mean = |share: &Tensor| -> Result<f64> {
+            Ok(share.to_scalar::<f32>()? as f64 * count / local)
         };
         let old_logp = col(&|e| &e.old_logp)?;
         let adv = col(&|e| &e.advantages)?;
-        let hidden = model.hidden(&p.x, None)?;
-        let logp = model.hidden_token_nll(&hidden, &p.y)?.neg()?;
-        let count = p.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-        let masked_mean =
-            |t: &Tensor| -> Result<Tensor> { Ok(((t * &p.mask)?.sum_all()? / count)?) };
+        let hidden = model.hidden(&x, None)?;
+        let logp = model.hidden_token_nll(&hidden, &y)?.neg()?;
+        let masked_mean = |t: &Tensor| -> Result<Tensor> { Ok(((t * &mask)?.sum_all()? / count)?) };
         let (surrogate, ratio) = clipped_surrogate(&logp, &old_logp, &adv, o.clip)?;
         let pg_loss = masked_mean(&surrogate)?;
         let mut loss = pg_loss.clone();
-        let mut stats = vec![(
-            "policy_loss".to_string(),
-            pg_loss.to_scalar::<f32>()? as f64,
-        )];
+        let mut stats = vec![("policy_loss".to_string(), own_mean(&pg_loss)?)];
         match o.algo {
             Algo::Ppo => {
                 let head = self.value_head.as_ref().expect("built");
@@ -334,14 +423,14 @@ impl Stage for OnPolicy {
                 let old_v = col(&|e| &e.old_values)?;
                 let ret = col(&|e| &e.returns)?;
                 let vf = masked_mean(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;
-                stats.push(("value_loss".into(), vf.to_scalar::<f32>()? as f64));
+                stats.push(("value_loss".into(), own_mean(&vf)?));
                 loss = (loss + (vf * o.vf_coef)?)?;
             }
             Algo::Grpo => {
                 if o.kl_coef > 0.0 {
                     let ref_logp = col(&|e| &e.ref_logp)?;
                     let kl = masked_mean(&kl_k3_tensor(&logp, &ref_logp)?)?;
-                    stats.push(("kl_loss".into(), kl.to_scalar::<f32>()? as f64));
+                    stats.push(("kl_loss".into(), own_mean(&kl)?));
                     loss = (loss + (kl * o.kl_coef)?)?;
                 }
             }
@@ -351,12 +440,11 @@ impl Stage for OnPolicy {
             .abs()?
             .gt(o.clip)?
             .to_dtype(candle_core::DType::F32)?
-            * &p.mask)?
+            * &mask)?
             .sum_all()?
             .to_scalar::<f32>()? as f64
-            / count;
-        let approx_kl =
-            masked_mean(&((&logp - &old_logp)?.sqr()? * 0.5)?)?.to_scalar::<f32>()? as f64;
+            / local;
+        let approx_kl = own_mean(&masked_mean(&((&logp - &old_logp)?.sqr()? * 0.5)?)?)?;
         stats.push(("clip_fraction".into(), clipped));
         stats.push(("approx_kl".into(), approx_kl));
         if let Some(shards) = &self.ptx {
@@ -367,12 +455,12 @@ impl Stage for OnPolicy {
                 w.min(model.config.max_position_embeddings),
                 &device,
             )?;
-            let lm = model.loss(&x, &y)?;
+            let lm = model.loss(&cut(&x)?, &cut(&y)?)?;
             stats.push(("ptx_loss".into(), lm.to_scalar::<f32>()? as f64));
-            loss = (loss + (lm * o.ptx_coef)?)?;
+            loss = (loss + (lm * (o.ptx_coef * part.share(rows.len())))?)?;
         }
         self.step_stats = stats;
-        Ok((loss, p.x.elem_count()))
+        Ok((loss, x.elem_count()))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {

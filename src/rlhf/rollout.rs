@@ -116,8 +116,9 @@ pub fn response_logprobs(model: &Llama, rows: &[&Row], pad: u32) -> Result<Vec<V
     Ok(out)
 }
 
-/// Mean entropy (nats) of the next-token distribution over response positions (no gradient).
-pub fn response_entropy(model: &Llama, rows: &[&Row], pad: u32) -> Result<f64> {
+/// Entropy (nats) of the next-token distribution summed over response positions, and how many
+/// positions (no gradient).
+pub fn response_entropy_sums(model: &Llama, rows: &[&Row], pad: u32) -> Result<(f64, f64)> {
     let (mut sum, mut count) = (0.0, 0.0);
     for chunk in rows.chunks(8) {
         let p = pack(chunk, pad, model.device())?;
@@ -127,11 +128,11 @@ pub fn response_entropy(model: &Llama, rows: &[&Row], pad: u32) -> Result<f64> {
         sum += (ent * &p.mask)?.sum_all()?.to_scalar::<f32>()? as f64;
         count += p.mask.sum_all()?.to_scalar::<f32>()? as f64;
     }
-    Ok(sum / count.max(1.0))
+    Ok((sum, count))
 }
 
 /// One sampled response.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Index into the prompts given.
     pub prompt: usize,
