@@ -1,7 +1,8 @@
 //! Data-parallel training under mpirun (the `mpi` feature): two ranks give a single process's
 //! losses for the same global batch (pretraining, SFT full and LoRA, the reward model, DPO), GRPO
 //! and PPO learn with each rank sampling its part of a rollout, a killed rank ends the job with
-//! mpirun naming it, and `--resume` continues the run with one rank or two.
+//! mpirun naming it, `--resume` continues the run with one rank or two, and `data prepare` on two
+//! ranks writes a single process's output.
 //!
 //! The binary with MPI is built by this test into `target/mpi` (the test build's own binary has
 //! no MPI, as a default build has none); without `mpirun` the tests skip, and fail under CI.
@@ -406,6 +407,78 @@ fn grpo_and_ppo_learn_with_rollouts_split_across_two_ranks() {
     assert!(ppo.join("model.safetensors").exists());
     assert_eq!(losses(&ppo).len(), 12);
     assert!(metric(&ppo, "value_loss").iter().all(|v| v.is_finite()));
+}
+
+/// The files `data prepare` wrote that hold data (reports carry timings), by path under `dir`.
+fn prepared_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for sub in ["kept", "shards"] {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.ends_with(".jsonl") || name.ends_with(".bin")
+            })
+            .collect();
+        names.sort();
+        for p in names {
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            files.push((name, std::fs::read(&p).unwrap()));
+        }
+    }
+    files
+}
+
+#[test]
+fn data_prepare_on_two_ranks_writes_the_single_process_output() {
+    let Some(mpi) = mpi() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Small blocks, so each source spans several and both ranks get some.
+    let block = 4096;
+    let mut outputs = Vec::new();
+    for (name, ranks) in [("one", 1), ("two", 2)] {
+        let at = dir.path().join(name);
+        std::fs::create_dir_all(&at).unwrap();
+        common::prepare_fixture::write_fixture(&at);
+        let config = at.join("data.toml");
+        std::fs::write(&config, common::prepare_fixture::CONFIG).unwrap();
+        assert!(std::fs::metadata(at.join("web.jsonl")).unwrap().len() > 4 * block);
+        let args = strings(&["data", "prepare", "--config", config.to_str().unwrap()]);
+        let mut run = if ranks == 1 {
+            mpi.alone(&args)
+        } else {
+            mpi.ranks(2, &args)
+        };
+        run.env("CHATFORGE_BLOCK_BYTES", block.to_string());
+        let out = ok(run);
+        // One table, from rank 0.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.matches("share written").count(), 1, "{stdout}");
+        outputs.push(at.join("prepared"));
+    }
+    let (one, two) = (prepared_files(&outputs[0]), prepared_files(&outputs[1]));
+    assert!(
+        one.iter().any(|(n, _)| n.ends_with(".bin")),
+        "{:?}",
+        one.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        one.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        two.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for ((name, a), (_, b)) in one.iter().zip(&two) {
+        assert!(a == b, "{name} differs between 1 and 2 ranks");
+    }
+    // The pipeline did drop duplicates and low-quality pages (across block edges too).
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(outputs[1].join("prepare_report.json")).unwrap(),
+    )
+    .unwrap();
+    let web = &report["sources"][0];
+    assert!(web["exact_duplicates"].as_u64().unwrap() >= 10, "{web}");
+    assert!(web["quality_dropped"].as_u64().unwrap() >= 35, "{web}");
 }
 
 /// The process ids of `chatforge` ranks whose command line names `out`, with their rank.

@@ -336,7 +336,9 @@ pub fn data(c: DataCommand) -> Result<()> {
         }
         DataCommand::Prepare { config } => {
             let report = prepare::prepare(&prepare::PrepareConfig::load(&config)?)?;
-            print!("{}", prepare::render_report(&report));
+            if crate::dist::is_leader() {
+                print!("{}", prepare::render_report(&report));
+            }
             Ok(())
         }
         DataCommand::Mix {

@@ -85,11 +85,16 @@ impl Cli {
         matches!(self.command, Command::Serve(_))
     }
 
-    /// Whether the command can run as one of several ranks under mpirun (the training stages).
+    /// Whether the command can run as one of several ranks under mpirun (the training stages and
+    /// `data prepare`).
     pub fn runs_distributed(&self) -> bool {
         matches!(
             self.command,
-            Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Rlhf(_)
+            Command::Pretrain(_)
+                | Command::Sft(_)
+                | Command::Reward(_)
+                | Command::Rlhf(_)
+                | Command::Data(data::DataCommand::Prepare { .. })
         )
     }
 
@@ -97,7 +102,7 @@ impl Cli {
         let ranks = crate::dist::world().size();
         if ranks > 1 && !self.runs_distributed() {
             anyhow::bail!(
-                "this command runs in one process, but mpirun started {ranks}; run it without mpirun (pretrain, sft, reward and rlhf train across ranks)"
+                "this command runs in one process, but mpirun started {ranks}; run it without mpirun (pretrain, sft, reward, rlhf and data prepare run across ranks)"
             );
         }
         match self.command {

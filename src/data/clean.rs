@@ -3,7 +3,7 @@
 //! documents), a minimum length, and a language tag (English, Chinese or other).
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use unicode_normalization::UnicodeNormalization;
 
@@ -25,7 +25,7 @@ impl Default for CleanOptions {
 }
 
 /// Why a line was removed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LineDrop {
     Navigation,
@@ -34,7 +34,7 @@ pub enum LineDrop {
     Repeated,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     En,
@@ -52,7 +52,7 @@ impl Language {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Cleaned {
     /// None when the document was dropped as too short.
     pub text: Option<String>,

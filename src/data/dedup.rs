@@ -4,7 +4,7 @@
 //! group is kept.
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 #[derive(Clone, Debug, Serialize)]
@@ -154,6 +154,7 @@ pub fn estimated_jaccard(a: &[u32], b: &[u32]) -> f64 {
 }
 
 /// What [`Deduplicator::check`] needs of a document; computing it is the costly, parallel part.
+#[derive(Serialize, Deserialize)]
 pub struct Fingerprint {
     exact: (u64, usize),
     signature: Vec<u32>,

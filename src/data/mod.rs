@@ -31,6 +31,16 @@ pub enum OnError {
 /// and to see lines repeated across documents, small enough to bound memory.
 pub const CHUNK_BYTES: usize = 16 << 20;
 
+/// The block size streaming stages read in: [`CHUNK_BYTES`], or `CHATFORGE_BLOCK_BYTES` (tests
+/// use small blocks to cover block edges and their spread over ranks).
+pub fn block_bytes() -> usize {
+    std::env::var("CHATFORGE_BLOCK_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(CHUNK_BYTES)
+}
+
 /// Writes `OUT.report.json` beside a data stage's output `OUT` (atomically).
 pub fn write_sidecar_report<T: serde::Serialize>(
     out: &std::path::Path,
@@ -82,7 +92,7 @@ pub fn stream_to_jsonl(
     use std::io::Write;
     crate::util::write_atomic_with(out, |tmp| {
         let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        let summary = text::for_each_chunk(inputs, read, label, CHUNK_BYTES, |docs| {
+        let summary = text::for_each_chunk(inputs, read, label, block_bytes(), |docs| {
             for record in process(docs)? {
                 serde_json::to_writer(&mut w, &record)?;
                 w.write_all(b"\n")?;

@@ -3,8 +3,13 @@
 //! read and parsed once), then a tokenizer (given or trained on the kept text) and the weighted
 //! mixture as token shards. Finished sources are not redone: a rerun with the same settings only
 //! reloads their duplicate index from the kept text.
+//!
+//! Under mpirun the blocks of each source go round-robin to the ranks, which clean, score and
+//! fingerprint their own (the costly part); every rank then takes the order-dependent decisions
+//! (the keep rule's draws, the duplicate index) over all blocks in order, so each holds the whole
+//! index and the output is a single process's. Rank 0 alone writes.
 
-use super::clean::{clean_documents, CleanOptions, CleanStats};
+use super::clean::{clean_documents, CleanOptions, CleanStats, Cleaned};
 use super::dedup::{DedupOptions, DedupReport, Deduplicator, Fingerprint, Verdict};
 use super::mix::{MixManifest, MixOptions, Source};
 use super::quality::{self, KeepRule, Keeper, QualityModel};
@@ -237,7 +242,7 @@ pub struct SourcePass {
 }
 
 /// `OUT/prepare_report.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PrepareReport {
     pub sources: Vec<SourcePass>,
     pub quality_model: Option<PathBuf>,
@@ -299,16 +304,139 @@ impl Pipeline<'_> {
     }
 }
 
+/// What a rank makes of one block under mpirun: the order-free part of [`Pipeline::run`].
+#[derive(Default, Serialize, Deserialize)]
+struct PreparedBlock {
+    /// Each document's size before cleaning, and what cleaning made of it.
+    cleaned: Vec<(usize, Cleaned)>,
+    /// Quality scores of the documents cleaning kept (empty without a quality model).
+    scores: Vec<f64>,
+    /// Fingerprints of the documents cleaning kept (empty without dedup).
+    fingerprints: Vec<Fingerprint>,
+}
+
+impl Pipeline<'_> {
+    /// Cleaning, quality scores and fingerprints of a block: no state, so any rank may do it.
+    fn prepare_block(&self, docs: Vec<String>) -> PreparedBlock {
+        let cleaned = clean_documents(&docs, &self.clean);
+        let texts: Vec<&str> = cleaned.iter().filter_map(|c| c.text.as_deref()).collect();
+        PreparedBlock {
+            scores: match &self.quality {
+                Some((model, _)) => texts.par_iter().map(|t| model.score(t)).collect(),
+                None => Vec::new(),
+            },
+            fingerprints: match &self.dedup {
+                Some(d) => texts.par_iter().map(|t| d.fingerprint(t)).collect(),
+                None => Vec::new(),
+            },
+            cleaned: docs.iter().map(|d| d.len()).zip(cleaned).collect(),
+        }
+    }
+
+    /// The rest of [`Pipeline::run`] in document order: counts, the keep rule and the duplicate
+    /// index. Each sees its documents in the same order as in `run`, so the result is the same.
+    fn decide(&mut self, block: PreparedBlock) -> Vec<String> {
+        let (mut scores, mut fingerprints) =
+            (block.scores.into_iter(), block.fingerprints.into_iter());
+        let mut kept = Vec::new();
+        for (bytes, cleaned) in &block.cleaned {
+            let Some(text) = self.clean_stats.count(*bytes, cleaned) else {
+                continue;
+            };
+            let (score, fingerprint) = (scores.next(), fingerprints.next());
+            if let (Some((_, keeper)), Some(s)) = (&mut self.quality, score) {
+                if !keeper.keep(s) {
+                    continue;
+                }
+            }
+            if let (Some(d), Some(fp)) = (&mut self.dedup, fingerprint) {
+                if d.check(&fp) != Verdict::Keep {
+                    continue;
+                }
+            }
+            kept.push(text.to_string());
+        }
+        kept
+    }
+}
+
+/// A source's pass split across ranks: blocks go round-robin, one per rank per round; each round
+/// is gathered and decided in order on every rank, and rank 0 writes `kept`.
+fn stream_across_ranks(
+    files: &[PathBuf],
+    read: &ReadOptions,
+    label: &str,
+    kept: &Path,
+    pipeline: &mut Pipeline,
+) -> Result<(text::ReadSummary, usize, u64)> {
+    let world = crate::dist::world();
+    let (mut documents_out, mut bytes_out) = (0usize, 0u64);
+    let mut pass = |out: &mut dyn std::io::Write| -> Result<text::ReadSummary> {
+        let mut round: Vec<Vec<String>> = Vec::new();
+        let mut decide_round = |round: &mut Vec<Vec<String>>| -> Result<()> {
+            let mine = match round.get_mut(world.rank()) {
+                Some(docs) => pipeline.prepare_block(std::mem::take(docs)),
+                None => PreparedBlock::default(),
+            };
+            let blocks = crate::dist::gather(world, &mine)?;
+            for block in blocks.into_iter().take(round.len()) {
+                for t in pipeline.decide(block) {
+                    documents_out += 1;
+                    bytes_out += t.len() as u64;
+                    serde_json::to_writer(&mut *out, &serde_json::json!({ "text": t }))?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            round.clear();
+            Ok(())
+        };
+        let summary = text::for_each_chunk(files, read, label, super::block_bytes(), |docs| {
+            round.push(docs);
+            if round.len() == world.size() {
+                decide_round(&mut round)?;
+            }
+            Ok(())
+        })?;
+        if !round.is_empty() {
+            decide_round(&mut round)?;
+        }
+        Ok(summary)
+    };
+    let summary = if world.rank() == 0 {
+        util::write_atomic_with(kept, |tmp| {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+            let summary = pass(&mut w)?;
+            std::io::Write::flush(&mut w)?;
+            Ok(summary)
+        })?
+    } else {
+        pass(&mut std::io::sink())?
+    };
+    Ok((summary, documents_out, bytes_out))
+}
+
 /// Runs the whole pipeline; returns the report (also written to `OUT/prepare_report.json`).
+///
+/// Under mpirun every rank runs the source passes (each its share of the blocks); rank 0 alone
+/// trains the quality classifier and the tokenizer and writes the mixture, and the other ranks
+/// return its report.
 pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
     let start = std::time::Instant::now();
     let out = &config.out;
+    let world = crate::dist::world();
+    let leader = world.rank() == 0;
+    // Rank 0 alone tells what happens.
+    macro_rules! say {
+        ($($arg:tt)*) => { if leader { eprintln!($($arg)*) } };
+    }
     std::fs::create_dir_all(out.join("kept"))
         .with_context(|| format!("cannot create {}", out.display()))?;
-    util::write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(config)?.as_bytes(),
-    )?;
+    if leader {
+        util::write_atomic(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(config)?.as_bytes(),
+        )?;
+    }
 
     // 1. The quality model. Every stage has a key (a hash of what decides its output); a stage
     // whose key matches the one recorded by the last run is not redone.
@@ -327,8 +455,8 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
                 None => {
                     let path = out.join("quality.json");
                     let key = util::fingerprint(&serde_json::to_string(&(q, config.seed))?);
-                    if !stage_is_current(&path, &key) {
-                        eprintln!("training the quality classifier ...");
+                    if leader && !stage_is_current(&path, &key) {
+                        say!("training the quality classifier ...");
                         let m = quality::train_files(
                             &q.good,
                             &q.bad,
@@ -340,9 +468,10 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
                             3,
                             config.seed,
                         )?;
-                        eprintln!(
+                        say!(
                             "quality classifier: held-out accuracy {:.3}, AUC {:.3}",
-                            m.heldout_accuracy, m.heldout_auc
+                            m.heldout_accuracy,
+                            m.heldout_auc
                         );
                         mark_stage(&path, &key)?;
                     }
@@ -351,11 +480,23 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
             };
             let rule = (q.alpha, q.threshold);
             (
-                Some(quality::load_model(&path)?),
+                // Under mpirun the other ranks load it once rank 0 has written it.
+                leader.then(|| quality::load_model(&path)).transpose()?,
                 Some(path),
                 util::fingerprint(&format!("{key}{rule:?}")),
             )
         }
+    };
+
+    let quality_model = match &quality_path {
+        Some(path) if world.size() > 1 => {
+            crate::dist::gather(world, &())?;
+            match quality_model {
+                Some(m) => Some(m),
+                None => Some(quality::load_model(path)?),
+            }
+        }
+        _ => quality_model,
     };
 
     // 2. One fused pass per source; the duplicate index spans sources.
@@ -395,7 +536,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
         };
         if let Ok(done) = util::read_json::<SourcePass>(&report_path) {
             if done.key == key && kept.exists() {
-                eprintln!(
+                say!(
                     "source {}: already prepared, reloading its duplicate index",
                     source.name
                 );
@@ -430,13 +571,24 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
             config.dedup.enabled.then_some(&mut dedup),
             key,
         )?;
-        super::write_sidecar_report(&kept, &pass)?;
-        eprintln!(
+        if leader {
+            super::write_sidecar_report(&kept, &pass)?;
+        }
+        say!(
             "source {}: {} → {} documents ({:.1} MB/s)",
-            source.name, pass.documents_read, pass.documents_out, pass.megabytes_per_second
+            source.name,
+            pass.documents_read,
+            pass.documents_out,
+            pass.megabytes_per_second
         );
         passes.push(pass);
         kept_files.push(kept);
+    }
+
+    if !leader {
+        // Rank 0 trains the tokenizer and writes the mixture and the report; wait for them.
+        crate::dist::gather(world, &())?;
+        return util::read_json(&out.join("prepare_report.json"));
     }
 
     // 3. The tokenizer.
@@ -457,7 +609,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
                 serde_json::to_string(&config.tokenizer)?
             ));
             if !stage_is_current(&dir.join("tokenizer.json"), &key) {
-                eprintln!(
+                say!(
                     "training a {}-token tokenizer on the kept text ...",
                     config.tokenizer.vocab_size
                 );
@@ -508,7 +660,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
             if stage_is_current(&manifest_path, &mix_key)
                 && shards_dir.join("meta.json").exists() =>
         {
-            eprintln!("shards: already written");
+            say!("shards: already written");
             m
         }
         _ => {
@@ -532,6 +684,9 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareReport> {
         seconds: start.elapsed().as_secs_f64(),
     };
     util::write_json_atomic(&out.join("prepare_report.json"), &report)?;
+    if world.size() > 1 {
+        crate::dist::gather(world, &())?;
+    }
     Ok(report)
 }
 
@@ -582,17 +737,24 @@ fn run_source(
     let mut bytes_out = 0u64;
     let mut documents_out = 0usize;
     let label = format!("prepare {}", source.name);
-    let summary = super::stream_to_jsonl(&source.files, &read, &label, kept, |docs| {
-        Ok(pipeline
-            .run(docs)
-            .into_iter()
-            .map(|t| {
-                documents_out += 1;
-                bytes_out += t.len() as u64;
-                serde_json::json!({ "text": t })
-            })
-            .collect())
-    })?;
+    let summary = if crate::dist::world().size() > 1 {
+        let (summary, documents, bytes) =
+            stream_across_ranks(&source.files, &read, &label, kept, &mut pipeline)?;
+        (documents_out, bytes_out) = (documents, bytes);
+        summary
+    } else {
+        super::stream_to_jsonl(&source.files, &read, &label, kept, |docs| {
+            Ok(pipeline
+                .run(docs)
+                .into_iter()
+                .map(|t| {
+                    documents_out += 1;
+                    bytes_out += t.len() as u64;
+                    serde_json::json!({ "text": t })
+                })
+                .collect())
+        })?
+    };
     let seconds = start.elapsed().as_secs_f64();
     let (exact, near) = match &pipeline.dedup {
         Some(d) => (

@@ -429,6 +429,10 @@ pub fn for_each_chunk(
         ))
         .expect("valid template"),
     );
+    if !crate::dist::is_leader() {
+        // Under mpirun every rank reads; rank 0 shows the progress.
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(1);
     let result = std::thread::scope(|scope| -> Result<ReadSummary> {
         let reader = scope.spawn(|| -> Result<ReadSummary> {
