@@ -42,7 +42,9 @@ def torch_matmul(torch, dtype, n=1024, repeats=10):
     return 2 * n**3 / best / 1e9
 
 
-def torch_train(torch, a, bf16):
+def torch_train(torch, a, bf16, ddp=False):
+    """Median seconds per step; with `ddp`, as one rank of an initialised process group, wrapped in
+    DistributedDataParallel and training on its slice of each global batch of `a.batch` rows."""
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -100,11 +102,19 @@ def torch_train(torch, a, bf16):
         for prm in model.parameters():
             if prm.dim() >= 2:
                 prm.normal_(0.0, 0.02)
+    rows = slice(None)
+    if ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+        per_rank = a.batch // dist.get_world_size()
+        rows = slice(dist.get_rank() * per_rank, (dist.get_rank() + 1) * per_rank)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     times, losses = [], []
     for i in range(a.warmup + a.steps):
-        w = torch.randint(0, V, (a.batch, T + 1), generator=g)
+        w = torch.randint(0, V, (a.batch, T + 1), generator=g)[rows]
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(w[:, :-1])

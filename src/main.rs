@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     park_candle_workers();
     let cli = chatforge::cli::Cli::parse();
     // Under mpirun: join the job (and share this host's cores) before any thread starts.
-    let _membership = match chatforge::dist::join() {
+    let _membership = match chatforge::dist::join(&cli.command_name(), cli.runs_distributed()) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e:#}");

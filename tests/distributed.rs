@@ -186,6 +186,16 @@ fn pretraining_on_two_ranks_gives_the_single_process_losses() {
         err.contains("--batch-size 8 is the global batch") && err.contains("multiple of 3"),
         "{err}"
     );
+    // A command that does not train says so instead of running twice.
+    let mut generate = strings(&["generate", "--prompt", "hi", "--model"]);
+    generate.push(two.display().to_string());
+    let out = mpi.ranks(2, &generate).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`chatforge generate` runs in one process"),
+        "{err}"
+    );
 }
 
 /// Conversations in OpenAI's messages format: "What does the cat say?" → "The cat says meow.".

@@ -98,13 +98,15 @@ impl Cli {
         )
     }
 
+    /// The subcommand as typed (for messages).
+    pub fn command_name(&self) -> String {
+        std::env::args()
+            .skip(1)
+            .find(|a| !a.starts_with('-'))
+            .unwrap_or_default()
+    }
+
     pub fn run(self) -> Result<()> {
-        let ranks = crate::dist::world().size();
-        if ranks > 1 && !self.runs_distributed() {
-            anyhow::bail!(
-                "this command runs in one process, but mpirun started {ranks}; run it without mpirun (pretrain, sft, reward, rlhf and data prepare run across ranks)"
-            );
-        }
         match self.command {
             Command::Tokenizer(c) => data::tokenizer(c),
             Command::Tokenize(a) => data::tokenize(a),

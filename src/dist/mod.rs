@@ -92,15 +92,26 @@ fn ranks_on_this_host() -> usize {
 }
 
 /// Joins the job a launcher started this process in, before any thread starts; alone otherwise.
-/// The ranks on one host share its cores: each gets `cores / ranks` compute threads unless
-/// `RAYON_NUM_THREADS` says otherwise (mpirun's default binding to a core already gives 1).
-pub fn join() -> Result<Membership> {
-    let Some(size) = launched_size() else {
-        return Ok(Membership {
-            #[cfg(feature = "mpi")]
-            _universe: None,
-        });
+/// A `command` that does not run across ranks (`runs_distributed` false) is refused under a
+/// launcher with more than one rank. The ranks on one host share its cores: each gets
+/// `cores / ranks` compute threads unless `RAYON_NUM_THREADS` says otherwise (mpirun's default
+/// binding to a core already gives 1).
+pub fn join(command: &str, runs_distributed: bool) -> Result<Membership> {
+    let alone = || Membership {
+        #[cfg(feature = "mpi")]
+        _universe: None,
     };
+    let Some(size) = launched_size() else {
+        return Ok(alone());
+    };
+    if !runs_distributed {
+        if size > 1 {
+            anyhow::bail!(
+                "`chatforge {command}` runs in one process, but mpirun started {size}; run it without mpirun (pretrain, sft, reward, rlhf and data prepare run across ranks)"
+            );
+        }
+        return Ok(alone());
+    }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = (cores / ranks_on_this_host()).max(1);

@@ -120,7 +120,6 @@ pub trait Stage {
     fn trains(&self, _name: &str) -> bool {
         true
     }
-    /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss.
     /// State beyond the weights, optimizer and RNG that a resumed run needs to continue exactly
     /// (saved in each checkpoint).
     fn state(&self) -> Result<Option<serde_json::Value>> {
@@ -130,6 +129,9 @@ pub trait Stage {
     fn restore(&mut self, _state: serde_json::Value) -> Result<()> {
         Ok(())
     }
+    /// Stage statistics of the latest step (rollout reward, KL...), logged with the loss. Under
+    /// mpirun they are this rank's, averaged over the ranks by position: every rank must give the
+    /// same names in the same order.
     fn step_metrics(&mut self) -> Vec<(String, f64)> {
         Vec::new()
     }
@@ -240,6 +242,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let world = dist::world();
     dist::check_divides("--batch-size", spec.batch_size, world.size())?;
     let (part, leader) = (Part::of_world(), dist::is_leader());
+    // Under mpirun rank 0 alone shows progress.
+    let quiet = opts.quiet || !leader;
     let device = Device::Cpu;
     let run = spec.out;
     let existing = checkpoint::list_checkpoints(run)?;
@@ -302,7 +306,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             if leader {
                 checkpoint::truncate_metrics(&metrics_path, step)?;
             }
-            if !opts.quiet {
+            if !quiet {
                 eprintln!("resuming {} from step {step}", run.display());
             }
             true
@@ -315,7 +319,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         }
     };
     let params = parameter_count(&varmap);
-    let pb = if opts.quiet {
+    let pb = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(opts.steps as u64)
@@ -330,7 +334,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     pb.set_position(step as u64);
     say(
         &pb,
-        opts.quiet,
+        quiet,
         format!(
             "{}: {params} parameters, matmuls on {}{}",
             spec.stage,
@@ -347,7 +351,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     } else {
         let m = stage.evaluate(&model)?;
         append_metrics(&metrics_path, &metrics_json(0, &m))?;
-        say(&pb, opts.quiet, format!("step {:>6}: {}", 0, describe(&m)));
+        say(&pb, quiet, format!("step {:>6}: {}", 0, describe(&m)));
         m
     };
     let start = Instant::now();
@@ -392,7 +396,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             bad_in_a_row += 1;
             say(
                 &pb,
-                opts.quiet,
+                quiet,
                 format!("step {step:>6}: loss {loss}, gradient norm {grad_norm}: not finite, step skipped ({skipped} so far)"),
             );
             if bad_in_a_row >= opts.max_bad_steps.max(1) {
@@ -431,7 +435,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             append_metrics(&metrics_path, &metrics_json(step, &last_eval))?;
             say(
                 &pb,
-                opts.quiet,
+                quiet,
                 format!(
                     "step {step:>6}: train loss {last_loss:.4}, {}",
                     describe(&last_eval)
@@ -470,7 +474,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     if world.size() > 1 {
         say(
             &pb,
-            opts.quiet,
+            quiet,
             format!(
                 "{}: {:.1} s of {seconds:.1} s ({:.1}%) went to summing gradients across the {} ranks",
                 spec.stage,
