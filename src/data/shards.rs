@@ -250,6 +250,16 @@ pub fn tokenize_files(
     pb.finish_and_clear();
     train.finish_file()?;
     val.finish_file()?;
+    if train.meta.tokens == 0 && doc_index > 0 {
+        bail!(
+            "all {doc_index} document(s) of {} went to the validation split, none to training: with --format paragraphs a document ends at a blank line, so use --format lines for text without blank lines, add documents, or lower --val-fraction",
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if train.meta.tokens == 0 {
         bail!(
             "the corpus is empty: no documents found in {}",
@@ -481,6 +491,30 @@ mod tests {
             let name = e.unwrap().file_name().into_string().unwrap();
             assert!(!name.contains(".tmp"), "{name}");
         }
+    }
+
+    #[test]
+    fn a_corpus_that_all_went_to_validation_says_how_to_cut_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("one_paragraph.txt");
+        // Lines without a blank line between them: one paragraph, one document.
+        let text: String = (0..50).map(|i| format!("line {i} of the text\n")).collect();
+        std::fs::write(&input, &text).unwrap();
+        let (tok, _) = Tokenizer::train(&[text.as_str()], &TrainOptions::default()).unwrap();
+        // A seed that sends the first document to validation.
+        let seed = (0..100).find(|&s| is_val(0, s, 0.5)).unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.5,
+            seed,
+            ..Default::default()
+        };
+        let e = tokenize_files(&tok, &[input], &dir.path().join("shards"), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("one_paragraph.txt") && e.contains("--format lines"),
+            "{e}"
+        );
     }
 
     #[test]
