@@ -241,4 +241,22 @@ mod tests {
         assert!(check_divides("--batch-size", 6, 4).is_err());
         assert!(check_divides("--batch-size", 8, 4).is_ok());
     }
+
+    #[test]
+    fn gathered_floats_keep_their_bits() {
+        // What ranks exchange (scores, log-probabilities) must decide the same on every rank.
+        let mut rng = crate::util::Rng::new(3);
+        let wide: Vec<f64> = (0..20_000)
+            .map(|_| rng.normal() * 10f64.powi((rng.below(40) as i32) - 20))
+            .collect();
+        let narrow: Vec<f32> = wide.iter().map(|&x| x as f32).collect();
+        let got = gather(&Alone, &(wide.clone(), narrow.clone())).unwrap();
+        assert_eq!(got.len(), 1);
+        let (w, n) = &got[0];
+        assert!(w.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(n
+            .iter()
+            .zip(&narrow)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
 }
