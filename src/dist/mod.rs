@@ -121,7 +121,10 @@ pub fn join(command: &str, runs_distributed: bool) -> Result<Membership> {
     {
         let _ = size;
         let (universe, world) = mpi_world::init()?;
-        let _ = WORLD.set(Box::new(world));
+        if WORLD.set(Box::new(world)).is_err() {
+            // Something asked for the world before joining: it would act alone on every rank.
+            anyhow::bail!("internal error: MPI was joined after the process had acted alone");
+        }
         Ok(Membership {
             _universe: Some(universe),
         })
