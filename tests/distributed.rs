@@ -198,25 +198,6 @@ fn pretraining_on_two_ranks_gives_the_single_process_losses() {
     );
 }
 
-/// Conversations in OpenAI's messages format: "What does the cat say?" → "The cat says meow.".
-fn write_conversations(dir: &Path) -> PathBuf {
-    let mut lines = String::new();
-    for round in 0..10 {
-        for (animal, sound) in [("cat", "meow"), ("dog", "woof"), ("cow", "moo")] {
-            let q = format!("What does the {animal} say? ({round})");
-            let a = format!("The {animal} says {sound}.");
-            lines.push_str(
-                &serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                    .to_string(),
-            );
-            lines.push('\n');
-        }
-    }
-    let path = dir.join("chats.jsonl");
-    std::fs::write(&path, lines).unwrap();
-    path
-}
-
 /// Rankings of three answers per prompt, the best first.
 fn write_rankings(dir: &Path) -> PathBuf {
     let mut lines = String::new();
@@ -253,7 +234,12 @@ fn sft_lora_reward_and_dpo_on_two_ranks_give_the_single_process_losses() {
     let Some(mpi) = mpi() else { return };
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let chats = write_conversations(dir.path());
+    let chats = common::animal_conversations(
+        dir.path(),
+        "chats.jsonl",
+        &[("cat", "meow"), ("dog", "woof"), ("cow", "moo")],
+        10,
+    );
     let rankings = write_rankings(dir.path());
     let shared = [
         "--steps",
@@ -334,27 +320,12 @@ fn metric(run: &Path, name: &str) -> Vec<f64> {
         .collect()
 }
 
-/// RL prompts whose checker wants a 猫 in the answer (a token the base model rarely writes).
-fn write_cat_prompts(dir: &Path) -> PathBuf {
-    let mut s = String::new();
-    for i in 0..40 {
-        s.push_str(
-            &serde_json::json!({"prompt": format!("Tell me story {i}."), "answer": {"contains": ["猫"]}})
-                .to_string(),
-        );
-        s.push('\n');
-    }
-    let p = dir.join("cat_prompts.jsonl");
-    std::fs::write(&p, s).unwrap();
-    p
-}
-
 #[test]
 fn grpo_and_ppo_learn_with_rollouts_split_across_two_ranks() {
     let Some(mpi) = mpi() else { return };
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let rl = |algo: &str, out: &Path, steps: &str| {
         stage_args(
             &["rlhf", "--algo", algo],

@@ -3,6 +3,14 @@
 
 mod common;
 
+/// The animals the fine-tuning conversations ask about, with their sounds.
+const ANIMALS: [(&str, &str); 4] = [
+    ("cat", "meow"),
+    ("dog", "woof"),
+    ("cow", "moo"),
+    ("owl", "hoot"),
+];
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
@@ -187,30 +195,6 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
     }
 }
 
-/// "What does the cat say?" conversations as OpenAI messages JSONL.
-fn animal_conversations(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut lines = String::new();
-    for round in 0..20 {
-        for (animal, sound) in [
-            ("cat", "meow"),
-            ("dog", "woof"),
-            ("cow", "moo"),
-            ("owl", "hoot"),
-        ] {
-            let q = format!("What does the {animal} say? ({round})");
-            let a = format!("The {animal} says {sound}.");
-            lines.push_str(
-                &serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                    .to_string(),
-            );
-            lines.push('\n');
-        }
-    }
-    let path = dir.join("animals.jsonl");
-    std::fs::write(&path, lines).unwrap();
-    path
-}
-
 /// LoRA fine-tuning of a sharded bf16 Hugging Face directory: only the adapters train, the
 /// adapter directory alone loads as the same model as the merged weights, and a killed run
 /// resumes exactly.
@@ -223,7 +207,7 @@ fn lora_fine_tunes_a_sharded_directory_and_its_adapters_load_alone() {
     let hf = dir.path().join("hf");
     as_hf_directory(&run, &hf);
     std::fs::remove_file(hf.join("tokenizer_config.json")).unwrap();
-    let data = animal_conversations(dir.path());
+    let data = common::animal_conversations(dir.path(), "animals.jsonl", &ANIMALS, 20);
     let opts = |out: &str, steps: usize| SftOptions {
         base: hf.clone(),
         data: vec![data.clone()],
@@ -337,7 +321,12 @@ fn peft_loads_the_adapters() {
     lora.merge = false;
     sft(&SftOptions {
         base: hf.clone(),
-        data: vec![animal_conversations(dir.path())],
+        data: vec![common::animal_conversations(
+            dir.path(),
+            "animals.jsonl",
+            &ANIMALS,
+            20,
+        )],
         out: out.clone(),
         batch_size: 8,
         lora: Some(lora),

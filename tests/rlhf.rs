@@ -193,7 +193,7 @@ fn reward_model_learns_rankings_and_is_normalised() {
     )
     .unwrap();
     tok.save(&other).unwrap();
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let mut o = toy_options(&base, prompts, dir.path().join("x"), Algo::Ppo);
     o.reward_source = RewardSource::Model;
     o.reward = Some(other);
@@ -243,20 +243,6 @@ fn reward_model_can_train_only_its_top_blocks() {
     assert!(moved("model.layers.1.mlp.up_proj.weight") > 0.0);
 }
 
-fn write_cat_prompts(dir: &Path) -> PathBuf {
-    let mut s = String::new();
-    for i in 0..40 {
-        s.push_str(
-            &serde_json::json!({"prompt": format!("Tell me story {i}."), "answer": {"contains": ["猫"]}})
-                .to_string(),
-        );
-        s.push('\n');
-    }
-    let p = dir.join("cat_prompts.jsonl");
-    std::fs::write(&p, s).unwrap();
-    p
-}
-
 fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfOptions {
     RlhfOptions {
         algo,
@@ -283,7 +269,7 @@ fn toy_options(base: &Path, prompts: PathBuf, out: PathBuf, algo: Algo) -> RlhfO
 fn prompts_longer_than_the_context_are_cut_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let mut text = std::fs::read_to_string(&prompts).unwrap();
     let long = "Tell me a very long story about the cat and the mat. ".repeat(20);
     text.push_str(&serde_json::json!({"prompt": long, "answer": {"contains": ["猫"]}}).to_string());
@@ -308,7 +294,7 @@ fn prompts_longer_than_the_context_are_cut_and_counted() {
 fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let out = dir.path().join("ppo");
     let r = rlhf(&toy_options(&base, prompts, out.clone(), Algo::Ppo)).unwrap();
     // Rollout reward (the fraction of replies mentioning "cat") over the first and last rollouts.
@@ -349,7 +335,7 @@ fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
 fn grpo_raises_the_checker_reward() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let out = dir.path().join("grpo");
     let mut o = toy_options(&base, prompts, out, Algo::Grpo);
     o.rollout_prompts = 4;
@@ -426,7 +412,7 @@ fn dpo_cuts_long_pairs_to_the_context_and_names_what_it_drops() {
 fn rlhf_refuses_missing_pieces_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let mut o = toy_options(&base, prompts, dir.path().join("x"), Algo::Ppo);
     o.reward_source = RewardSource::Model;
     let e = rlhf(&o).err().unwrap().to_string();
@@ -449,7 +435,7 @@ fn rlhf_refuses_missing_pieces_with_the_fix() {
 fn ppo_grpo_and_dpo_resume_exactly_after_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::base_run(dir.path());
-    let prompts = write_cat_prompts(dir.path());
+    let prompts = common::write_cat_prompts(dir.path());
     let (prefs, held) = write_prefs(dir.path());
     for algo in [Algo::Ppo, Algo::Grpo, Algo::Dpo] {
         let options = |out: &str| {

@@ -250,25 +250,18 @@ pub fn tokenize_files(
     pb.finish_and_clear();
     train.finish_file()?;
     val.finish_file()?;
-    if train.meta.tokens == 0 && doc_index > 0 {
-        bail!(
-            "all {doc_index} document(s) of {} went to the validation split, none to training: with --format paragraphs a document ends at a blank line, so use --format lines for text without blank lines, add documents, or lower --val-fraction",
-            inputs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
     if train.meta.tokens == 0 {
-        bail!(
-            "the corpus is empty: no documents found in {}",
-            inputs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let files = inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if doc_index > 0 {
+            bail!(
+                "all {doc_index} document(s) of {files} went to the validation split, none to training: with --format paragraphs a document ends at a blank line, so use --format lines for text without blank lines, add documents, or lower --val-fraction"
+            );
+        }
+        bail!("the corpus is empty: no documents found in {files}");
     }
     let (unigram_entropy_nats, unigram_val_nats) = unigram_stats(&train_counts, &val_counts);
     tokenizer.save(out)?;

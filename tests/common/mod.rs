@@ -223,3 +223,43 @@ pub fn python_client(script: &str, args: &[String], expect: &str) {
     assert!(stdout.contains(expect), "{script}: {stdout}");
     eprintln!("{stdout}");
 }
+
+/// "What does the cat say? (ROUND)" → "The cat says meow." for each of `animals` and `rounds`
+/// rounds, as OpenAI messages JSONL in `dir/NAME`.
+pub fn animal_conversations(
+    dir: &Path,
+    name: &str,
+    animals: &[(&str, &str)],
+    rounds: usize,
+) -> PathBuf {
+    let mut lines = String::new();
+    for round in 0..rounds {
+        for (animal, sound) in animals {
+            let q = format!("What does the {animal} say? ({round})");
+            let a = format!("The {animal} says {sound}.");
+            lines.push_str(
+                &serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                    .to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// 40 RL prompts whose checker wants a 猫 in the answer (a token a tiny base model rarely writes).
+pub fn write_cat_prompts(dir: &Path) -> PathBuf {
+    let mut s = String::new();
+    for i in 0..40 {
+        s.push_str(
+            &serde_json::json!({"prompt": format!("Tell me story {i}."), "answer": {"contains": ["猫"]}})
+                .to_string(),
+        );
+        s.push('\n');
+    }
+    let p = dir.join("cat_prompts.jsonl");
+    std::fs::write(&p, s).unwrap();
+    p
+}
