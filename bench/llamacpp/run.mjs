@@ -2,6 +2,8 @@
 // binaries). Reads jobs [{prompt_ids, n}] from a JSON file; for each, evaluates the prompt and
 // samples n tokens greedily on 2 threads; prints [{ids, prefill_s, decode_s, rss_mb}] as JSON
 // (rss_mb: the node process's resident memory after the job, llama.cpp's buffers included).
+// A job {tokenize: TEXT} gives [{ids}]: llama.cpp's tokens for TEXT as plain text (no BOS, no
+// special tokens parsed).
 import fs from "node:fs";
 import {getLlama} from "node-llama-cpp";
 
@@ -11,6 +13,10 @@ const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath});
 const results = [];
 for (const job of jobs) {
+    if (job.tokenize !== undefined) {
+        results.push({ids: Array.from(model.tokenize(job.tokenize, false))});
+        continue;
+    }
     // Flash attention off: the plain attention path is the closer match to chatforge's.
     const context = await model.createContext({contextSize: 2048, threads: 2, batchSize: 512, flashAttention: false});
     const sequence = context.getSequence();

@@ -57,6 +57,40 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// What Gemma 3 and Mistral add to Llama; empty for Llama itself.
+    #[serde(flatten)]
+    pub family: FamilyFields,
+}
+
+/// The fields other families add to a Llama config, under Hugging Face's names. Mistral attends
+/// over a sliding window in every layer. Gemma 3 (`model_type` "gemma3_text") is Llama with switches: norms on each sublayer's output as well as its input, norm
+/// weights stored as offsets from one, a scaled embedding, GELU, query/key norms, and layers of
+/// local attention over a sliding window with their own rotary base between global ones.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FamilyFields {
+    /// Tokens a local layer attends over (the query's own included); Mistral's every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// "sliding_attention" or "full_attention" per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Older files give the pattern instead: every n-th layer is global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// The rotary base of the local layers (the global ones use `rope_theta`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Attention scores are scaled by its inverse square root instead of the head size's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Logits become `cap * tanh(logits / cap)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma's name for `hidden_act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
 }
 
 impl LlamaConfig {
@@ -82,6 +116,7 @@ impl LlamaConfig {
             bos_token_id: None,
             eos_token_id: None,
             torch_dtype: Some("float32".into()),
+            family: FamilyFields::default(),
         }
     }
 
@@ -107,9 +142,40 @@ impl LlamaConfig {
         self.vocab_size * h + self.num_hidden_layers * block + h + head
     }
 
-    /// Whether each query and key head is RMS-normalised before the rotation (Qwen3).
+    /// Whether each query and key head is RMS-normalised before the rotation (Qwen3, Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
+        self.model_type == "qwen3" || self.is_gemma3()
+    }
+
+    pub fn is_gemma3(&self) -> bool {
+        self.model_type == "gemma3_text"
+    }
+
+    /// The window of layer `layer` when it attends locally; `None` for a global layer.
+    pub fn sliding_window_of(&self, layer: usize) -> Option<usize> {
+        let g = &self.family;
+        let window = g.sliding_window?;
+        let local = match (&g.layer_types, g.sliding_window_pattern) {
+            _ if self.model_type == "mistral" => true,
+            (Some(types), _) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
+            (None, Some(n)) => n > 0 && !(layer + 1).is_multiple_of(n),
+            (None, None) => false,
+        };
+        local.then_some(window)
+    }
+
+    /// The multiplier of attention scores.
+    pub fn attention_scale(&self) -> f64 {
+        let d = self
+            .family
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_size() as f64);
+        1.0 / d.sqrt()
+    }
+
+    /// The multiplier of looked-up embeddings (Gemma scales them by the square root of the width).
+    pub fn embedding_scale(&self) -> Option<f64> {
+        self.is_gemma3().then(|| (self.hidden_size as f64).sqrt())
     }
 
     pub fn head_size(&self) -> usize {
@@ -153,11 +219,21 @@ impl LlamaConfig {
                 self.head_size()
             );
         }
-        if self.hidden_act != "silu" {
+        let act_ok = match self.is_gemma3() {
+            true => self.hidden_act == "gelu_pytorch_tanh",
+            false => self.hidden_act == "silu",
+        };
+        if !act_ok {
             bail!(
-                "{source}: hidden_act \"{}\" is not supported (only \"silu\", as in Llama)",
+                "{source}: hidden_act \"{}\" is not supported (\"silu\" for Llama, \"gelu_pytorch_tanh\" for Gemma 3)",
                 self.hidden_act
             );
+        }
+        if self.family.attn_logit_softcapping.is_some() {
+            bail!("{source}: attn_logit_softcapping is not supported (Gemma 2's attention soft-capping; Gemma 3 has none)");
+        }
+        if self.family.sliding_window == Some(0) {
+            bail!("{source}: sliding_window must be positive");
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             bail!("{source}: rms_norm_eps and rope_theta must be positive");
@@ -170,13 +246,16 @@ impl LlamaConfig {
         let source = path.display().to_string();
         // Other families are refused by name before their fields confuse the Llama reader.
         if let Some(kind) = raw.get("model_type").and_then(|t| t.as_str()) {
-            if !matches!(kind, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+            if !matches!(
+                kind,
+                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma3_text"
+            ) {
                 let arch = raw
                     .get("architectures")
                     .and_then(|a| a.get(0))
                     .and_then(|a| a.as_str())
                     .unwrap_or(kind);
-                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2, qwen3, phi3)");
+                bail!("{source}: architecture {arch} (model_type \"{kind}\") is not supported; chatforge loads the Llama family (llama, mistral, qwen2, qwen3, phi3, gemma3_text)");
             }
         }
         let sliding = raw.get("use_sliding_window") == Some(&serde_json::Value::Bool(true))
@@ -184,16 +263,26 @@ impl LlamaConfig {
                 .get("layer_types")
                 .and_then(|t| t.as_array())
                 .is_some_and(|t| t.iter().any(|l| l == "sliding_attention"));
-        if sliding {
+        let kind = raw.get("model_type").and_then(|t| t.as_str());
+        if sliding && kind != Some("gemma3_text") {
             bail!("{source}: sliding-window attention layers are not supported yet; chatforge attends over the whole context");
         }
         let mut cfg: LlamaConfig = serde_json::from_value(raw.clone())
             .map_err(|e| anyhow::anyhow!("{source}: not a Llama config ({e})"))?;
         // transformers 5 writes the rotary settings under `rope_parameters`; older files use
         // `rope_theta` and `rope_scaling`.
-        let rope = raw
+        let mut rope = raw
             .get("rope_parameters")
             .or_else(|| raw.get("rope_scaling"));
+        // Gemma 3 in transformers 5: one set per kind of layer.
+        if let Some(local) = rope.and_then(|r| r.get("sliding_attention")) {
+            cfg.family.rope_local_base_freq = local.get("rope_theta").and_then(|t| t.as_f64());
+            let kind = local.get("rope_type").and_then(|t| t.as_str());
+            if kind.is_some_and(|k| k != "default") {
+                bail!("{source}: rotary scaling \"{}\" on the sliding-window layers is not supported yet", kind.unwrap_or_default());
+            }
+            rope = rope.and_then(|r| r.get("full_attention"));
+        }
         if let Some(r) = rope.filter(|r| r.is_object()) {
             if raw.get("rope_theta").is_none() {
                 if let Some(t) = r.get("rope_theta").and_then(|t| t.as_f64()) {
@@ -211,6 +300,24 @@ impl LlamaConfig {
             let partial = r.get("partial_rotary_factor").and_then(|f| f.as_f64());
             if partial.is_some_and(|f| f != 1.0) {
                 bail!("{source}: a partial rotary embedding (partial_rotary_factor {}) is not supported yet", partial.unwrap_or(1.0));
+            }
+        }
+        if !matches!(cfg.model_type.as_str(), "gemma3_text" | "mistral") {
+            cfg.family = FamilyFields::default();
+        }
+        if cfg.is_gemma3() {
+            if let Some(act) = cfg.family.hidden_activation.clone() {
+                cfg.hidden_act = act;
+            } else if raw.get("hidden_act").is_none() {
+                cfg.hidden_act = "gelu_pytorch_tanh".into();
+            }
+            // transformers' defaults for Gemma 3, for files that leave them out.
+            cfg.family.rope_local_base_freq.get_or_insert(10_000.0);
+            if raw.get("tie_word_embeddings").is_none() {
+                cfg.tie_word_embeddings = true;
+            }
+            if raw.get("use_bidirectional_attention") == Some(&serde_json::Value::Bool(true)) {
+                bail!("{source}: use_bidirectional_attention is not supported (chatforge's models are causal)");
             }
         }
         if cfg.model_type == "phi3" {

@@ -78,6 +78,13 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
     }
     let lm = super::load(run, &candle_core::Device::Cpu)?;
     let c = &lm.model.config;
+    if c.is_gemma3() || c.family.sliding_window.is_some() {
+        bail!(
+            "{}: GGUF export writes the llama and qwen3 architectures; a {} model is not one yet (export --format hf, then llama.cpp's convert_hf_to_gguf.py)",
+            run.display(),
+            c.model_type
+        );
+    }
     let tok = &lm.tokenizer;
     let tensors: std::collections::HashMap<String, candle_core::Tensor> =
         lm.model.named_weights()?.into_iter().collect();

@@ -5,7 +5,7 @@
 //! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
 //! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
 
-use super::llama::{Block, Head, Llama, Proj};
+use super::llama::{Block, Embedding, Head, Llama, Proj};
 use super::{LlamaConfig, LoadedModel};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -200,11 +200,80 @@ fn fix_pre_tokenizer(r: &Reader, inner: &mut tokenizers::Tokenizer) {
     inner.with_pre_tokenizer(Some(wrapper));
 }
 
-/// A quantized projection: Q4_1 through our AVX2 kernel, other types through candle's `QMatMul`.
+/// The tokenizer `tokenizer.ggml.*` describes: GPT-2-style byte-level BPE through candle's
+/// reader, SentencePiece BPE (`llama`) and unigram (`t5`) through [`sentencepiece`].
+fn tokenizer(r: &Reader) -> Result<Tokenizer> {
+    use crate::tokenizer::sentencepiece::{self, Algorithm, PieceKind, Vocabulary};
+    use candle_core::quantized::tokenizer::TokenizerFromGguf;
+    let kind = r
+        .meta("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let algorithm = match kind.as_str() {
+        "gpt2" => {
+            let mut inner =
+                tokenizers::Tokenizer::from_gguf(&r.content).map_err(|e| anyhow!("{e}"))?;
+            fix_pre_tokenizer(r, &mut inner);
+            return Tokenizer::from_tokenizers(inner);
+        }
+        "llama" => Algorithm::Bpe,
+        "t5" => Algorithm::Unigram,
+        other => bail!("tokenizer.ggml.model \"{other}\" is not supported (gpt2, llama or t5)"),
+    };
+    let array = |key: &str| -> Result<&Vec<gguf_file::Value>> {
+        match r.meta(key) {
+            Some(gguf_file::Value::Array(a)) => Ok(a),
+            _ => bail!("metadata `{key}` is missing or not a list"),
+        }
+    };
+    let pieces = array("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<Vec<String>>>()?;
+    let scores = match r.meta("tokenizer.ggml.scores") {
+        Some(_) => array("tokenizer.ggml.scores")?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect::<candle_core::Result<Vec<f32>>>()?,
+        None => vec![0.0; pieces.len()],
+    };
+    let kinds = match r.meta("tokenizer.ggml.token_type") {
+        Some(_) => array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| v.to_i32().map(|c| PieceKind::from_gguf(c as u32)))
+            .collect::<candle_core::Result<Vec<PieceKind>>>()?,
+        None => vec![PieceKind::Normal; pieces.len()],
+    };
+    let flag = |key: &str, default: bool| {
+        r.meta(key)
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(default)
+    };
+    let vocabulary = Vocabulary {
+        pieces,
+        scores,
+        kinds,
+        unknown: r.meta_u32("tokenizer.ggml.unknown_token_id").ok(),
+        // llama.cpp's default for SentencePiece files that do not say.
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
+    };
+    let mut tok = Tokenizer::from_tokenizers(sentencepiece::build(&vocabulary, algorithm)?)?;
+    if flag("tokenizer.ggml.add_bos_token", true) {
+        if let Ok(bos) = r.meta_u32("tokenizer.ggml.bos_token_id") {
+            tok = tok.with_bos(bos);
+        }
+    }
+    Ok(tok)
+}
+
+/// A quantized projection: Q4_1, Q8_0 (and Q4_0, Q5_0 as Q8_0) through our AVX2 kernel, other
+/// types through candle's `QMatMul`.
 fn quantized_proj(q: QTensor, bias: Option<Tensor>) -> Result<Proj> {
     if let Some(format) = super::quant::BlockFormat::of(q.dtype()) {
         let (rows, cols) = q.shape().dims2()?;
-        let weight = super::quant::QuantMatrix::new(format, rows, cols, &q.data()?)?;
+        let blocks = super::quant::as_q8_0(q.dtype(), &q.data()?).into_owned();
+        let weight = super::quant::QuantMatrix::new(format, rows, cols, &blocks)?;
         return Ok(Proj::Block { weight, bias });
     }
     Ok(Proj::Quantized {
@@ -252,12 +321,13 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "gemma3") {
         bail!(
-            "{}: architecture {arch:?} is not supported (supported: llama, qwen2, qwen3)",
+            "{}: architecture {arch:?} is not supported (supported: llama, qwen2, qwen3, gemma3)",
             path.display()
         );
     }
+    let gemma = arch == "gemma3";
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = r.meta_u32(&key("embedding_length"))? as usize;
     let heads = r.meta_u32(&key("attention.head_count"))? as usize;
@@ -286,13 +356,41 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .and_then(|v| v.to_f32().ok())
         .unwrap_or(10_000.0) as f64;
     let eos = r.meta_u32("tokenizer.ggml.eos_token_id").ok();
+    let meta_f64 = |k: &str| r.meta(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from);
+    // Gemma 3 as llama.cpp runs it: local layers over `attention.sliding_window` positions with
+    // every sixth layer global, and a rotary base of 10,000 on the local ones.
+    let family = match gemma {
+        true => super::config::FamilyFields {
+            sliding_window: Some(r.meta_u32(&key("attention.sliding_window"))? as usize),
+            sliding_window_pattern: Some(6),
+            rope_local_base_freq: Some(10_000.0),
+            final_logit_softcapping: meta_f64("final_logit_softcapping"),
+            attn_logit_softcapping: meta_f64("attn_logit_softcapping"),
+            ..Default::default()
+        },
+        false => Default::default(),
+    };
+    if let Some(kind) = r
+        .meta(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .filter(|k| k.as_str() != "none")
+    {
+        bail!(
+            "{}: rotary scaling \"{kind}\" is not supported yet (only the default rotary embedding)",
+            path.display()
+        );
+    }
     let config = LlamaConfig {
         architectures: vec![match arch.as_str() {
             "qwen2" => "Qwen2ForCausalLM".into(),
             "qwen3" => "Qwen3ForCausalLM".into(),
+            "gemma3" => "Gemma3ForCausalLM".into(),
             _ => "LlamaForCausalLM".into(),
         }],
-        model_type: arch.clone(),
+        model_type: match gemma {
+            true => "gemma3_text".into(),
+            false => arch.clone(),
+        },
         vocab_size,
         hidden_size: hidden,
         intermediate_size: r.meta_u32(&key("feed_forward_length"))? as usize,
@@ -310,10 +408,14 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         tie_word_embeddings: !r.has("output.weight"),
         attention_bias: r.has("blk.0.attn_q.bias"),
         mlp_bias: false,
-        hidden_act: "silu".into(),
+        hidden_act: match gemma {
+            true => "gelu_pytorch_tanh".into(),
+            false => "silu".into(),
+        },
         bos_token_id: r.meta_u32("tokenizer.ggml.bos_token_id").ok(),
         eos_token_id: eos.map(|e| serde_json::json!(e)),
         torch_dtype: None,
+        family,
     };
     config
         .validate(&path.display().to_string())
@@ -347,6 +449,11 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         if c.qk_norm() {
             for name in ["attn_q_norm.weight", "attn_k_norm.weight"] {
                 r.expect_shape(&format!("blk.{i}.{name}"), &[c.head_size()])?;
+            }
+        }
+        if gemma {
+            for name in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
+                r.expect_shape(&format!("blk.{i}.{name}"), &[hid])?;
             }
         }
         if c.attention_bias {
@@ -391,9 +498,24 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
                 r.dense(&format!("{b}.attn_k_norm.weight"))?,
             );
         }
+        // llama.cpp's converter has already added Gemma's one to these norm weights.
+        if gemma {
+            block = block.with_output_norms(
+                r.dense(&format!("{b}.post_attention_norm.weight"))?,
+                r.dense(&format!("{b}.post_ffw_norm.weight"))?,
+            );
+        }
         layers.push(block);
     }
-    let embed = r.dense("token_embd.weight")?;
+    let embed = {
+        let q = r.qtensor("token_embd.weight")?;
+        Embedding::Quantized {
+            blocks: q.data()?.into_owned(),
+            dtype: q.dtype(),
+            rows: config.vocab_size,
+            cols: config.hidden_size,
+        }
+    };
     let head_name = if config.tie_word_embeddings {
         "token_embd.weight"
     } else {
@@ -401,13 +523,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     };
     let quant_head = quantized_proj(r.qtensor(head_name)?, None)?;
     let norm = r.dense("output_norm.weight")?;
-    use candle_core::quantized::tokenizer::TokenizerFromGguf;
-    let tokenizer = crate::util::panic_to_error(|| {
-        let mut inner = tokenizers::Tokenizer::from_gguf(&r.content).map_err(|e| anyhow!("{e}"))?;
-        fix_pre_tokenizer(&r, &mut inner);
-        Tokenizer::from_tokenizers(inner)
-    })
-    .with_context(|| {
+    let tokenizer = crate::util::panic_to_error(|| tokenizer(&r)).with_context(|| {
         format!(
             "{}: cannot build the tokenizer from its metadata",
             path.display()

@@ -188,12 +188,24 @@ pub(super) struct Attention {
     /// Qwen3's RMSNorm of each query and key head before the rotation (`[head_dim]` weights).
     pub(super) qk_norm: Option<(Tensor, Tensor)>,
     pub(super) eps: f64,
+    /// The multiplier of scores (1/sqrt(head size) unless the config says otherwise).
+    pub(super) scale: f64,
+    /// Local attention over this many positions (Gemma 3's sliding layers, Mistral).
+    pub(super) window: Option<usize>,
+}
+
+/// The gate's activation: SiLU (SwiGLU, Llama) or GELU's tanh approximation (GeGLU, Gemma).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Activation {
+    Silu,
+    GeluTanh,
 }
 
 pub(super) struct Mlp {
     pub(super) gate: Proj,
     pub(super) up: Proj,
     pub(super) down: Proj,
+    pub(super) activation: Activation,
 }
 
 pub(super) struct Block {
@@ -201,6 +213,8 @@ pub(super) struct Block {
     pub(super) attn: Attention,
     pub(super) post_norm: Tensor,
     pub(super) mlp: Mlp,
+    /// Gemma's norms of the attention's and the MLP's outputs, before each residual sum.
+    pub(super) output_norms: Option<(Tensor, Tensor)>,
 }
 
 /// The projections of one block, in Hugging Face's names: `self_attn.{q,k,v,o}_proj` and
@@ -236,10 +250,27 @@ impl Block {
                 head_dim: c.head_size(),
                 qk_norm: None,
                 eps: c.rms_norm_eps,
+                scale: c.attention_scale(),
+                window: None,
             },
             post_norm,
-            mlp: Mlp { gate, up, down },
+            mlp: Mlp {
+                gate,
+                up,
+                down,
+                activation: match c.hidden_act.as_str() {
+                    "gelu_pytorch_tanh" => Activation::GeluTanh,
+                    _ => Activation::Silu,
+                },
+            },
+            output_norms: None,
         }
+    }
+
+    /// The block with norms on the attention's and the MLP's outputs (Gemma).
+    pub(super) fn with_output_norms(mut self, attn_out: Tensor, mlp_out: Tensor) -> Self {
+        self.output_norms = Some((attn_out, mlp_out));
+        self
     }
 
     /// The block with per-head query and key norms (Qwen3).
@@ -274,15 +305,82 @@ pub(super) enum Head {
     Quantized(Proj),
 }
 
+/// The token embedding: a dense matrix (trained, or read from safetensors), or a GGUF file's
+/// quantized rows, dequantized only as they are looked up. A 262k-token vocabulary (Gemma 3)
+/// would otherwise take 670 MB as f32, and seconds to fill, for rows a prompt barely touches.
+pub(super) enum Embedding {
+    Dense(Tensor),
+    Quantized {
+        blocks: Vec<u8>,
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl Embedding {
+    /// The rows of `ids` (any shape), as `[ids, cols]`.
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        let (blocks, dtype, rows, cols) = match self {
+            Embedding::Dense(t) => return t.index_select(ids, 0),
+            Embedding::Quantized {
+                blocks,
+                dtype,
+                rows,
+                cols,
+            } => (blocks, *dtype, *rows, *cols),
+        };
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let mut out = Vec::new();
+        for id in ids.flatten_all()?.to_vec1::<u32>()? {
+            let id = id as usize;
+            if id >= rows {
+                candle_core::bail!("token id {id} is outside the embedding's {rows} rows");
+            }
+            let row = &blocks[id * row_bytes..(id + 1) * row_bytes];
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                row,
+                vec![1, cols],
+                &Device::Cpu,
+            )?;
+            out.push(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?);
+        }
+        Tensor::cat(&out, 0)
+    }
+
+    /// The whole matrix as f32 (for export, or a tied head).
+    fn dense(&self) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.clone()),
+            Embedding::Quantized {
+                blocks,
+                dtype,
+                rows,
+                cols,
+            } => candle_core::quantized::ggml_file::qtensor_from_ggml(
+                *dtype,
+                blocks,
+                vec![*rows, *cols],
+                &Device::Cpu,
+            )?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(DType::F32),
+        }
+    }
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
-    pub(super) embed: Tensor,
+    pub(super) embed: Embedding,
     pub(super) layers: Vec<Block>,
     pub(super) norm: Tensor,
     pub(super) lm_head: Option<Tensor>,
     /// A quantized output projection (GGUF); used instead of `lm_head`/`embed` for logits.
     pub(super) quant_head: Option<Proj>,
     pub(super) inv_freq: Vec<f64>,
+    /// The rotary frequencies of the sliding-window layers where they have their own base (Gemma 3).
+    pub(super) local_inv_freq: Option<Vec<f64>>,
     pub(super) device: Device,
     pub(super) dtype: DType,
 }
@@ -316,12 +414,21 @@ fn projection(
     Ok(Proj::Dense(Linear::new(w, b)))
 }
 
-/// Rotary inverse frequencies, one per pair of head dimensions.
-pub(super) fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
+/// Rotary inverse frequencies for base `theta`, one per pair of head dimensions.
+pub(super) fn inverse_frequencies(c: &LlamaConfig, theta: f64) -> Vec<f64> {
     let hd = c.head_size();
     (0..hd / 2)
-        .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64))
         .collect()
+}
+
+/// A norm weight as the model multiplies by it: Gemma stores each as an offset from one.
+fn norm_weight(c: &LlamaConfig, stored: Tensor) -> Result<Tensor> {
+    if c.is_gemma3() {
+        stored + 1.0
+    } else {
+        Ok(stored)
+    }
 }
 
 use super::kernels::{
@@ -339,7 +446,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.scale;
         let (mut q, mut k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         if let Some((qn, kn)) = &self.qk_norm {
             // Each head's vector is normalised on its own: rows of `d`, whatever the layout.
@@ -390,8 +497,12 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down
-            .forward(&swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
+        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let h = match self.activation {
+            Activation::Silu => swiglu(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        self.down.forward(&h)
     }
 }
 
@@ -424,36 +535,54 @@ impl Llama {
             let projections: [Proj; 7] = projections
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("seven projections"));
+            let norm = |vb: &VarBuilder, name: &str, n: usize| {
+                norm_weight(c, param(&vb.pp(name), c, n, "weight")?)
+            };
+            // Llama's `post_attention_layernorm` is the MLP's input norm; Gemma names that
+            // `pre_feedforward_layernorm` and uses the first name for the attention's output.
+            let mlp_norm = match c.is_gemma3() {
+                true => "pre_feedforward_layernorm",
+                false => "post_attention_layernorm",
+            };
             let mut block = Block::new(
                 c,
-                param(&l.pp("input_layernorm"), c, hid, "weight")?,
-                param(&l.pp("post_attention_layernorm"), c, hid, "weight")?,
+                norm(&l, "input_layernorm", hid)?,
+                norm(&l, mlp_norm, hid)?,
                 projections,
             );
             if c.qk_norm() {
                 let a = l.pp("self_attn");
-                block = block.with_qk_norm(
-                    param(&a.pp("q_norm"), c, hd, "weight")?,
-                    param(&a.pp("k_norm"), c, hd, "weight")?,
+                block = block.with_qk_norm(norm(&a, "q_norm", hd)?, norm(&a, "k_norm", hd)?);
+            }
+            if c.is_gemma3() {
+                block = block.with_output_norms(
+                    norm(&l, "post_attention_layernorm", hid)?,
+                    norm(&l, "post_feedforward_layernorm", hid)?,
                 );
             }
             layers.push(block);
         }
-        let norm = param(&m.pp("norm"), c, hid, "weight")?;
+        let norm = norm_weight(c, param(&m.pp("norm"), c, hid, "weight")?)?;
         let head = if c.tie_word_embeddings {
             Head::Tied
         } else {
             Head::Dense(param(&vb.pp("lm_head"), c, (c.vocab_size, hid), "weight")?)
         };
-        Ok(Llama::assemble(c.clone(), embed, layers, norm, head))
+        Ok(Llama::assemble(
+            c.clone(),
+            Embedding::Dense(embed),
+            layers,
+            norm,
+            head,
+        ))
     }
 
     /// The one place a `Llama` is put together, from weights made ([`Llama::new`]) or read
     /// (GGUF): the rotary table, device and dtype follow from the parts.
     pub(super) fn assemble(
         config: LlamaConfig,
-        embed: Tensor,
-        layers: Vec<Block>,
+        embed: Embedding,
+        mut layers: Vec<Block>,
         norm: Tensor,
         head: Head,
     ) -> Llama {
@@ -462,10 +591,23 @@ impl Llama {
             Head::Dense(t) => (Some(t), None),
             Head::Quantized(p) => (None, Some(p)),
         };
+        for (i, layer) in layers.iter_mut().enumerate() {
+            layer.attn.window = config.sliding_window_of(i);
+        }
         Llama {
-            inv_freq: inverse_frequencies(&config),
-            device: embed.device().clone(),
-            dtype: embed.dtype(),
+            inv_freq: inverse_frequencies(&config, config.rope_theta),
+            local_inv_freq: config
+                .family
+                .rope_local_base_freq
+                .map(|theta| inverse_frequencies(&config, theta)),
+            device: match &embed {
+                Embedding::Dense(t) => t.device().clone(),
+                Embedding::Quantized { .. } => Device::Cpu,
+            },
+            dtype: match &embed {
+                Embedding::Dense(t) => t.dtype(),
+                Embedding::Quantized { .. } => DType::F32,
+            },
             config,
             embed,
             layers,
@@ -482,7 +624,7 @@ impl Llama {
     /// Every weight under its Hugging Face name, as f32: what `model.safetensors` holds for this
     /// model (quantized weights dequantized, LoRA adapters merged).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
         let mut proj = |name: String, p: &Proj| -> Result<()> {
             let (w, b) = p.dense_weight()?;
             out.push((format!("{name}.weight"), w));
@@ -492,6 +634,17 @@ impl Llama {
             Ok(())
         };
         let mut norms = Vec::new();
+        // Stored as the family stores them (Gemma: offsets from one).
+        let stored = |w: &Tensor| -> Result<Tensor> {
+            match self.config.is_gemma3() {
+                true => w - 1.0,
+                false => Ok(w.clone()),
+            }
+        };
+        let mlp_norm = match self.config.is_gemma3() {
+            true => "pre_feedforward_layernorm",
+            false => "post_attention_layernorm",
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let at = format!("model.layers.{i}");
             proj(format!("{at}.self_attn.q_proj"), &l.attn.q)?;
@@ -501,15 +654,22 @@ impl Llama {
             proj(format!("{at}.mlp.gate_proj"), &l.mlp.gate)?;
             proj(format!("{at}.mlp.up_proj"), &l.mlp.up)?;
             proj(format!("{at}.mlp.down_proj"), &l.mlp.down)?;
-            norms.push((format!("{at}.input_layernorm.weight"), l.input_norm.clone()));
-            if let Some((qn, kn)) = &l.attn.qk_norm {
-                norms.push((format!("{at}.self_attn.q_norm.weight"), qn.clone()));
-                norms.push((format!("{at}.self_attn.k_norm.weight"), kn.clone()));
-            }
             norms.push((
-                format!("{at}.post_attention_layernorm.weight"),
-                l.post_norm.clone(),
+                format!("{at}.input_layernorm.weight"),
+                stored(&l.input_norm)?,
             ));
+            if let Some((qn, kn)) = &l.attn.qk_norm {
+                norms.push((format!("{at}.self_attn.q_norm.weight"), stored(qn)?));
+                norms.push((format!("{at}.self_attn.k_norm.weight"), stored(kn)?));
+            }
+            norms.push((format!("{at}.{mlp_norm}.weight"), stored(&l.post_norm)?));
+            if let Some((an, mn)) = &l.output_norms {
+                norms.push((format!("{at}.post_attention_layernorm.weight"), stored(an)?));
+                norms.push((
+                    format!("{at}.post_feedforward_layernorm.weight"),
+                    stored(mn)?,
+                ));
+            }
         }
         if !self.config.tie_word_embeddings {
             match (&self.lm_head, &self.quant_head) {
@@ -519,7 +679,7 @@ impl Llama {
             }
         }
         out.extend(norms);
-        out.push(("model.norm.weight".into(), self.norm.clone()));
+        out.push(("model.norm.weight".into(), stored(&self.norm)?));
         Ok(out)
     }
 
@@ -532,15 +692,15 @@ impl Llama {
     }
 
     /// cos/sin tables for the given positions, shaped [rows, 1, T, D/2].
-    fn rope_tables(&self, positions: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, positions: &[Vec<usize>], freqs: &[f64]) -> Result<(Tensor, Tensor)> {
         let rows = positions.len();
         let t = positions[0].len();
-        let half = self.inv_freq.len();
+        let half = freqs.len();
         let mut cos = Vec::with_capacity(rows * t * half);
         let mut sin = Vec::with_capacity(rows * t * half);
         for row in positions {
             for &p in row {
-                for &f in &self.inv_freq {
+                for &f in freqs {
                     let a = p as f64 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
@@ -580,38 +740,66 @@ impl Llama {
             .iter()
             .map(|&r| (offset..total).map(|p| p.saturating_sub(pad[r])).collect())
             .collect();
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let mask = if !padded {
-            None
-        } else {
+        let global = self.rope_tables(&positions, &self.inv_freq)?;
+        let local = match &self.local_inv_freq {
+            Some(freqs) => Some(self.rope_tables(&positions, freqs)?),
+            None => None,
+        };
+        // The mask a layer needs: none when plain causal attention sees what it should (the fused
+        // kernels apply causality), else padding and, for local layers, the window.
+        let mask_for = |window: Option<usize>| -> Result<Option<Tensor>> {
+            let window = window.filter(|&w| total > w);
+            if !padded && window.is_none() {
+                return Ok(None);
+            }
+            let reach = window.unwrap_or(usize::MAX);
             let mut m = Vec::with_capacity(rows.len() * t * total);
             for &r in &rows {
                 for i in 0..t {
                     let q = offset + i;
                     for j in 0..total {
                         // A padding query attends to itself only, so its (unused) output stays finite.
-                        let visible = j <= q && (j >= pad[r] || j == q);
+                        let visible = j <= q && q - j < reach && (j >= pad[r] || j == q);
                         m.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
                     }
                 }
             }
-            Some(
-                Tensor::from_vec(m, (rows.len(), 1, t, total), &self.device)?
-                    .to_dtype(self.dtype)?,
-            )
+            let m = Tensor::from_vec(m, (rows.len(), 1, t, total), &self.device)?;
+            Ok(Some(m.to_dtype(self.dtype)?))
         };
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        let mut x =
+            self.embed
+                .lookup(&ids.flatten_all()?)?
+                .reshape((b, t, self.config.hidden_size))?;
+        if let Some(scale) = self.config.embedding_scale() {
+            x = (x * scale)?;
+        }
         let eps = self.config.rms_norm_eps;
+        let out_norm = |y: Tensor, w: Option<&Tensor>| match w {
+            Some(w) => rms_norm(&y, w, eps),
+            None => Ok(y),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
+            let window = layer.attn.window;
+            if !masks.iter().any(|(w, _)| *w == window) {
+                masks.push((window, mask_for(window)?));
+            }
+            let mask = masks
+                .iter()
+                .find(|(w, _)| *w == window)
+                .and_then(|m| m.1.as_ref());
+            let (cos, sin) = match (&local, window) {
+                (Some(l), Some(_)) => l,
+                _ => &global,
+            };
+            let norms = layer.output_norms.as_ref();
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_norm, eps)?;
-            x = (x + layer.attn.forward(&h, &cos, &sin, mask.as_ref(), slot)?)?;
+            let a = layer.attn.forward(&h, cos, sin, mask, slot)?;
+            x = (x + out_norm(a, norms.map(|n| &n.0))?)?;
             let h = rms_norm(&x, &layer.post_norm, eps)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = (&x + out_norm(layer.mlp.forward(&h)?, norms.map(|n| &n.1))?)?;
         }
         if let Some(c) = cache {
             c.len = total;
@@ -621,10 +809,25 @@ impl Llama {
 
     /// Vocabulary logits for hidden states of any leading shape.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if let Some(q) = &self.quant_head {
-            return q.forward(hidden);
+        let logits = match &self.quant_head {
+            Some(q) => q.forward(hidden)?,
+            None => linear(hidden, &self.head_weight()?)?,
+        };
+        match self.config.family.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
         }
-        linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+
+    /// The dense output matrix: its own, or the embedding's.
+    fn head_weight(&self) -> Result<Tensor> {
+        match (&self.lm_head, &self.embed) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Embedding::Dense(e)) => Ok(e.clone()),
+            (None, Embedding::Quantized { .. }) => {
+                candle_core::bail!("a quantized embedding has no dense head")
+            }
+        }
     }
 
     /// Logits [B, T, vocab].
@@ -648,9 +851,9 @@ impl Llama {
     /// (for callers that also read the hidden states, such as a value head).
     pub fn hidden_token_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t) = targets.dims2()?;
-        if self.quant_head.is_none() {
-            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            return head_nll(hidden, head, targets)?.reshape((b, t));
+        // The fused head-and-loss kernel computes plain logits; soft-capped ones go the long way.
+        if self.quant_head.is_none() && self.config.family.final_logit_softcapping.is_none() {
+            return head_nll(hidden, &self.head_weight()?, targets)?.reshape((b, t));
         }
         let logits = self
             .logits(hidden)?

@@ -57,6 +57,15 @@ pub enum ChatTemplate {
     Jinja(String),
 }
 
+/// Gemma's turns, for Gemma files that ship no template (the base models): the system message
+/// opens the first user turn, and the assistant is called `model`.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}\
+{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}\
+{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}\
+{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n\
+{{ prefix if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
 impl ChatTemplate {
     pub fn by_name(name: &str) -> Result<Self> {
         match name {
@@ -75,6 +84,8 @@ impl ChatTemplate {
             Ok(ChatTemplate::ChatMl)
         } else if tok.special_id("<|start_header_id|>").is_some() {
             Ok(ChatTemplate::Llama3)
+        } else if tok.special_id("<start_of_turn>").is_some() {
+            Ok(ChatTemplate::Jinja(GEMMA_TEMPLATE.into()))
         } else {
             bail!(
                 "the tokenizer has no chat special tokens (<|user_start|>, <|assistant_start|>, ...): \
@@ -93,6 +104,7 @@ impl ChatTemplate {
                 "<|im_end|>",
                 "<|eot_id|>",
                 "<|assistant_end|>",
+                "<end_of_turn>",
                 "</s>",
                 "<|endoftext|>",
             ],

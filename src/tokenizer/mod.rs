@@ -4,6 +4,7 @@
 pub mod bpe;
 pub mod byte_level;
 pub mod chat;
+pub mod sentencepiece;
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -122,6 +123,11 @@ pub struct Tokenizer {
     token_bytes: Vec<u32>,
     special: HashMap<String, u32>,
     merges: Vec<(String, String)>,
+    /// Pieces are SentencePiece's (`▁` for a space, `<0xXX>` bytes) rather than byte-level BPE's.
+    sentencepiece: bool,
+    /// The token a plain prompt starts with: chatforge's `<|bos|>`, or the one a loaded model's
+    /// file asks for.
+    bos: Option<u32>,
 }
 
 impl Tokenizer {
@@ -230,19 +236,20 @@ impl Tokenizer {
         let mut token_bytes = vec![0u32; vocab_size];
         let mut special = HashMap::new();
         for (id, tok) in inner.get_added_tokens_decoder() {
-            special.insert(tok.content.clone(), id);
-        }
-        for (piece, id) in inner.get_vocab(false) {
-            if (id as usize) < vocab_size && !special.contains_key(&piece) {
-                // Byte-level pieces map char-by-char to bytes; other vocabularies fall back to UTF-8 length.
-                let n: Option<u32> = piece
-                    .chars()
-                    .map(|c| byte_level::unicode_to_byte(c).map(|_| 1))
-                    .sum();
-                token_bytes[id as usize] = n.unwrap_or(piece.len() as u32);
+            // Added tokens that are ordinary text (SentencePiece's user-defined pieces) are not.
+            if tok.special {
+                special.insert(tok.content.clone(), id);
             }
         }
-        let merges = match serde_json::to_value(inner.get_model()).ok() {
+        let model = serde_json::to_value(inner.get_model()).unwrap_or_default();
+        let sentencepiece = model["byte_fallback"] == true || model["type"] == "Unigram";
+        for (piece, id) in inner.get_vocab(false) {
+            if (id as usize) < vocab_size && !special.contains_key(&piece) {
+                token_bytes[id as usize] =
+                    piece_bytes(sentencepiece, &piece).map_or(piece.len(), |b| b.len()) as u32;
+            }
+        }
+        let merges = match Some(model) {
             Some(v) => v["merges"]
                 .as_array()
                 .map(|m| {
@@ -264,13 +271,23 @@ impl Tokenizer {
         };
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
+        let bos = special.get(BOS).copied();
         Ok(Tokenizer {
             inner,
             plain,
             token_bytes,
             special,
             merges,
+            sentencepiece,
+            bos,
         })
+    }
+
+    /// The tokenizer with `id` as the token every plain prompt starts with (a GGUF file's
+    /// `add_bos_token`).
+    pub fn with_bos(mut self, id: u32) -> Self {
+        self.bos = Some(id);
+        self
     }
 
     /// Loads `tokenizer.json` from a file or from a directory that holds one.
@@ -361,7 +378,7 @@ impl Tokenizer {
     }
 
     pub fn bos_id(&self) -> Option<u32> {
-        self.special_id(BOS)
+        self.bos
     }
 
     pub fn is_special(&self, id: u32) -> bool {
@@ -391,15 +408,20 @@ impl Tokenizer {
         if self.is_special(id) {
             return piece.into_bytes();
         }
-        piece
-            .chars()
-            .map(byte_level::unicode_to_byte)
-            .collect::<Option<Vec<u8>>>()
-            .unwrap_or_else(|| piece.into_bytes())
+        piece_bytes(self.sentencepiece, &piece).unwrap_or_else(|| piece.into_bytes())
     }
 }
 
 /// Reads a merges.txt file: one "left right" pair per line (a `#version` header is skipped).
+/// The bytes a vocabulary piece stands for; `None` where a byte-level piece has a character
+/// outside the byte alphabet (then its UTF-8 is the best guess).
+fn piece_bytes(sentencepiece: bool, piece: &str) -> Option<Vec<u8>> {
+    match sentencepiece {
+        true => Some(sentencepiece::piece_bytes(piece)),
+        false => piece.chars().map(byte_level::unicode_to_byte).collect(),
+    }
+}
+
 pub fn read_merges_file(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read merges file {}: {e}", path.display()))?;
