@@ -46,6 +46,66 @@ fn load(dir: &std::path::Path, config: &LlamaConfig) -> Llama {
     Llama::new(config, vb).unwrap()
 }
 
+/// Phi-3 in GGUF, as llama.cpp's converter lays it out (`attn_qkv`, `ffn_up` holding gate then
+/// up, the rotary halves in Hugging Face's order): written from the same fixture, it loads into
+/// the same model and gives PyTorch's log-likelihoods.
+#[test]
+fn phi3_gguf_log_likelihoods_match_transformers_to_1e_4() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/phi3");
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let f32 = |name: &str| QTensor::quantize(&weights[name], GgmlDType::F32).unwrap();
+    let mut tensors = vec![
+        (
+            "token_embd.weight".to_string(),
+            f32("model.embed_tokens.weight"),
+        ),
+        ("output.weight".to_string(), f32("lm_head.weight")),
+        ("output_norm.weight".to_string(), f32("model.norm.weight")),
+    ];
+    for i in 0..2 {
+        for (gguf, hf) in [
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("attn_qkv", "self_attn.qkv_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_up", "mlp.gate_up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ] {
+            tensors.push((
+                format!("blk.{i}.{gguf}.weight"),
+                f32(&format!("model.layers.{i}.{hf}.weight")),
+            ));
+        }
+    }
+    use gguf_file::Value;
+    let text = |s: &str| Value::String(s.into());
+    let tokens = Value::Array((0..64).map(|i| text(&format!("t{i}"))).collect());
+    let metadata = [
+        ("general.architecture", text("phi3")),
+        ("phi3.context_length", Value::U32(64)),
+        ("phi3.embedding_length", Value::U32(32)),
+        ("phi3.feed_forward_length", Value::U32(64)),
+        ("phi3.block_count", Value::U32(2)),
+        ("phi3.attention.head_count", Value::U32(4)),
+        ("phi3.attention.head_count_kv", Value::U32(2)),
+        ("phi3.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("phi3.rope.freq_base", Value::F32(10_000.0)),
+        ("tokenizer.ggml.model", text("gpt2")),
+        ("tokenizer.ggml.tokens", tokens),
+        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("phi3.gguf");
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+    let lm = chatforge::model::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(lm.model.config.model_type, "llama");
+    check_model(&lm.model, &dir, "Phi3ForCausalLM");
+}
+
 /// Phi-3: fused q/k/v and gate/up projections, split as they are read.
 #[test]
 fn phi3_log_likelihoods_match_transformers_to_1e_4() {
@@ -153,7 +213,11 @@ fn gemma3_log_likelihoods_match_transformers_to_1e_4() {
 
 fn check_family(dir: &std::path::Path, transformers_model: &str) {
     let config = LlamaConfig::load(&dir.join("config.json")).unwrap();
-    let model = load(dir, &config);
+    check_model(&load(dir, &config), dir, transformers_model);
+}
+
+/// `model`'s log-likelihoods of the reference requests in `dir` are PyTorch's, to 1e-4.
+fn check_model(model: &Llama, dir: &std::path::Path, transformers_model: &str) {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();

@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp, Ollama): architectures `llama` (SmolLM2, Llama 2/3, Mistral), `qwen2`
-//! (with its q/k/v biases) and `qwen3` (per-head query/key norms) into the same [`Llama`] that
-//! chatforge trains. Projection weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
+//! (with its q/k/v biases), `qwen3` (per-head query/key norms), `gemma3` and `phi3` (fused
+//! projections, cut apart as they are read) into the same [`Llama`] that chatforge trains. Projection weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
 //! F32) and are multiplied quantized; norms are dequantized, the embedding is dequantized for the
 //! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
 //! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
@@ -92,25 +92,21 @@ impl Reader<'_> {
     /// A q or k projection whose rows llama.cpp's converter interleaved for its rotary layout
     /// (pairs (0, d/2), (1, d/2+1), ... made adjacent); the rows are put back in Hugging Face
     /// order, block by block, so the one rotary embedding of [`Llama`] applies.
-    fn unpermuted_proj(&mut self, name: &str, heads: usize, bias: bool) -> Result<Proj> {
-        let wname = format!("{name}.weight");
+    /// A matrix's raw blocks: its type, `[rows, cols]` and the bytes of one row.
+    fn raw_rows(&mut self, wname: &str) -> Result<(GgmlDType, [usize; 2], usize, Vec<u8>)> {
         let info = self
             .content
             .tensor_infos
-            .get(&wname)
+            .get(wname)
             .ok_or_else(|| anyhow!("{}: tensor `{wname}` is missing", self.path.display()))?;
         let dtype = info.ggml_dtype;
         let dims = info.shape.dims().to_vec();
         let [rows, cols] = dims[..] else {
             bail!("{}: tensor `{wname}` is not a matrix", self.path.display());
         };
-        if heads == 0
-            || !rows.is_multiple_of(heads)
-            || !(rows / heads).is_multiple_of(2)
-            || !cols.is_multiple_of(dtype.block_size())
-        {
+        if !cols.is_multiple_of(dtype.block_size()) {
             bail!(
-                "{}: tensor `{wname}` ({rows} x {cols}) does not split into {heads} heads of even size in blocks of {}",
+                "{}: tensor `{wname}` has {cols} columns, not whole blocks of {}",
                 self.path.display(),
                 dtype.block_size()
             );
@@ -125,13 +121,27 @@ impl Reader<'_> {
                     self.path.display()
                 )
             })?;
+        let offset = self.content.tensor_data_offset + info.offset;
         let mut raw = vec![0u8; size];
-        self.file.seek(SeekFrom::Start(
-            self.content.tensor_data_offset + info.offset,
-        ))?;
+        self.file.seek(SeekFrom::Start(offset))?;
         self.file
             .read_exact(&mut raw)
             .with_context(|| format!("{}: tensor `{wname}` is cut short", self.path.display()))?;
+        Ok((dtype, [rows, cols], row_bytes, raw))
+    }
+
+    /// A q or k projection whose rows llama.cpp's converter interleaved for its rotary layout
+    /// (pairs (0, d/2), (1, d/2+1), ... made adjacent); the rows are put back in Hugging Face
+    /// order, block by block, so the one rotary embedding of [`Llama`] applies.
+    fn unpermuted_proj(&mut self, name: &str, heads: usize, bias: bool) -> Result<Proj> {
+        let wname = format!("{name}.weight");
+        let (dtype, [rows, cols], row_bytes, raw) = self.raw_rows(&wname)?;
+        if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+            bail!(
+                "{}: tensor `{wname}` ({rows} x {cols}) does not split into {heads} heads of even size",
+                self.path.display(),
+            );
+        }
         let d = rows / heads;
         let mut out = vec![0u8; raw.len()];
         for h in 0..heads {
@@ -144,6 +154,7 @@ impl Reader<'_> {
                 }
             }
         }
+        let dims = vec![rows, cols];
         let q =
             candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &self.device)?;
         let bias = if bias {
@@ -154,6 +165,33 @@ impl Reader<'_> {
         // Through the same kernel choice as every other projection (q and k once went to candle's
         // scalar Q4_1 loop, 15% of decode time).
         quantized_proj(q, bias)
+    }
+
+    /// A fused matrix (Phi-3's `attn_qkv`, `ffn_up` holding gate then up) cut into projections
+    /// of `parts` rows each, still quantized: a row's blocks are whole, so rows split cleanly.
+    fn split_proj(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Proj>> {
+        let wname = format!("{name}.weight");
+        let (dtype, [rows, cols], row_bytes, raw) = self.raw_rows(&wname)?;
+        if parts.iter().sum::<usize>() != rows {
+            bail!(
+                "{}: tensor `{wname}` has {rows} rows, but the metadata calls for {parts:?}",
+                self.path.display()
+            );
+        }
+        let mut start = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for &n in parts {
+            let bytes = &raw[start * row_bytes..(start + n) * row_bytes];
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                bytes,
+                vec![n, cols],
+                &self.device,
+            )?;
+            out.push(quantized_proj(q, None)?);
+            start += n;
+        }
+        Ok(out)
     }
 }
 
@@ -274,7 +312,10 @@ fn quantized_proj(q: QTensor, bias: Option<Tensor>) -> Result<Proj> {
         let (rows, cols) = q.shape().dims2()?;
         let blocks = super::quant::as_q8_0(q.dtype(), &q.data()?).into_owned();
         let weight = super::quant::QuantMatrix::new(format, rows, cols, &blocks)?;
-        return Ok(Proj::Block { weight, bias });
+        return Ok(Proj::Block {
+            weight: std::sync::Arc::new(weight),
+            bias,
+        });
     }
     Ok(Proj::Quantized {
         weight: QMatMul::from_qtensor(q)?,
@@ -321,13 +362,25 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "gemma3") {
+    if !matches!(
+        arch.as_str(),
+        "llama" | "qwen2" | "qwen3" | "gemma3" | "phi3"
+    ) {
         bail!(
-            "{}: architecture {arch:?} is not supported (supported: llama, qwen2, qwen3, gemma3)",
+            "{}: architecture {arch:?} is not supported (supported: llama, qwen2, qwen3, gemma3, phi3)",
             path.display()
         );
     }
     let gemma = arch == "gemma3";
+    // Phi-3 is Llama with fused q/k/v and gate/up matrices, cut apart as they are read: from
+    // then on it is a Llama, as its Hugging Face directories are (`config::LlamaConfig::load`).
+    let phi3 = arch == "phi3";
+    if phi3 && r.has("rope_factors_long.weight") {
+        bail!(
+            "{}: this Phi-3 uses long-context rotary scaling (rope_factors_long), which chatforge does not support yet; the 4k-context Phi-3 files load",
+            path.display()
+        );
+    }
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = r.meta_u32(&key("embedding_length"))? as usize;
     let heads = r.meta_u32(&key("attention.head_count"))? as usize;
@@ -387,9 +440,10 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             "gemma3" => "Gemma3ForCausalLM".into(),
             _ => "LlamaForCausalLM".into(),
         }],
-        model_type: match gemma {
-            true => "gemma3_text".into(),
-            false => arch.clone(),
+        model_type: match arch.as_str() {
+            "gemma3" => "gemma3_text".into(),
+            "phi3" => "llama".into(),
+            _ => arch.clone(),
         },
         vocab_size,
         hidden_size: hidden,
@@ -402,7 +456,12 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             .meta_u32(&key("attention.key_length"))
             .ok()
             .map(|d| d as usize),
-        max_position_embeddings: r.meta_u32(&key("context_length"))? as usize,
+        // Attention over a window of `sliding_window` tokens (Phi-3) equals full attention over a
+        // context no longer than that.
+        max_position_embeddings: match (phi3, r.meta_u32(&key("attention.sliding_window"))) {
+            (true, Ok(w)) => (w as usize).min(r.meta_u32(&key("context_length"))? as usize),
+            _ => r.meta_u32(&key("context_length"))? as usize,
+        },
         rms_norm_eps: eps,
         rope_theta: theta,
         tie_word_embeddings: !r.has("output.weight"),
@@ -433,17 +492,29 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         r.expect_shape("output.weight", &[c.vocab_size, hid])?;
     }
     for i in 0..c.num_hidden_layers {
+        let ff = c.intermediate_size;
+        let projections = match phi3 {
+            true => vec![
+                ("attn_qkv.weight", vec![q_rows + 2 * kv_rows, hid]),
+                ("ffn_up.weight", vec![2 * ff, hid]),
+            ],
+            false => vec![
+                ("attn_q.weight", vec![q_rows, hid]),
+                ("attn_k.weight", vec![kv_rows, hid]),
+                ("attn_v.weight", vec![kv_rows, hid]),
+                ("ffn_gate.weight", vec![ff, hid]),
+                ("ffn_up.weight", vec![ff, hid]),
+            ],
+        };
         for (name, shape) in [
             ("attn_norm.weight", vec![hid]),
             ("ffn_norm.weight", vec![hid]),
-            ("attn_q.weight", vec![q_rows, hid]),
-            ("attn_k.weight", vec![kv_rows, hid]),
-            ("attn_v.weight", vec![kv_rows, hid]),
             ("attn_output.weight", vec![hid, q_rows]),
-            ("ffn_gate.weight", vec![c.intermediate_size, hid]),
-            ("ffn_up.weight", vec![c.intermediate_size, hid]),
-            ("ffn_down.weight", vec![hid, c.intermediate_size]),
-        ] {
+            ("ffn_down.weight", vec![hid, ff]),
+        ]
+        .into_iter()
+        .chain(projections)
+        {
             r.expect_shape(&format!("blk.{i}.{name}"), &shape)?;
         }
         if c.qk_norm() {
@@ -467,16 +538,33 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     for i in 0..config.num_hidden_layers {
         let b = format!("blk.{i}");
         // llama.cpp's converter interleaves q/k rows for llama; qwen2 keeps Hugging Face order.
-        let (q, k) = if arch == "llama" {
-            (
-                r.unpermuted_proj(&format!("{b}.attn_q"), heads, bias)?,
-                r.unpermuted_proj(&format!("{b}.attn_k"), kv_heads, bias)?,
-            )
+        let [q, k, v, gate, up] = if phi3 {
+            let (q_rows, kv_rows) = (heads * config.head_size(), kv_heads * config.head_size());
+            let ff = config.intermediate_size;
+            let mut qkv = r.split_proj(&format!("{b}.attn_qkv"), &[q_rows, kv_rows, kv_rows])?;
+            let mut gate_up = r.split_proj(&format!("{b}.ffn_up"), &[ff, ff])?;
+            let (up, gate) = (gate_up.remove(1), gate_up.remove(0));
+            let (v, k, q) = (qkv.remove(2), qkv.remove(1), qkv.remove(0));
+            [q, k, v, gate, up]
         } else {
-            (
-                r.proj(&format!("{b}.attn_q"), bias)?,
-                r.proj(&format!("{b}.attn_k"), bias)?,
-            )
+            let (q, k) = if arch == "llama" {
+                (
+                    r.unpermuted_proj(&format!("{b}.attn_q"), heads, bias)?,
+                    r.unpermuted_proj(&format!("{b}.attn_k"), kv_heads, bias)?,
+                )
+            } else {
+                (
+                    r.proj(&format!("{b}.attn_q"), bias)?,
+                    r.proj(&format!("{b}.attn_k"), bias)?,
+                )
+            };
+            [
+                q,
+                k,
+                r.proj(&format!("{b}.attn_v"), bias)?,
+                r.proj(&format!("{b}.ffn_gate"), false)?,
+                r.proj(&format!("{b}.ffn_up"), false)?,
+            ]
         };
         let mut block = Block::new(
             &config,
@@ -485,10 +573,10 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             [
                 q,
                 k,
-                r.proj(&format!("{b}.attn_v"), bias)?,
+                v,
                 r.proj(&format!("{b}.attn_output"), false)?,
-                r.proj(&format!("{b}.ffn_gate"), false)?,
-                r.proj(&format!("{b}.ffn_up"), false)?,
+                gate,
+                up,
                 r.proj(&format!("{b}.ffn_down"), false)?,
             ],
         );
@@ -507,21 +595,24 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         }
         layers.push(block);
     }
-    let embed = {
-        let q = r.qtensor("token_embd.weight")?;
-        Embedding::Quantized {
-            blocks: q.data()?.into_owned(),
-            dtype: q.dtype(),
-            rows: config.vocab_size,
-            cols: config.hidden_size,
-        }
-    };
     let head_name = if config.tie_word_embeddings {
         "token_embd.weight"
     } else {
         "output.weight"
     };
     let quant_head = quantized_proj(r.qtensor(head_name)?, None)?;
+    let embed = match (&quant_head, config.tie_word_embeddings) {
+        (Proj::Block { weight, .. }, true) => Embedding::Rows(weight.clone()),
+        _ => {
+            let q = r.qtensor("token_embd.weight")?;
+            Embedding::Quantized {
+                blocks: q.data()?.into_owned(),
+                dtype: q.dtype(),
+                rows: config.vocab_size,
+                cols: config.hidden_size,
+            }
+        }
+    };
     let norm = r.dense("output_norm.weight")?;
     let tokenizer = crate::util::panic_to_error(|| tokenizer(&r)).with_context(|| {
         format!(

@@ -125,7 +125,8 @@ pub(super) enum Proj {
     },
     /// Q4_1 or Q8_0 through our own kernel (candle's Q4_1 is scalar).
     Block {
-        weight: super::quant::QuantMatrix,
+        /// Shared with the embedding when a GGUF file ties them ([`Embedding::Rows`]).
+        weight: std::sync::Arc<super::quant::QuantMatrix>,
         bias: Option<Tensor>,
     },
     /// A frozen projection plus a trained low-rank update ([`super::lora`]).
@@ -310,6 +311,8 @@ pub(super) enum Head {
 /// would otherwise take 670 MB as f32, and seconds to fill, for rows a prompt barely touches.
 pub(super) enum Embedding {
     Dense(Tensor),
+    /// The rows of the tied output head (Q4_1 or Q8_0), so the file's matrix is held once.
+    Rows(std::sync::Arc<super::quant::QuantMatrix>),
     Quantized {
         blocks: Vec<u8>,
         dtype: candle_core::quantized::GgmlDType,
@@ -323,6 +326,7 @@ impl Embedding {
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         let (blocks, dtype, rows, cols) = match self {
             Embedding::Dense(t) => return t.index_select(ids, 0),
+            Embedding::Rows(m) => return m.rows(&ids.flatten_all()?.to_vec1::<u32>()?),
             Embedding::Quantized {
                 blocks,
                 dtype,
@@ -353,6 +357,7 @@ impl Embedding {
     fn dense(&self) -> Result<Tensor> {
         match self {
             Embedding::Dense(t) => Ok(t.clone()),
+            Embedding::Rows(m) => m.dequantize(&Device::Cpu),
             Embedding::Quantized {
                 blocks,
                 dtype,
@@ -602,11 +607,11 @@ impl Llama {
                 .map(|theta| inverse_frequencies(&config, theta)),
             device: match &embed {
                 Embedding::Dense(t) => t.device().clone(),
-                Embedding::Quantized { .. } => Device::Cpu,
+                Embedding::Quantized { .. } | Embedding::Rows(_) => Device::Cpu,
             },
             dtype: match &embed {
                 Embedding::Dense(t) => t.dtype(),
-                Embedding::Quantized { .. } => DType::F32,
+                Embedding::Quantized { .. } | Embedding::Rows(_) => DType::F32,
             },
             config,
             embed,
@@ -824,7 +829,7 @@ impl Llama {
         match (&self.lm_head, &self.embed) {
             (Some(w), _) => Ok(w.clone()),
             (None, Embedding::Dense(e)) => Ok(e.clone()),
-            (None, Embedding::Quantized { .. }) => {
+            (None, Embedding::Quantized { .. } | Embedding::Rows(_)) => {
                 candle_core::bail!("a quantized embedding has no dense head")
             }
         }

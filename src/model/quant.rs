@@ -288,6 +288,27 @@ impl QuantMatrix {
         Tensor::from_vec(out, (self.rows, self.cols), device)
     }
 
+    /// Rows `ids` as f32 `[ids, cols]` (an embedding lookup in a tied head's matrix).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let blocks = self.cols / BLOCK;
+        let n = self.values.len() / self.scales.len().max(1);
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let r = id as usize;
+            if r >= self.rows {
+                candle_core::bail!("token id {r} is outside the embedding's {} rows", self.rows);
+            }
+            for b in r * blocks..(r + 1) * blocks {
+                let (v, [d, m]) = (&self.values[b * n..(b + 1) * n], self.scales[b]);
+                out.extend((0..BLOCK).map(|j| match self.format {
+                    BlockFormat::Q4_1 => d * nibble(v, j) as f32 + m,
+                    BlockFormat::Q8_0 => d * v[j] as i8 as f32,
+                }));
+            }
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
+    }
+
     /// `x · Wᵀ` for `x` of shape `[..., cols]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -363,6 +384,13 @@ mod tests {
             assert_eq!(
                 values(ours.dequantize(&dev).unwrap()),
                 values(q.dequantize(&dev).unwrap())
+            );
+            // Looked-up rows are those rows of the whole matrix.
+            let dense = ours.dequantize(&dev).unwrap();
+            let picked = dense.index_select(&Tensor::new(&[7u32, 0, 95], &dev).unwrap(), 0);
+            assert_eq!(
+                values(ours.rows(&[7, 0, 95]).unwrap()),
+                values(picked.unwrap())
             );
             let reference = QMatMul::from_qtensor(q).unwrap();
             for n in [1usize, 5] {

@@ -271,6 +271,30 @@ mod tests {
         assert_eq!(specials.iter().filter(|&&s| s).count(), 1, "{specials:?}");
     }
 
+    /// Llama 2 and Mistral put a `▁` in front of the text, so the first word is spelled like
+    /// every later one; decoding takes it off again.
+    #[test]
+    fn space_prefix_spells_the_first_word_like_the_others() {
+        let mut v = vocab(
+            &[
+                ("▁", -1.0),
+                ("h", -1.0),
+                ("i", -1.0),
+                ("▁h", -2.0),
+                ("▁hi", -3.0),
+            ],
+            &[],
+        );
+        v.add_space_prefix = true;
+        let t = build(&v, Algorithm::Bpe).unwrap();
+        assert_eq!(pieces(&t, "hi hi"), ["▁hi", "▁hi"]);
+        let ids = t.encode_fast("hi hi", false).unwrap().get_ids().to_vec();
+        assert_eq!(t.decode(&ids, false).unwrap(), "hi hi");
+        v.add_space_prefix = false;
+        let t = build(&v, Algorithm::Bpe).unwrap();
+        assert_eq!(pieces(&t, "hi hi"), ["h", "i", "▁hi"]);
+    }
+
     /// Unigram picks the segmentation with the best total score.
     #[test]
     fn unigram_takes_the_best_path() {
