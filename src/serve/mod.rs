@@ -11,7 +11,7 @@ use crate::infer::generate::FinishReason;
 use crate::infer::grammar::GrammarCompiler;
 use crate::infer::sampler::SamplingParams;
 use crate::model::LoadedModel;
-use crate::tokenizer::chat::{render, ChatTemplate, Message, Role};
+use crate::tokenizer::chat::{render_with_tools, ChatTemplate, Message, Role};
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -675,7 +675,15 @@ fn chat_prompt(
         };
         messages.push(Message::new(role, text));
     }
-    if !offered.is_empty() {
+    // A template that lays out tools itself gets them; for any other the Hermes text goes into
+    // the system message.
+    let own_layout = !offered.is_empty() && state.template.renders_tools();
+    let listed = own_layout.then(|| tools::as_openai(offered));
+    if let Some(list) = &listed {
+        crate::tokenizer::chat::check_tools(&state.lm.tokenizer, list)
+            .map_err(|e| ApiError::invalid("tools", format!("{e:#}")))?;
+    }
+    if !offered.is_empty() && !own_layout {
         let about = tools::system_text(offered);
         match messages.first_mut() {
             Some(first) if first.role == Role::System => {
@@ -699,9 +707,15 @@ fn chat_prompt(
         messages = grounded.0;
         sources = grounded.1;
     }
-    let ids = render(&state.lm.tokenizer, &state.template, &messages, true)
-        .map(|r| r.ids)
-        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
+    let ids = render_with_tools(
+        &state.lm.tokenizer,
+        &state.template,
+        &messages,
+        listed.as_ref(),
+        true,
+    )
+    .map(|r| r.ids)
+    .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
     Ok((ids, sources))
 }
 

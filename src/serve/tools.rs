@@ -2,6 +2,8 @@
 //! model, in the Hermes convention that Qwen and Hermes models are trained on: the tools'
 //! signatures go into the system message, a call is `<tool_call>{"name", "arguments"}</tool_call>`
 //! in the reply, and a result comes back as `<tool_response>…</tool_response>` in a user turn.
+//! A model whose own chat template reads `tools` gets the list there instead, laid out as it was
+//! trained on (`tokenizer::chat::render_with_tools`).
 //!
 //! `tool_choice: "required"` or a named function binds the reply with a grammar (the decoding
 //! core's `response_format` machinery), so even a model never trained on tools calls one with
@@ -125,15 +127,25 @@ pub fn parse(
     Ok((out, choice))
 }
 
-/// What the system message says about the tools (the Hermes convention's content).
-pub fn system_text(tools: &[Tool]) -> String {
-    let signatures: Vec<String> = tools
+/// The tools as OpenAI lists them, for a chat template that lays them out itself.
+pub fn as_openai(tools: &[Tool]) -> Value {
+    tools
         .iter()
         .map(|t| {
             json!({"type": "function", "function": {
                 "name": t.name, "description": t.description, "parameters": t.parameters}})
-            .to_string()
         })
+        .collect()
+}
+
+/// What the system message says about the tools (the Hermes convention's content).
+pub fn system_text(tools: &[Tool]) -> String {
+    let listed = as_openai(tools);
+    let signatures: Vec<String> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t.to_string())
         .collect();
     format!(
         "You can call functions to help with the user's request. Their signatures, one per line, \

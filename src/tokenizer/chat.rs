@@ -94,6 +94,12 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether the template lays out function signatures itself (it reads `tools`, as Qwen's,
+    /// Llama 3.1's and Hermes' templates do).
+    pub fn renders_tools(&self) -> bool {
+        matches!(self, ChatTemplate::Jinja(source) if source.contains("tools"))
+    }
+
     /// Token ids that end an assistant turn.
     pub fn stop_ids(&self, tok: &Tokenizer) -> Vec<u32> {
         let names: &[&str] = match self {
@@ -160,6 +166,22 @@ impl RenderedChat {
     }
 }
 
+/// Refuses tools that spell one of the model's special tokens: a template's own text is encoded
+/// with special tokens, so a description holding `<|im_end|>` would end the system turn.
+pub fn check_tools(tok: &Tokenizer, tools: &serde_json::Value) -> Result<()> {
+    let ids = tok.encode(&tools.to_string())?;
+    let mut found: Vec<String> = ids
+        .into_iter()
+        .filter(|&id| tok.is_special(id))
+        .filter_map(|id| tok.id_to_token(id))
+        .collect();
+    found.dedup();
+    if !found.is_empty() {
+        bail!("the tools spell the model's special tokens {found:?}; remove them from names, descriptions and schemas");
+    }
+    Ok(())
+}
+
 fn special(tok: &Tokenizer, name: &str) -> Result<u32> {
     tok.special_id(name).with_context(|| {
         format!("the tokenizer has no {name} token, which this chat template needs; pick the template that matches the model (--template)")
@@ -174,6 +196,22 @@ pub fn render(
     messages: &[Message],
     add_generation_prompt: bool,
 ) -> Result<RenderedChat> {
+    render_with_tools(tok, template, messages, None, add_generation_prompt)
+}
+
+/// [`render`] with function signatures (OpenAI's `tools` list) for a Jinja template that lays
+/// them out itself ([`ChatTemplate::renders_tools`]); other templates ignore them. Tools that
+/// spell a special token are refused ([`check_tools`]).
+pub fn render_with_tools(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[Message],
+    tools: Option<&serde_json::Value>,
+    add_generation_prompt: bool,
+) -> Result<RenderedChat> {
+    if let Some(t) = tools {
+        check_tools(tok, t)?;
+    }
     let mut r = RenderedChat::default();
     let own_documents = *template == ChatTemplate::Chatforge
         && tok.special_id(crate::tools::DOCUMENT_START).is_some();
@@ -251,7 +289,7 @@ pub fn render(
             }
         }
         ChatTemplate::Jinja(source) => {
-            render_jinja(tok, source, messages, add_generation_prompt, &mut r)?
+            render_jinja(tok, source, messages, tools, add_generation_prompt, &mut r)?
         }
     }
     Ok(r)
@@ -322,6 +360,7 @@ fn push_with_calls(
 fn jinja_text(
     source: &str,
     messages: &[Message],
+    tools: Option<&serde_json::Value>,
     add_generation_prompt: bool,
     tok: &Tokenizer,
 ) -> Result<String> {
@@ -344,6 +383,7 @@ fn jinja_text(
         .unwrap_or_default();
     tmpl.render(minijinja::context! {
         messages => messages,
+        tools => tools.map(minijinja::Value::from_serialize),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos,
         eos_token => "",
@@ -436,6 +476,7 @@ fn render_jinja(
     tok: &Tokenizer,
     source: &str,
     messages: &[Message],
+    tools: Option<&serde_json::Value>,
     add_generation_prompt: bool,
     r: &mut RenderedChat,
 ) -> Result<()> {
@@ -444,15 +485,15 @@ fn render_jinja(
         .enumerate()
         .map(|(i, m)| Message::new(m.role, content_marker(i)))
         .collect();
-    let skeleton = jinja_text(source, &marked, add_generation_prompt, tok)?;
+    let skeleton = jinja_text(source, &marked, tools, add_generation_prompt, tok)?;
     let mut spans = Vec::new();
     let mut last_end = 0;
     for (i, m) in marked.iter().enumerate() {
         if m.role != Role::Assistant {
             continue;
         }
-        let before = jinja_text(source, &marked[..i], true, tok)?;
-        let after = jinja_text(source, &marked[..=i], false, tok)?;
+        let before = jinja_text(source, &marked[..i], tools, true, tok)?;
+        let after = jinja_text(source, &marked[..=i], tools, false, tok)?;
         if !after.starts_with(&before) || !skeleton.starts_with(&after) || before.len() < last_end {
             bail!("the chat template does not render conversations prefix by prefix, so the assistant tokens cannot be located");
         }
@@ -462,7 +503,7 @@ fn render_jinja(
     let pieces = split_markers(&skeleton, messages.len());
     // The real rendering says whether the template trims contents; where it cannot be followed
     // (a template that rewrites content), the contents go in as written.
-    let full = jinja_text(source, messages, add_generation_prompt, tok)?;
+    let full = jinja_text(source, messages, tools, add_generation_prompt, tok)?;
     let contents = rendered_contents(&skeleton, &pieces, &full, messages).unwrap_or_else(|| {
         pieces
             .iter()
