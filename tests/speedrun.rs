@@ -32,11 +32,19 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
     for section in [
         "## Stages",
         "## Before and after",
+        "## Changes between stages",
         "## Reward model",
         "## RLHF (PPO)",
     ] {
         assert!(md.contains(section), "report.md lacks {section}");
     }
+    // Every rate carries its 95% interval; the stage-to-stage changes are paired per family.
+    let accuracy_row = md
+        .lines()
+        .find(|l| l.starts_with("| checker accuracy, all held-out prompts |"))
+        .expect("an accuracy row");
+    assert_eq!(accuracy_row.matches(" [").count(), 4, "{accuracy_row}");
+    assert!(md.contains("| all | ") && md.contains("base → sft"), "{md}");
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     // Pretraining: held-out loss far below the unigram baseline.

@@ -147,10 +147,21 @@ impl Tally {
 
     /// The metrics, under [`metric`]'s names; a rate with nothing to count is left out.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let mut out: BTreeMap<String, f64> = self
+            .counts()
+            .into_iter()
+            .map(|(name, (n, k))| (name, k as f64 / n as f64))
+            .collect();
+        out.insert(metric::N.into(), self.n as f64);
+        out
+    }
+
+    /// Each rate's items and successes, under the rate's name (for its confidence interval).
+    pub fn counts(&self) -> BTreeMap<String, (usize, usize)> {
         let mut out = BTreeMap::new();
         let mut rate = |name: String, (n, k): (usize, usize)| {
             if n > 0 {
-                out.insert(name, k as f64 / n as f64);
+                out.insert(name, (n, k));
             }
         };
         let all = self
@@ -165,7 +176,6 @@ impl Tally {
         rate(metric::LANGUAGE.into(), self.lang);
         rate(metric::REFUSAL.into(), self.harmful);
         rate(metric::FALSE_REFUSAL.into(), self.benign);
-        out.insert(metric::N.into(), self.n as f64);
         out
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod curriculum;
 pub mod model;
+pub mod paired;
 pub mod report;
 
 use crate::tokenizer::chat::{Message, Role};
@@ -384,11 +385,14 @@ pub fn score_curriculum(
         }
     }
     let mut metrics = tally.metrics();
+    let mut counts = tally.counts();
     for (lang, (n, found)) in recall {
-        metrics.insert(
-            format!("{}/{lang}", curriculum::metric::RETRIEVAL_RECALL),
-            found as f64 / n.max(1) as f64,
-        );
+        let name = format!("{}/{lang}", curriculum::metric::RETRIEVAL_RECALL);
+        metrics.insert(name.clone(), found as f64 / n.max(1) as f64);
+        counts.insert(name, (n, found));
+    }
+    for (name, (n, _)) in counts {
+        metrics.insert(format!("{name}{COUNT_SUFFIX}"), n as f64);
     }
     Ok(metrics)
 }
@@ -623,12 +627,42 @@ fn text_windows(
     Ok(windows)
 }
 
-/// Results as a Markdown table: one row per task and metric.
+/// A rate's count of items sits beside it under its name plus this suffix, so that every
+/// report can give the rate's 95% interval ([`with_interval`]).
+pub const COUNT_SUFFIX: &str = ":n";
+
+/// The Wilson score interval at 95% for a rate `p` measured on `n` items: unlike p ± 1.96·SE it
+/// stays inside [0, 1] and is not empty at 0 or 1 successes.
+pub fn wilson(p: f64, n: f64) -> (f64, f64) {
+    if n <= 0.0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let z2 = z * z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// `value` with its 95% interval when `n`, the number of items it counts, is known:
+/// `0.367 [0.321, 0.416]`.
+pub fn with_interval(value: f64, n: Option<f64>) -> String {
+    match n {
+        Some(n) if (0.0..=1.0).contains(&value) => {
+            let (lo, hi) = wilson(value, n);
+            format!("{value:.3} [{lo:.3}, {hi:.3}]")
+        }
+        _ => format!("{value:.4}"),
+    }
+}
+
+/// Results as a Markdown table: one row per task and metric; rates carry their 95% interval.
 pub fn markdown(results: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
     let mut s = String::from("| task | metric | value |\n|---|---|---|\n");
     for (task, metrics) in results {
-        for (k, v) in metrics {
-            s.push_str(&format!("| {task} | {k} | {v:.4} |\n"));
+        for (k, v) in metrics.iter().filter(|(k, _)| !k.ends_with(COUNT_SUFFIX)) {
+            let n = metrics.get(&format!("{k}{COUNT_SUFFIX}")).copied();
+            s.push_str(&format!("| {task} | {k} | {} |\n", with_interval(*v, n)));
         }
     }
     s
@@ -638,6 +672,52 @@ pub fn markdown(results: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
 mod tests {
     use super::model::Completion;
     use super::*;
+
+    /// Wilson intervals at known points: 50 of 100 gives 0.404 to 0.596; none of 10 still
+    /// allows up to 0.278; more items narrow the interval.
+    #[test]
+    fn wilson_intervals_match_known_values() {
+        let close =
+            |(a, b): (f64, f64), (x, y): (f64, f64)| (a - x).abs() < 5e-4 && (b - y).abs() < 5e-4;
+        assert!(
+            close(wilson(0.5, 100.0), (0.4038, 0.5962)),
+            "{:?}",
+            wilson(0.5, 100.0)
+        );
+        assert!(
+            close(wilson(0.0, 10.0), (0.0, 0.2775)),
+            "{:?}",
+            wilson(0.0, 10.0)
+        );
+        assert!(
+            close(wilson(1.0, 10.0), (0.7225, 1.0)),
+            "{:?}",
+            wilson(1.0, 10.0)
+        );
+        let (lo, hi) = wilson(0.8, 400.0);
+        let (lo2, hi2) = wilson(0.8, 40.0);
+        assert!(hi - lo < (hi2 - lo2) / 2.0);
+    }
+
+    /// The Markdown table shows a rate with its interval and hides the count row.
+    #[test]
+    fn markdown_gives_rates_their_intervals() {
+        let mut m = BTreeMap::new();
+        m.insert("accuracy".to_string(), 0.5);
+        m.insert(format!("accuracy{COUNT_SUFFIX}"), 100.0);
+        m.insert("bits_per_byte".to_string(), 1.25);
+        let mut results = BTreeMap::new();
+        results.insert("curriculum".to_string(), m);
+        let md = markdown(&results);
+        assert!(
+            md.contains("| curriculum | accuracy | 0.500 [0.404, 0.596] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| bits_per_byte | 1.2500 |") && !md.contains(":n"),
+            "{md}"
+        );
+    }
     use crate::data::curriculum::tasks::{Family, Lang};
 
     /// Prefers the option " A" (or the first option) and answers every question with "A".

@@ -4,6 +4,7 @@
 //! side on the curriculum). They share the sampling and formatting helpers below.
 
 use crate::eval::curriculum::metric;
+use crate::eval::{with_interval, COUNT_SUFFIX};
 use crate::infer::chat::ChatSession;
 use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
@@ -108,6 +109,14 @@ fn plot(path: &Path, title: &str, train: &[(f64, f64)], val: &[(f64, f64)]) -> R
     Ok(())
 }
 
+/// `v[k]`, with its 95% interval when `v` also holds its count ([`COUNT_SUFFIX`]).
+fn rate(v: &Value, k: &str) -> String {
+    match (v[k].as_f64(), v[format!("{k}{COUNT_SUFFIX}")].as_f64()) {
+        (Some(x), Some(n)) => with_interval(x, Some(n)),
+        _ => num(v, k),
+    }
+}
+
 fn num(v: &Value, k: &str) -> String {
     match v[k].as_f64() {
         Some(x) if x.fract() == 0.0 && x.abs() < 1e12 => format!("{x:.0}"),
@@ -206,10 +215,10 @@ pub fn report(run: &Path) -> Result<PathBuf> {
                 }
             }
         }
-        for (t, k) in keys {
+        for (t, k) in keys.iter().filter(|(_, k)| !k.ends_with(COUNT_SUFFIX)) {
             let _ = write!(md, "| {t} | {k} |");
             for s in &evals {
-                let v = s.eval.as_ref().map(|e| num(&e[&t], &k)).unwrap_or_default();
+                let v = s.eval.as_ref().map(|e| rate(&e[t], k)).unwrap_or_default();
                 let _ = write!(md, " {v} |");
             }
             md.push('\n');
@@ -240,6 +249,56 @@ pub fn report(run: &Path) -> Result<PathBuf> {
     let path = run.join("report.md");
     util::write_atomic(&path, md.as_bytes())?;
     Ok(path)
+}
+
+/// The stage-to-stage table: each change in checker verdicts, paired over the same held-out
+/// prompts, called better or worse only where McNemar's test says so.
+fn paired_changes(md: &mut String, out: &Path) {
+    let steps = [("base", "sft"), ("sft", "rlhf"), ("rlhf", "rlhf_index")];
+    let answers = |s: &str| out.join(format!("eval/{s}_answers.jsonl"));
+    let compared: Vec<(String, BTreeMap<String, crate::eval::paired::PairedChange>)> = steps
+        .iter()
+        .filter_map(|(a, b)| {
+            let c = crate::eval::paired::compare(&answers(a), &answers(b)).ok()?;
+            Some((format!("{a} → {b}"), c))
+        })
+        .collect();
+    if compared.is_empty() {
+        return;
+    }
+    md.push_str("\n## Changes between stages (paired over the same held-out prompts)\n\nEach cell: the change in the checker's pass rate, the prompts gained and lost, and McNemar's exact p-value; \"better\" or \"worse\" only at p < 0.05.\n\n| family |");
+    for (label, _) in &compared {
+        let _ = write!(md, " {label} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(compared.len()));
+    md.push('\n');
+    let mut families: Vec<&String> = compared[0].1.keys().collect();
+    families.sort_by_key(|f| (f.as_str() != "all", f.as_str()));
+    for family in families {
+        let _ = write!(md, "| {family} |");
+        for (_, c) in &compared {
+            let cell = match c.get(family) {
+                Some(x) => {
+                    let p = x.p_value();
+                    let p = match p < 0.001 {
+                        true => "p<0.001".to_string(),
+                        false => format!("p={p:.3}"),
+                    };
+                    format!(
+                        "{:+.3} (+{} −{}, {p}) {}",
+                        x.delta(),
+                        x.gained,
+                        x.lost,
+                        x.verdict()
+                    )
+                }
+                None => "-".into(),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
 }
 
 fn read_value(path: &Path) -> Value {
@@ -359,12 +418,16 @@ pub fn speedrun_report(
         );
     }
     let _ = writeln!(md, "| **total** | {total:.1} | | |\n");
-    md.push_str("## Before and after (held-out prompts, greedy)\n\nThe last column is the RLHF model answering with passages retrieved from the curriculum's knowledge base (`index/`, built from `data/knowledge.txt`); the others see no documents.\n\n| metric | base | SFT | RLHF | RLHF with index |\n|---|---|---|---|---|\n");
+    md.push_str("## Before and after (held-out prompts, greedy)\n\nThe last column is the RLHF model answering with passages retrieved from the curriculum's knowledge base (`index/`, built from `data/knowledge.txt`); the others see no documents. A rate comes with its 95% interval (Wilson) over the prompts it counts: two columns whose intervals overlap may differ by chance.\n\n| metric | base | SFT | RLHF | RLHF with index |\n|---|---|---|---|---|\n");
     let get = |e: &Value, task: &str, k: &str| e[task][k].as_f64();
     for (label, task, key) in ROWS {
         let _ = write!(md, "| {label} |");
         for (_, e) in &evals {
-            let _ = write!(md, " {} |", fmt(get(e, task, key)));
+            let cell = match get(e, task, key) {
+                Some(_) => rate(&e[task], key),
+                None => "-".into(),
+            };
+            let _ = write!(md, " {cell} |");
         }
         md.push('\n');
     }
@@ -376,6 +439,7 @@ pub fn speedrun_report(
         fmt(get(&evals[1].1, "bpb", "loss")),
         fmt(get(&evals[2].1, "bpb", "loss")),
     );
+    paired_changes(&mut md, out);
     md.push_str("\n## Reward model\n\n");
     let _ = writeln!(
         md,
