@@ -1,9 +1,12 @@
 //! GGUF files (llama.cpp, Ollama): architectures `llama` (SmolLM2, Llama 2/3, Mistral), `qwen2`
 //! (with its q/k/v biases), `qwen3` (per-head query/key norms), `gemma3` and `phi3` (fused
-//! projections, cut apart as they are read) into the same [`Llama`] that chatforge trains. Projection weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, F16,
-//! F32) and are multiplied quantized; norms are dequantized, the embedding is dequantized for the
-//! lookup and kept quantized for the output projection when it is tied. The tokenizer comes from
-//! `tokenizer.ggml.*` and the chat template from `tokenizer.chat_template`.
+//! projections, cut apart as they are read) into the same [`Llama`] that chatforge trains.
+//!
+//! Projection weights stay in their quantized block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
+//! K-quants, F16, F32) and are multiplied quantized; norms are dequantized. The embedding stays
+//! quantized too: its rows are dequantized as they are looked up, from the output head's matrix
+//! when the two are tied. The tokenizer comes from `tokenizer.ggml.*` (GPT-2-style BPE, or
+//! SentencePiece), the chat template from `tokenizer.chat_template`.
 
 use super::llama::{Block, Embedding, Head, Llama, Proj};
 use super::{LlamaConfig, LoadedModel};
@@ -92,7 +95,7 @@ impl Reader<'_> {
     /// A q or k projection whose rows llama.cpp's converter interleaved for its rotary layout
     /// (pairs (0, d/2), (1, d/2+1), ... made adjacent); the rows are put back in Hugging Face
     /// order, block by block, so the one rotary embedding of [`Llama`] applies.
-    /// A matrix's raw blocks: its type, `[rows, cols]` and the bytes of one row.
+    /// A matrix's raw blocks: its type, `[rows, cols]`, the bytes per row, and the bytes.
     fn raw_rows(&mut self, wname: &str) -> Result<(GgmlDType, [usize; 2], usize, Vec<u8>)> {
         let info = self
             .content
