@@ -175,6 +175,7 @@ pub fn check_tools(tok: &Tokenizer, tools: &serde_json::Value) -> Result<()> {
         .filter(|&id| tok.is_special(id))
         .filter_map(|id| tok.id_to_token(id))
         .collect();
+    found.sort();
     found.dedup();
     if !found.is_empty() {
         bail!("the tools spell the model's special tokens {found:?}; remove them from names, descriptions and schemas");
