@@ -677,17 +677,7 @@ fn gemma3_gguf_gives_llama_cpps_tokens_and_greedy_text() {
     let dir = tempfile::tempdir().unwrap();
     let jobs_file = dir.path().join("jobs.json");
     std::fs::write(&jobs_file, serde_json::to_string(&jobs).unwrap()).unwrap();
-    let out = Command::new("node")
-        .arg(&peer)
-        .arg(&model)
-        .arg(&jobs_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_ok(Command::new("node").arg(&peer).arg(&model).arg(&jobs_file));
     let peer: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
     for (t, p) in texts.iter().zip(&peer) {

@@ -42,6 +42,12 @@ fn inputs_and_targets(seq: &[u32]) -> (Tensor, Tensor) {
     (row(&seq[..seq.len() - 1]), row(&seq[1..]))
 }
 
+/// The largest elementwise difference of two vectors.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap();
+    d.max(0).unwrap().to_scalar().unwrap()
+}
+
 /// The summed next-token NLL of a sequence.
 fn total_nll(model: &Llama, seq: &[u32]) -> f32 {
     let (x, y) = inputs_and_targets(seq);
@@ -169,14 +175,7 @@ fn gemma3_log_likelihoods_match_transformers_to_1e_4() {
         "model.layers.1.post_feedforward_layernorm.weight",
         "model.layers.0.self_attn.q_norm.weight",
     ] {
-        let d = (&saved[name] - &stored[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&saved[name], &stored[name]);
         assert!(d < 1e-6, "{name} differs by {d}");
     }
 }
@@ -206,14 +205,7 @@ fn cached_decoding_matches_scoring(model: &Llama) {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let diff = (step - whole.get(i).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&step, &whole.get(i).unwrap());
         assert!(
             diff < 1e-4,
             "position {i}: cached decoding differs by {diff}"

@@ -149,14 +149,15 @@ pub fn python_has(modules: &str, install: &str) -> bool {
 
 /// Runs the chatforge binary on `args`, asserting that it succeeds (its stderr in the message).
 pub fn chatforge_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
-        .args(args)
-        .output()
-        .unwrap();
+    run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_chatforge")).args(args))
+}
+
+/// Runs a command, asserting that it succeeds (the command and its stderr in the message).
+pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
-        "chatforge {:?}: {}",
-        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        "{command:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out
