@@ -509,6 +509,109 @@ fn smollm2_calls_a_tool_and_answers_through_the_openai_client() {
     smollm2_through_a_client("openai", "openai_tools.py", "tools: all checks passed");
 }
 
+/// Log-probabilities of SmolLM2 through the official `openai` client: streamed and not they
+/// agree, and each completion's sum equals `chatforge eval`'s log-likelihood of its text to 1e-3.
+/// SmolLM2 is Q4_1, multiplied with 8-bit activations, which amplify any difference in float
+/// rounding between decoding and scoring (before they shared their arithmetic, sums differed by
+/// up to 0.3 nats); the long prompt is prefilled in one piece of more than 32 tokens.
+#[test]
+fn smollm2_logprobs_through_the_openai_client_sum_to_evals_loglikelihood() {
+    let Some(model) = smollm2() else { return };
+    if !common::python_has("openai", "pip install openai") {
+        return;
+    }
+    let server = common::server::start(&model, &[]);
+    let mut args = vec![format!("http://{}/v1", server.addr)];
+    args.extend(
+        [
+            "The capital of France is",
+            "def fibonacci(n):",
+            "In 1905, Albert Einstein published four papers that changed physics. The first \
+             explained the photoelectric effect, the second Brownian motion, the third special \
+             relativity, and the fourth",
+        ]
+        .map(String::from),
+    );
+    let out = common::python_client("openai_logprobs.py", &args, "logprobs: all checks passed");
+    let replies: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(replies.len(), 3, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("continuations.jsonl");
+    let lines: Vec<String> = replies
+        .iter()
+        .map(|r| serde_json::json!({"context": r["prompt"], "continuation": r["text"]}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let answers = dir.path().join("scores.jsonl");
+    let task = format!("loglikelihood:{}", file.display());
+    common::chatforge_ok(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--task".as_ref(),
+        task.as_ref(),
+        "--answers".as_ref(),
+        answers.as_os_str(),
+    ]);
+    let scored = std::fs::read_to_string(&answers).unwrap();
+    for (reply, line) in replies.iter().zip(scored.lines()) {
+        let eval_ll = serde_json::from_str::<serde_json::Value>(line).unwrap()["loglikelihood"]
+            .as_f64()
+            .unwrap();
+        let sum = reply["sum"].as_f64().unwrap();
+        assert!(
+            (sum - eval_ll).abs() < 1e-3,
+            "{}: logprobs sum {sum}, eval {eval_ll}",
+            reply["prompt"]
+        );
+    }
+}
+
+/// A reply's numbers do not depend on its batch: SmolLM2's greedy tokens and log-probabilities
+/// for a prompt decoded alone are the same bits when it is decoded beside a longer prompt (so
+/// left-padded, prefilled as part of two rows of more than 32 positions, each step two rows), as the server batches
+/// its requests.
+#[test]
+fn smollm2_replies_are_the_same_bits_alone_and_batched() {
+    let Some(model) = smollm2() else { return };
+    let lm = chatforge::model::load(&model, &Device::Cpu).unwrap();
+    let ids = |text: &str| -> Vec<u32> {
+        let mut ids: Vec<u32> = lm.tokenizer.bos_id().into_iter().collect();
+        ids.extend(lm.tokenizer.encode(text).unwrap());
+        ids
+    };
+    let short = ids("The capital of France is");
+    let long = ids(
+        "In 1905, Albert Einstein published four papers that changed physics. The first \
+         explained the photoelectric effect, the second Brownian motion, the third special \
+         relativity, and the fourth",
+    );
+    assert!(
+        long.len() > 32 && short.len() < 8,
+        "{} {}",
+        long.len(),
+        short.len()
+    );
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 24,
+        logprobs: Some(2),
+        ..Default::default()
+    };
+    let run = |prompts: &[Vec<u32>]| {
+        chatforge::infer::generate::generate_batch(&lm.model, &lm.tokenizer, prompts, &params, &[])
+            .unwrap()
+    };
+    let alone = run(std::slice::from_ref(&short));
+    let batched = run(&[long.clone(), short.clone()]);
+    assert_eq!(batched[1].tokens, alone[0].tokens);
+    assert_eq!(batched[1].logprobs, alone[0].logprobs);
+    assert_eq!(batched[0].tokens, run(&[long])[0].tokens);
+}
+
 /// Serves SmolLM2 and runs a client script against it (skipped, outside CI, without the model or
 /// the Python `modules`).
 fn smollm2_through_a_client(modules: &str, script: &str, expect: &str) {

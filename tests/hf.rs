@@ -437,3 +437,54 @@ fn hub_model_ids_load_from_the_cache_and_fail_clearly_offline() {
         "{e}"
     );
 }
+
+/// A tool-calling template renders the text transformers renders: `tojson` as Python's
+/// `json.dumps` (spaces after `,` and `:`, `'`, `<`, `>` and `&` as they are, the client's key
+/// order, `indent`), and the Python string methods Qwen3's template calls.
+#[test]
+fn chat_templates_render_tools_as_transformers_does() {
+    use chatforge::tokenizer::chat::{Message, Role};
+    if !common::python_has("transformers", "pip install transformers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, _) = common::tiny_shards(dir.path());
+    let tok = chatforge::tokenizer::Tokenizer::load(&shards).unwrap();
+    let template =
+        "{%- if tools %}<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\n\
+        {{ tools[0].function | tojson(indent=4) }}\n{%- endif %}\
+        {%- for m in messages %}<|{{ m.role }}|>\
+        {%- if m.content.startswith('Note:') %}[note]{% endif %}{{ m.content.strip() }}\
+        {%- if m.content.endswith('?') %}{{ ' (question)' }}{% endif %}\n{%- endfor %}\
+        {%- if add_generation_prompt %}<|assistant|>{% endif %}";
+    let tools = serde_json::json!([{"type": "function", "function": {
+        "name": "lookup", "description": "Finds a user's <name> & age; ünïcode too",
+        "parameters": {"type": "object", "required": ["name"],
+                       "properties": {"name": {"type": "string"}, "limit": {"type": "number", "default": 1.5}}}}}]);
+    let messages = vec![
+        Message::new(Role::System, "Note: be brief.  "),
+        Message::new(Role::User, "  Who is 'Ada'?"),
+    ];
+    let ours =
+        chatforge::tokenizer::chat::jinja_text(template, &messages, Some(&tools), true, &tok)
+            .unwrap();
+    let job = dir.path().join("job.json");
+    let wire: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+        .collect();
+    std::fs::write(
+        &job,
+        serde_json::json!({"template": template, "messages": wire, "tools": tools,
+                           "add_generation_prompt": true, "bos_token": ""})
+        .to_string(),
+    )
+    .unwrap();
+    let out = common::python_client("jinja_render.py", &[job.display().to_string()], "");
+    let theirs: String = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ours, theirs);
+    assert!(
+        ours.contains(r#"{"type": "function", "function": {"name": "lookup""#),
+        "{ours}"
+    );
+}

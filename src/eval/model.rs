@@ -1,5 +1,6 @@
 //! What the evaluation harness needs from a model, and its implementation for loaded models.
 
+use crate::infer::decode::token_logprob;
 use crate::infer::generate::{generate_batch, FinishReason};
 use crate::infer::sampler::SamplingParams;
 use crate::model::LoadedModel;
@@ -82,31 +83,37 @@ impl Evaluatee for ModelEvaluatee<'_> {
             seqs.push((ids, n));
         }
         let device = self.lm.model.device().clone();
+        let model = &self.lm.model;
         let mut out = Vec::with_capacity(seqs.len());
         self.progress.inc_length(seqs.len() as u64);
         for chunk in seqs.chunks(self.batch_size.max(1)) {
             let len = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(2).max(2);
-            let (mut x, mut y) = (Vec::new(), Vec::new());
+            let mut x = Vec::new();
             for (s, _) in chunk {
-                for t in 0..len - 1 {
-                    x.push(s.get(t).copied().unwrap_or(0));
-                    y.push(s.get(t + 1).copied().unwrap_or(0));
-                }
+                x.extend((0..len - 1).map(|t| s.get(t).copied().unwrap_or(0)));
             }
+            // Scored as decoding scores: through a KV cache (the attention a token gets does
+            // not depend on its batch) and with the decoder's log-probabilities, so a reply's
+            // log-likelihood here is the sum of the `logprobs` `serve` reported for it.
             let b = chunk.len();
-            let nll: Vec<Vec<f32>> = self
-                .lm
-                .model
-                .token_nll(
-                    &Tensor::from_vec(x, (b, len - 1), &device)?,
-                    &Tensor::from_vec(y, (b, len - 1), &device)?,
-                )?
-                .to_vec2()?;
+            let mut cache = model.new_cache(b);
+            let hidden = model.hidden(
+                &Tensor::from_vec(x, (b, len - 1), &device)?,
+                Some(&mut cache),
+            )?;
             self.progress.inc(chunk.len() as u64);
-            for ((s, n), row) in chunk.iter().zip(nll) {
+            for (i, (s, n)) in chunk.iter().enumerate() {
                 let end = s.len() - 1;
                 let start = end.saturating_sub(*n);
-                out.push(-row[start..end].iter().map(|&v| v as f64).sum::<f64>());
+                let logits: Vec<Vec<f32>> = model
+                    .logits(&hidden.get(i)?.narrow(0, start, end - start)?)?
+                    .to_vec2()?;
+                let ll = logits
+                    .iter()
+                    .zip(&s[start + 1..=end])
+                    .map(|(row, &target)| token_logprob(row, target, 0).logprob as f64)
+                    .sum();
+                out.push(ll);
             }
         }
         Ok(out)

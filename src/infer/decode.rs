@@ -74,8 +74,11 @@ pub struct TokenLogprob {
 /// The log-probability of `id` and of the `top` most likely tokens under `logits`.
 pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let lp = |i: usize| logits[i] - log_sum;
+    // Summed in f64: an f32 running sum over 49,152 logits drifted by 1e-4 a token, which added
+    // up over a reply (`eval` scores with this function too, so the two agree either way).
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_sum = max as f64 + sum.ln();
+    let lp = |i: usize| (logits[i] as f64 - log_sum) as f32;
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let top = top.min(logits.len());
     if top > 0 && top < order.len() {

@@ -166,9 +166,8 @@ struct PieceSizer {
 }
 
 impl PieceSizer {
-    /// Before any measurement: small, because a quantized model's first piece of 32 or more
-    /// positions takes the dequantizing path (`quant::DENSE_FROM_TOKENS`), whose fixed cost was
-    /// a 450 ms gap on SmolLM2.
+    /// Before any measurement: small, so that the first piece, whose cost is not known yet,
+    /// cannot open a long gap in the running streams.
     const FIRST_PIECE: usize = 8;
     const SMALLEST: usize = 4;
     /// Past this the piece costs what the whole prompt would, per position.

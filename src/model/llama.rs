@@ -115,6 +115,23 @@ impl KvCache {
     }
 }
 
+/// `x · Wᵀ` through candle's quantized matmul. For one token candle multiplies Q6_K with a
+/// GEMV of its own whose sums differ in the last bits from its many-token kernel, which decoding
+/// then amplifies (Gemma 3's log-probabilities moved by 0.3 nats over 50 tokens); a lone token
+/// goes through the many-token kernel beside a copy of itself instead, so that a token's product
+/// does not depend on how many are multiplied with it.
+fn quantized_forward(weight: &candle_core::quantized::QMatMul, x: &Tensor) -> Result<Tensor> {
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    let lone = x.elem_count() == x.dim(D::Minus1)?;
+    match weight {
+        QMatMul::QTensor(q) if lone && q.dtype() == GgmlDType::Q6K => {
+            let twice = Tensor::cat(&[x, x], 0)?;
+            weight.forward(&twice)?.narrow(0, 0, x.dim(0)?)
+        }
+        _ => weight.forward(x),
+    }
+}
+
 /// A projection: dense (trainable, as chatforge trains) or quantized (GGUF weights kept in their
 /// block format and multiplied quantized).
 pub(super) enum Proj {
@@ -149,7 +166,7 @@ impl Proj {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => add_bias(linear(x, l.weight())?, &l.bias().cloned()),
-            Proj::Quantized { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Proj::Quantized { weight, bias } => add_bias(quantized_forward(weight, x)?, bias),
             Proj::Block { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Lora { base, a, b, scale } => super::lora::forward(base, a, b, *scale, x),
         }
@@ -437,8 +454,20 @@ fn norm_weight(c: &LlamaConfig, stored: Tensor) -> Result<Tensor> {
 }
 
 use super::kernels::{
-    causal_softmax, head_nll, linear, rms_norm, rope, rope_attention, swiglu, token_nll,
+    cached_attention, causal_softmax, fused_ok, head_nll, linear, rms_norm, rope, rope_attention,
+    swiglu, token_nll,
 };
+
+/// Which keys each query of a layer sees.
+enum Visible {
+    /// Causal attention and nothing else: the fused kernels apply it.
+    Causal,
+    /// A mask `[rows, 1, T, S]` of 0 and −∞ (padding, a window), added to the scores.
+    Mask(Tensor),
+    /// Each query's visible key positions (row after row): for [`cached_attention`], which
+    /// decoding on the CPU uses so that a token's numbers do not depend on its batch.
+    Ranges(Vec<std::ops::Range<usize>>),
+}
 
 impl Attention {
     fn forward(
@@ -446,7 +475,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        visible: &Visible,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -458,7 +487,7 @@ impl Attention {
             q = rms_norm(&q, qn, self.eps)?;
             k = rms_norm(&k, kn, self.eps)?;
         }
-        if cache.is_none() && mask.is_none() {
+        if cache.is_none() && matches!(visible, Visible::Causal) {
             // Training and plain scoring: rotation and attention as one node on the projections'
             // layout (see kernels::rope_attention).
             let out = rope_attention(&q, &k, &v, (cos, sin), (h, kvh), scale)?;
@@ -479,6 +508,11 @@ impl Attention {
             }
             None => (k, v),
         };
+        if let Visible::Ranges(ranges) = visible {
+            return self
+                .o
+                .forward(&cached_attention(&q, &k, &v, ranges.clone())?);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: the `rep` query heads that share a key/value
         // head are stacked along the time axis and multiplied against that head once.
@@ -486,9 +520,9 @@ impl Attention {
         let qg = q.reshape((b, kvh, rep * t, d))?;
         let scores = qg.matmul(&k.t()?)?.reshape((b, h, t, s))?;
         // Without padding the mask is plain causal and the fused kernel applies it.
-        let probs = match mask {
-            Some(m) => candle_nn::ops::softmax(&scores.broadcast_add(m)?, D::Minus1)?,
-            None => causal_softmax(&scores)?,
+        let probs = match visible {
+            Visible::Mask(m) => candle_nn::ops::softmax(&scores.broadcast_add(m)?, D::Minus1)?,
+            _ => causal_softmax(&scores)?,
         };
         let out = probs
             .reshape((b, kvh, rep * t, s))?
@@ -750,29 +784,47 @@ impl Llama {
             Some(freqs) => Some(self.rope_tables(&positions, freqs)?),
             None => None,
         };
-        // The mask a layer needs: none when plain causal attention sees what it should (the fused
-        // kernels apply causality), else padding and, for local layers, the window.
-        let mask_for = |window: Option<usize>| -> Result<Option<Tensor>> {
+        // What a layer's queries see: with a cache on the CPU, each query's range of keys;
+        // otherwise nothing beyond causality when that is all (the fused kernels apply it),
+        // else a mask for padding and, for local layers, the window.
+        let ranges = cache.is_some() && fused_ok(&self.norm);
+        let visible_for = |window: Option<usize>| -> Result<Visible> {
             let window = window.filter(|&w| total > w);
-            if !padded && window.is_none() {
-                return Ok(None);
-            }
             let reach = window.unwrap_or(usize::MAX);
+            // A padding query sees itself only, so its (unused) output stays finite.
+            let first = |r: usize, q: usize| {
+                if q < pad[r] {
+                    q
+                } else {
+                    pad[r].max((q + 1).saturating_sub(reach))
+                }
+            };
+            if ranges {
+                let seen = (0..b)
+                    .flat_map(|r| (offset..total).map(move |q| first(r, q)..q + 1))
+                    .collect();
+                return Ok(Visible::Ranges(seen));
+            }
+            if !padded && window.is_none() {
+                return Ok(Visible::Causal);
+            }
             let mut m = Vec::with_capacity(rows.len() * t * total);
             for &r in &rows {
-                for i in 0..t {
-                    let q = offset + i;
-                    for j in 0..total {
-                        // A padding query attends to itself only, so its (unused) output stays finite.
-                        let visible = j <= q && q - j < reach && (j >= pad[r] || j == q);
-                        m.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
-                    }
+                for q in offset..total {
+                    let seen = first(r, q)..q + 1;
+                    m.extend((0..total).map(|j| {
+                        if seen.contains(&j) {
+                            0.0f32
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    }));
                 }
             }
             let m = Tensor::from_vec(m, (rows.len(), 1, t, total), &self.device)?;
-            Ok(Some(m.to_dtype(self.dtype)?))
+            Ok(Visible::Mask(m.to_dtype(self.dtype)?))
         };
-        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        let mut visibles: Vec<(Option<usize>, Visible)> = Vec::new();
         let mut x =
             self.embed
                 .lookup(&ids.flatten_all()?)?
@@ -787,13 +839,14 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let window = layer.attn.window;
-            if !masks.iter().any(|(w, _)| *w == window) {
-                masks.push((window, mask_for(window)?));
+            if !visibles.iter().any(|(w, _)| *w == window) {
+                visibles.push((window, visible_for(window)?));
             }
-            let mask = masks
+            let visible = visibles
                 .iter()
                 .find(|(w, _)| *w == window)
-                .and_then(|m| m.1.as_ref());
+                .map(|(_, v)| v)
+                .expect("pushed above");
             let (cos, sin) = match (&local, window) {
                 (Some(l), Some(_)) => l,
                 _ => &global,
@@ -801,7 +854,7 @@ impl Llama {
             let norms = layer.output_norms.as_ref();
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_norm, eps)?;
-            let a = layer.attn.forward(&h, cos, sin, mask, slot)?;
+            let a = layer.attn.forward(&h, cos, sin, visible, slot)?;
             x = (x + out_norm(a, norms.map(|n| &n.0))?)?;
             let h = rms_norm(&x, &layer.post_norm, eps)?;
             x = (&x + out_norm(layer.mlp.forward(&h)?, norms.map(|n| &n.1))?)?;

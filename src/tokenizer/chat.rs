@@ -358,7 +358,11 @@ fn push_with_calls(
     Ok(())
 }
 
-fn jinja_text(
+/// The text a model's Jinja chat template renders for `messages` (and OpenAI `tools`), as
+/// transformers' `apply_chat_template` renders it: Python's string methods, and `tojson` as
+/// transformers defines it (Python's `json.dumps`: `", "` and `": "` between items, no HTML
+/// escaping, `indent`).
+pub fn jinja_text(
     source: &str,
     messages: &[Message],
     tools: Option<&serde_json::Value>,
@@ -366,6 +370,12 @@ fn jinja_text(
     tok: &Tokenizer,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    // transformers compiles chat templates with both: a block tag's own line break and the
+    // indentation before it are not output.
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", python_json);
     env.add_function(
         "raise_exception",
         |msg: String| -> Result<String, minijinja::Error> {
@@ -390,6 +400,76 @@ fn jinja_text(
         eos_token => "",
     })
     .context("cannot render the chat template")
+}
+
+/// `tojson` as transformers' chat templates have it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=indent)`. minijinja's own escapes `<`, `>`, `&` and `'` for HTML and puts no space
+/// after `,` and `:`, so a tool list rendered differently from the prompt the model was trained on.
+fn python_json(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let bad = |e: serde_json::Error| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    };
+    let mut out = Vec::new();
+    match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let f = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            serde::Serialize::serialize(
+                &value,
+                &mut serde_json::Serializer::with_formatter(&mut out, f),
+            )
+            .map_err(bad)?;
+        }
+        None => serde::Serialize::serialize(
+            &value,
+            &mut serde_json::Serializer::with_formatter(&mut out, PythonJson),
+        )
+        .map_err(bad)?,
+    }
+    Ok(minijinja::Value::from_safe_string(
+        String::from_utf8(out).expect("serde_json writes UTF-8"),
+    ))
+}
+
+/// Python's default `json.dumps` separators: `", "` between items, `": "` after keys.
+struct PythonJson;
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
 }
 
 /// A message's content inside a Jinja template while its structure is worked out: private-use

@@ -205,8 +205,8 @@ pub fn tiny_pretrain(
 }
 
 /// Runs the client script `tests/clients/SCRIPT` with python3 on `args`; asserts that it exits 0
-/// and prints `expect`, and shows its output.
-pub fn python_client(script: &str, args: &[String], expect: &str) {
+/// and prints `expect`, shows its output and returns it.
+pub fn python_client(script: &str, args: &[String], expect: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
         .join(script);
@@ -223,6 +223,7 @@ pub fn python_client(script: &str, args: &[String], expect: &str) {
     );
     assert!(stdout.contains(expect), "{script}: {stdout}");
     eprintln!("{stdout}");
+    stdout.into_owned()
 }
 
 /// "What does the cat say? (ROUND)" → "The cat says meow." for each of `animals` and `rounds`

@@ -8,7 +8,8 @@
 //!
 //! One file per operation: `softmax`, `norm` (RMSNorm), `rope`, `swiglu`, `linear` (the
 //! projections), `loss` (cross-entropy and the output head fused with it) and `attention`
-//! (rotary embedding, scaling and causal attention as one node). This file holds what they share:
+//! (rotary embedding, scaling and causal attention as one node), and `cached_attention`
+//! (inference over a KV cache, no backward). This file holds what they share:
 //! the element trait, the vectorisable exponential and row helpers, the matmul kernel switch,
 //! and [`SharedOut`], the pointer parallel tasks write disjoint parts of one buffer through (the
 //! bf16 GEMMs use it too).
@@ -264,11 +265,13 @@ mod softmax;
 mod swiglu;
 use linear::{linear_dims, matmul_new, times_transposed};
 mod attention;
+mod cached_attention;
 mod loss;
 #[cfg(test)]
 mod tests;
 
 pub use attention::*;
+pub use cached_attention::*;
 pub use linear::*;
 pub use loss::*;
 pub use norm::*;
