@@ -538,29 +538,17 @@ fn smollm2_logprobs_through_the_openai_client_sum_to_evals_loglikelihood() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     assert_eq!(replies.len(), 3, "{out}");
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("continuations.jsonl");
-    let lines: Vec<String> = replies
+    let pairs: Vec<(String, String)> = replies
         .iter()
-        .map(|r| serde_json::json!({"context": r["prompt"], "continuation": r["text"]}).to_string())
+        .map(|r| {
+            (
+                r["prompt"].as_str().unwrap().into(),
+                r["text"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let answers = dir.path().join("scores.jsonl");
-    let task = format!("loglikelihood:{}", file.display());
-    common::chatforge_ok(&[
-        "eval".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--task".as_ref(),
-        task.as_ref(),
-        "--answers".as_ref(),
-        answers.as_os_str(),
-    ]);
-    let scored = std::fs::read_to_string(&answers).unwrap();
-    for (reply, line) in replies.iter().zip(scored.lines()) {
-        let eval_ll = serde_json::from_str::<serde_json::Value>(line).unwrap()["loglikelihood"]
-            .as_f64()
-            .unwrap();
+    let scored = common::eval_loglikelihoods(&model, &pairs);
+    for (reply, eval_ll) in replies.iter().zip(scored) {
         let sum = reply["sum"].as_f64().unwrap();
         assert!(
             (sum - eval_ll).abs() < 1e-3,

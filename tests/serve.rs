@@ -683,26 +683,7 @@ fn logprobs_choices_and_tokenize() {
     assert_eq!(s_values, values);
 
     // `chatforge eval` scores the same continuation: the sums agree.
-    let file = dir.path().join("continuations.jsonl");
-    std::fs::write(
-        &file,
-        json!({"context": "the cat", "continuation": text}).to_string() + "\n",
-    )
-    .unwrap();
-    let answers = dir.path().join("scores.jsonl");
-    let task = format!("loglikelihood:{}", file.display());
-    common::chatforge_ok(&[
-        "eval".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--task".as_ref(),
-        task.as_ref(),
-        "--answers".as_ref(),
-        answers.as_os_str(),
-    ]);
-    let scored: Value =
-        serde_json::from_str(std::fs::read_to_string(&answers).unwrap().trim()).unwrap();
-    let eval_ll = scored["loglikelihood"].as_f64().unwrap();
+    let eval_ll = common::eval_loglikelihoods(&model, &[("the cat".into(), text.clone())])[0];
     let sum: f64 = values.iter().sum();
     assert!(
         (sum - eval_ll).abs() < 1e-3,

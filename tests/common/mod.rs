@@ -147,6 +147,37 @@ pub fn python_has(modules: &str, install: &str) -> bool {
     ok
 }
 
+/// `chatforge eval --task loglikelihood` on `model`: the log-likelihood of each (context,
+/// continuation) pair.
+pub fn eval_loglikelihoods(model: &Path, pairs: &[(String, String)]) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("continuations.jsonl");
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(c, t)| serde_json::json!({"context": c, "continuation": t}).to_string() + "\n")
+        .collect();
+    std::fs::write(&file, lines.concat()).unwrap();
+    let answers = dir.path().join("scores.jsonl");
+    let task = format!("loglikelihood:{}", file.display());
+    chatforge_ok(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--task".as_ref(),
+        task.as_ref(),
+        "--answers".as_ref(),
+        answers.as_os_str(),
+    ]);
+    std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loglikelihood"].as_f64().unwrap()
+        })
+        .collect()
+}
+
 /// Runs the chatforge binary on `args`, asserting that it succeeds (its stderr in the message).
 pub fn chatforge_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_chatforge")).args(args))

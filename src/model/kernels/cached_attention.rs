@@ -180,20 +180,12 @@ mod tests {
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
         let rep = h / kvh;
-        let k = k
-            .unsqueeze(2)
-            .unwrap()
-            .repeat((1, 1, rep, 1, 1))
-            .unwrap()
-            .reshape((b, h, s, d))
-            .unwrap();
-        let v = v
-            .unsqueeze(2)
-            .unwrap()
-            .repeat((1, 1, rep, 1, 1))
-            .unwrap()
-            .reshape((b, h, s, d))
-            .unwrap();
+        // Each key/value head repeated for the query heads that share it.
+        let per_query_head = |x: &Tensor| {
+            let x = x.unsqueeze(2).unwrap().repeat((1, 1, rep, 1, 1)).unwrap();
+            x.reshape((b, h, s, d)).unwrap()
+        };
+        let (k, v) = (per_query_head(k), per_query_head(v));
         let scores = q
             .matmul(&k.t().unwrap())
             .unwrap()
