@@ -1,8 +1,14 @@
-//! Quantized matrix multiplication for GGUF weights in Q4_1 and Q8_0, ggml's arithmetic in AVX2:
+//! Quantized matrix multiplication for GGUF weights in Q4_1 and Q8_0, ggml's arithmetic:
 //! activations quantized to 8 bits per 32-value block, integer dot products, one scale (and for
 //! Q4_1 one offset) per block, output rows in parallel. candle multiplies Q4_1 in a portable
 //! scalar loop (80% of SmolLM2's decode time) and converts each block's f16 scale through a
 //! function call; here the scales are converted to f32 once, when the model loads.
+//!
+//! A token's product is the same bits however many tokens are multiplied with it and whichever
+//! kernel runs (see `dot_portable`). With 8-bit activations a difference in the last bit can
+//! round a value the other way and grow through the layers: when long prompts took a dequantized
+//! fp32 path, the log-probabilities `serve` reported and those `eval` computed for the same text
+//! differed by up to 0.3 nats, and a reply's greedy tokens changed with the server's load.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};
