@@ -10,7 +10,7 @@
 //! kernel's composed twin of differentiable candle primitives runs instead.
 
 use super::config::LlamaConfig;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 /// Per-layer key/value tensors for a batch of sequences being generated together.
@@ -115,23 +115,6 @@ impl KvCache {
     }
 }
 
-/// `x · Wᵀ` through candle's quantized matmul. For one token candle multiplies Q6_K with a
-/// GEMV of its own whose sums differ in the last bits from its many-token kernel, which decoding
-/// then amplifies (Gemma 3's log-probabilities moved by 0.3 nats over 50 tokens); a lone token
-/// goes through the many-token kernel beside a copy of itself instead, so that a token's product
-/// does not depend on how many are multiplied with it.
-fn quantized_forward(weight: &candle_core::quantized::QMatMul, x: &Tensor) -> Result<Tensor> {
-    use candle_core::quantized::{GgmlDType, QMatMul};
-    let lone = x.elem_count() == x.dim(D::Minus1)?;
-    match weight {
-        QMatMul::QTensor(q) if lone && q.dtype() == GgmlDType::Q6K => {
-            let twice = Tensor::cat(&[x, x], 0)?;
-            weight.forward(&twice)?.narrow(0, 0, x.dim(0)?)
-        }
-        _ => weight.forward(x),
-    }
-}
-
 /// A projection: dense (trainable, as chatforge trains) or quantized (GGUF weights kept in their
 /// block format and multiplied quantized).
 pub(super) enum Proj {
@@ -166,7 +149,9 @@ impl Proj {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => add_bias(linear(x, l.weight())?, &l.bias().cloned()),
-            Proj::Quantized { weight, bias } => add_bias(quantized_forward(weight, x)?, bias),
+            Proj::Quantized { weight, bias } => {
+                add_bias(super::quant::candle_forward(weight, x)?, bias)
+            }
             Proj::Block { weight, bias } => add_bias(weight.forward(x)?, bias),
             Proj::Lora { base, a, b, scale } => super::lora::forward(base, a, b, *scale, x),
         }
