@@ -5,7 +5,7 @@
 
 use crate::model::llama::seeded_init;
 use crate::model::{Llama, LlamaConfig};
-use crate::train::optim::{AdamW, AdamWConfig, GradAccumulator};
+use crate::train::optim::{GradAccumulator, Optimizer, OptimizerConfig};
 use crate::train::Precision;
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -136,7 +136,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     )?;
     let mut rng = Rng::new(opts.seed);
     seeded_init(&config, &varmap, &mut rng)?;
-    let mut optimizer = AdamW::new(&varmap, AdamWConfig::default())?;
+    let mut optimizer = Optimizer::new(&varmap, OptimizerConfig::default())?;
     let parameters = crate::model::llama::parameter_count(&varmap);
     let (b, t) = (opts.batch, opts.context);
     let pb = progress((opts.warmup + opts.steps) as u64, "bench train");

@@ -233,8 +233,9 @@ impl Pipeline<'_> {
             checkpoint_every: (steps / 4).max(10),
             keep_checkpoints: 1,
             seed: self.opts.seed,
-            // `--precision` reaches every training stage (evaluation stays f32).
+            // `--precision` and `--schedule` reach every training stage (evaluation stays f32).
             precision: self.opts.pretrain.train.precision,
+            schedule: self.opts.pretrain.train.schedule,
             resume: true,
             quiet: self.opts.quiet,
             ..Default::default()
@@ -397,7 +398,13 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             batch_size: s.pretrain_batch,
             seq_len: s.context,
             eval_tokens: 16_384,
-            train: p.loop_options(s.pretrain_steps, s.pretrain_lr, s.pretrain_steps / 10, 4),
+            train: LoopOptions {
+                // Muon, when asked, for pretraining only: its rate is not on the fine-tuning
+                // stages' scale.
+                optimizer: p.opts.pretrain.train.optimizer,
+                muon_lr: p.opts.pretrain.train.muon_lr,
+                ..p.loop_options(s.pretrain_steps, s.pretrain_lr, s.pretrain_steps / 10, 4)
+            },
         })?;
         Ok(Some(r.tokens_per_second))
     })?;

@@ -332,3 +332,40 @@ fn a_stop_string_ends_replies_in_eval_and_in_rl_rollouts() {
         "decoding ended at the stop string"
     );
 }
+
+/// `--optimizer muon` learns the tiny corpus about as fast as AdamW's test asks of AdamW, and a
+/// killed Muon run resumes to the same losses (its momentum is saved with the checkpoint).
+#[test]
+fn muon_learns_and_resumes_exactly() {
+    use chatforge::train::optim::MatrixOptimizer;
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let muon = |out: &str, steps: usize| {
+        let mut o = common::tiny_pretrain(&shards, &cfg, &dir.path().join(out), steps);
+        o.train.optimizer = MatrixOptimizer::Muon;
+        o
+    };
+    let learned = pretrain(&muon("learned", 120)).unwrap();
+    let first = learned.losses[0].1;
+    assert!(
+        learned.val_loss < first - 1.5,
+        "val {} vs first {first}",
+        learned.val_loss
+    );
+
+    let full = pretrain(&muon("full", 14)).unwrap();
+    let mut halted = muon("killed", 14);
+    halted.train.halt_after = Some(6);
+    pretrain(&halted).unwrap();
+    let mut again = muon("killed", 14);
+    again.train.resume = true;
+    let resumed = pretrain(&again).unwrap();
+    assert_eq!(resumed.losses.first().unwrap().0, 7);
+    for (step, loss) in &resumed.losses {
+        let expected = full.losses[step - 1].1;
+        assert!(
+            (loss - expected).abs() < 1e-5,
+            "step {step}: {loss} vs {expected}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ use crate::data::text::DocFormat;
 use crate::model::lora::LoraConfig;
 use crate::rlhf::{Algo, RewardSource, RlhfOptions};
 use crate::speedrun::{Preset, SpeedrunOptions};
+use crate::train::optim::{MatrixOptimizer, Schedule};
 use crate::train::pretrain::PretrainOptions;
 use crate::train::reward::RewardOptions;
 use crate::train::sft::{OnError, SftOptions};
@@ -35,7 +36,7 @@ pub struct TrainArgs {
     /// Peak learning rate (default: the stage's).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Final learning rate as a fraction of the peak (default 0.1).
+    /// Final learning rate as a fraction of the peak (default 0.1), under either --schedule.
     #[arg(long)]
     pub min_lr_ratio: Option<f64>,
     /// Linear warmup steps (default: the stage's).
@@ -72,6 +73,18 @@ pub struct TrainArgs {
     /// avx512-bf16 or f32 caps the choice.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// The update of the transformer blocks' weight matrices: adamw (the default) or muon
+    /// (momentum made orthogonal, as nanochat and modded-nanogpt train; embeddings, head and
+    /// gains keep AdamW). The speedrun uses it for pretraining only.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<MatrixOptimizer>,
+    /// Muon's peak learning rate (default 0.02), scaled by the same schedule as --lr.
+    #[arg(long)]
+    pub muon_lr: Option<f64>,
+    /// The learning rate's fall after warmup: cosine (the default) or warmdown (the peak held,
+    /// then a straight line to the floor over the last 40% of steps).
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
     /// Continue from the run's last checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -100,7 +113,10 @@ impl TrainArgs {
             checkpoint_every,
             keep_checkpoints,
             max_bad_steps,
-            precision
+            precision,
+            optimizer,
+            muon_lr,
+            schedule
         );
         o.validate()?;
         o.resume |= self.resume;

@@ -6,7 +6,7 @@
 //! across ranks before clipping, and rank 0 alone evaluates and writes (see `crate::dist`).
 
 use super::checkpoint::{self, Checkpoint, TrainState};
-use super::optim::{lr_at, AdamW, AdamWConfig, GradAccumulator};
+use super::optim::{lr_at, GradAccumulator, MatrixOptimizer, Optimizer, OptimizerConfig, Schedule};
 use crate::dist::{self, Part};
 use crate::model::llama::{parameter_count, seeded_init};
 use crate::model::lora::LoraConfig;
@@ -45,6 +45,15 @@ pub struct LoopOptions {
     /// the CPU has a bf16 kernel.
     #[serde(default)]
     pub precision: super::Precision,
+    /// The blocks' weight matrices' update: AdamW or Muon.
+    #[serde(default)]
+    pub optimizer: MatrixOptimizer,
+    /// Muon's peak learning rate (the schedule scales it as it scales `lr`).
+    #[serde(default = "default_muon_lr")]
+    pub muon_lr: f64,
+    /// The learning rate's fall after warmup.
+    #[serde(default)]
+    pub schedule: Schedule,
     #[serde(skip)]
     pub resume: bool,
     /// Stop (as if killed) right after this step's checkpoint: for testing resume.
@@ -71,6 +80,9 @@ impl Default for LoopOptions {
             keep_checkpoints: 3,
             max_bad_steps: default_max_bad_steps(),
             precision: super::Precision::Auto,
+            optimizer: MatrixOptimizer::default(),
+            muon_lr: default_muon_lr(),
+            schedule: Schedule::default(),
             resume: false,
             halt_after: None,
             quiet: false,
@@ -91,12 +103,18 @@ impl LoopOptions {
         check_range("--min-lr-ratio", self.min_lr_ratio, 0.0..=1.0)?;
         check_range("--weight-decay", self.weight_decay, 0.0..=10.0)?;
         check_range("--grad-clip", self.grad_clip, 0.0..=f64::MAX)?;
+        check_range("--muon-lr", self.muon_lr, f64::MIN_POSITIVE..=10.0)?;
         Ok(())
     }
 }
 
 fn default_max_bad_steps() -> usize {
     5
+}
+
+/// Muon's usual peak rate (Keller Jordan's default, which nanochat keeps).
+fn default_muon_lr() -> f64 {
+    0.02
 }
 
 /// What a stage contributes to the loop.
@@ -275,13 +293,16 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     if let (None, Start::From(base)) = (&spec.lora, &spec.start) {
         load_weights(&varmap, base, &heads)?
     }
-    let mut optimizer = AdamW::new(
+    let mut optimizer = Optimizer::new(
         &varmap,
-        AdamWConfig {
+        OptimizerConfig {
             weight_decay: opts.weight_decay,
             ..Default::default()
         },
     )?;
+    if opts.optimizer == MatrixOptimizer::Muon {
+        optimizer.use_muon(opts.muon_lr / opts.lr);
+    }
     for p in optimizer.params.iter_mut() {
         if heads.contains(&p.name) {
             p.lr_scale = stage.head_lr_scale();
@@ -367,8 +388,8 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             step,
             opts.steps,
             opts.warmup_steps,
-            opts.lr,
-            opts.min_lr_ratio,
+            (opts.lr, opts.min_lr_ratio),
+            opts.schedule,
         );
         let mut acc = GradAccumulator::new(optimizer.params.len());
         let mut loss_sum = 0.0;

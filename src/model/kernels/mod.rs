@@ -81,6 +81,19 @@ pub fn matmul_kernel() -> Kernel {
     MATMUL_KERNEL.with(|k| k.get())
 }
 
+/// `a (m×k) · b (k×n)` as a new row-major `m×n` matrix, `a` and `b` given by (row, column)
+/// strides, on this thread's matmul kernel: bf16 operands with f32 sums where a bf16 kernel is
+/// set ([`set_matmul_kernel`]), gemm in f32 otherwise. For the optimizer's own products.
+pub fn matmul_f32(
+    dims: (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+) -> Vec<f32> {
+    linear::matmul_new(dims, a, a_strides, b, b_strides)
+}
+
 /// e^x in f32 within two ulp (tested), without a call into libm: the softmaxes, cross-entropy and SiLU
 /// of a training step take tens of millions of exponentials, and glibc's scalar `expf` was 6% of
 /// the step. Cody–Waite reduction x = n·ln2 + r with |r| ≤ ln2/2, Cephes' polynomial for e^r,
