@@ -176,7 +176,11 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
     let flops = train_step_flops(&config, b, t);
     Ok(TrainBench {
         options: opts.clone(),
-        matmul_kernel: precision.kernel.describe(),
+        matmul_kernel: format!(
+            "{}; other kernels: {}",
+            precision.kernel.describe(),
+            crate::model::kernels::simd_path()
+        ),
         parameters,
         tokens_per_step: b * t,
         step_seconds,

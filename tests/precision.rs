@@ -1,7 +1,8 @@
 //! Mixed precision (`--precision bf16`, and `auto`, the default): the same pretraining run in f32
-//! and on every bf16 kernel this CPU has follows the same loss curve. Its own test binary with one
-//! test, because the precision and the `CHATFORGE_MATMUL` cap that selects a lower kernel are
-//! process-wide.
+//! and on every bf16 kernel this CPU has follows the same loss curve. Its own test binary, because
+//! the precision and the `CHATFORGE_MATMUL` cap that selects a lower kernel are process-wide.
+//! Beside it, the kernels' AVX2 and baseline builds train to the same bits, each in a process of
+//! its own.
 
 mod common;
 
@@ -105,4 +106,51 @@ fn every_bf16_kernel_follows_the_f32_loss_curve() {
         // The switch is off again once the run ends.
         assert!(!chatforge::model::kernels::matmul_kernel().is_bf16());
     }
+}
+
+/// The kernels' loops compiled for AVX2 (where the CPU has it) and for the SSE2 baseline
+/// (`CHATFORGE_SIMD=baseline`) train to the same bits: three f32 steps, forward, backward and
+/// update, give identical losses. Each path runs in its own process (the choice is read once).
+#[test]
+fn both_simd_builds_of_the_kernels_train_to_the_same_bits() {
+    let losses = |simd: &str| -> Vec<f64> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+            .args([
+                "bench", "train", "--layers", "2", "--width", "128", "--heads", "4",
+            ])
+            .args([
+                "--kv-heads",
+                "2",
+                "--ffn",
+                "256",
+                "--context",
+                "64",
+                "--vocab",
+                "512",
+            ])
+            .args([
+                "--batch",
+                "4",
+                "--steps",
+                "3",
+                "--warmup",
+                "0",
+                "--precision",
+                "f32",
+            ])
+            .arg("--json")
+            .env("CHATFORGE_SIMD", simd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_value(v["losses"].clone()).unwrap()
+    };
+    let (baseline, wide) = (losses("baseline"), losses("avx2"));
+    assert_eq!(baseline.len(), 3);
+    assert_eq!(baseline, wide);
 }

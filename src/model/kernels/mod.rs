@@ -131,10 +131,52 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Runs `f` compiled for AVX2 where the CPU has it. The crate's baseline is SSE2, so the
+/// kernels' loops (exponentials, norms, rotations, the fused backward passes) ran four lanes
+/// wide; `f` is inlined here and vectorised eight wide. Rust never fuses a multiply and an add
+/// on its own, so the results are the same bits on either path (`tests/precision.rs` trains on
+/// both; `CHATFORGE_SIMD=baseline` forces the baseline).
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if wide_simd() {
+            // SAFETY: the CPU has AVX2 (checked by `wide_simd`).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+/// The build the fused kernels' loops run: `avx2` or `baseline` (SSE2 on x86-64).
+pub fn simd_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if wide_simd() {
+        return "avx2";
+    }
+    "baseline"
+}
+
+/// Whether [`wide`] runs its AVX2 build: the CPU has AVX2 and `CHATFORGE_SIMD` is not
+/// `baseline`. Read once.
+#[cfg(target_arch = "x86_64")]
+fn wide_simd() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2")
+            && std::env::var("CHATFORGE_SIMD").map_or(true, |v| v != "baseline")
+    })
+}
+
 /// Lanes the row reductions below fold in, so that they vectorise.
 const LANES: usize = 8;
 
 /// The largest element of a row (NaNs skipped, as `Float::max` does).
+#[inline(always)]
 fn row_max<T: Real>(row: &[T]) -> T {
     let mut lanes = [T::neg_infinity(); LANES];
     let chunks = row.chunks_exact(LANES);
@@ -153,6 +195,7 @@ fn row_max<T: Real>(row: &[T]) -> T {
 }
 
 /// The sum of a row.
+#[inline(always)]
 fn row_sum<T: Real>(row: &[T]) -> T {
     let mut lanes = [T::zero(); LANES];
     let chunks = row.chunks_exact(LANES);
@@ -165,7 +208,27 @@ fn row_sum<T: Real>(row: &[T]) -> T {
     lanes.iter().chain(tail).fold(T::zero(), |a, &v| a + v)
 }
 
+/// Σ a·b over two rows, in eight lanes so that it vectorises (a fold in order is a chain of
+/// dependent adds, bound by their latency).
+#[inline(always)]
+fn row_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().fold(tail, |s, &v| s + v)
+}
+
 /// Σ exp(x − max) over a row.
+#[inline(always)]
 fn exp_sum<T: Real>(row: &[T], max: T) -> T {
     let mut lanes = [T::zero(); LANES];
     let chunks = row.chunks_exact(LANES);
@@ -183,6 +246,7 @@ fn exp_sum<T: Real>(row: &[T], max: T) -> T {
 }
 
 /// Writes exp(x − max) of each element of `row` to `out` and returns their sum.
+#[inline(always)]
 fn exp_into<T: Real>(row: &[T], max: T, out: &mut [T]) -> T {
     for (o, &x) in out.iter_mut().zip(row) {
         *o = (x - max).fast_exp();
