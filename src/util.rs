@@ -28,11 +28,16 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Refuses a number outside its range with the flag's name, the range and the value.
 pub fn check_range(flag: &str, value: f64, range: std::ops::RangeInclusive<f64>) -> Result<()> {
     if !range.contains(&value) {
-        anyhow::bail!(
-            "{flag} must be between {} and {}, got {value}",
-            range.start(),
-            range.end()
-        );
+        // A range that starts at the smallest positive number means "above zero".
+        let low = match *range.start() {
+            f64::MIN_POSITIVE => "above 0".to_string(),
+            start => format!("at least {start}"),
+        };
+        let high = match *range.end() {
+            f64::MAX => String::new(),
+            end => format!(" and at most {end}"),
+        };
+        anyhow::bail!("{flag} must be {low}{high}, got {value}");
     }
     Ok(())
 }
@@ -289,6 +294,21 @@ pub fn peak_rss_mb() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_errors_name_the_flag_and_the_bounds_in_words() {
+        let err = |v, r| check_range("--lr", v, r).unwrap_err().to_string();
+        assert_eq!(
+            err(0.0, f64::MIN_POSITIVE..=10.0),
+            "--lr must be above 0 and at most 10, got 0"
+        );
+        assert_eq!(err(-1.0, 0.0..=f64::MAX), "--lr must be at least 0, got -1");
+        assert_eq!(
+            err(f64::NAN, 0.0..=1.0),
+            "--lr must be at least 0 and at most 1, got NaN"
+        );
+        assert!(check_range("--lr", 3e-3, f64::MIN_POSITIVE..=10.0).is_ok());
+    }
 
     #[test]
     fn rng_is_reproducible_and_uniform_enough() {
