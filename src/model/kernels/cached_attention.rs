@@ -8,6 +8,11 @@
 //! and with 8-bit activations (quantized models) that noise moved single log-probabilities by up
 //! to 0.9 nats between decoding and scoring. No backward pass: training uses
 //! [`super::rope_attention`].
+//!
+//! Speed comes without changing that arithmetic: the AVX2 build computes eight keys' scores at
+//! once and keeps the output's sums in registers, and a task takes 16 queries of one head and
+//! reads keys and values a tile at a time for all of them (a query alone was bound by the L2
+//! cache's bandwidth).
 
 use super::*;
 
