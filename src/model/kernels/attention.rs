@@ -184,40 +184,32 @@ impl RopeAttention {
         let rep = h / kvh;
         let kr: Vec<Vec<T>> = (0..b * kvh)
             .into_par_iter()
-            .map(|bg| {
-                wide(
-                    #[inline(always)]
-                    || self.rotated(k, kvh, (bg / kvh, bg % kvh), (t, d), 1.0),
-                )
-            })
+            .map(|bg| wide! { self.rotated(k, kvh, (bg / kvh, bg % kvh), (t, d), 1.0) })
             .collect();
         let mut out = vec![T::zero(); q.len()];
         let dst = SharedOut(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each(|bh| {
-            wide(
-                #[inline(always)]
-                || {
-                    let (bi, head) = (bh / h, bh % h);
-                    let g = head / rep;
-                    let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
-                    let mut p = vec![T::zero(); t * t];
-                    Self::probs(&qr, &kr[bi * kvh + g], &mut p, t, d);
-                    // SAFETY: this task alone writes head `head` of row `bi`; v's head g is read with its
-                    // row stride.
-                    unsafe {
-                        small_matmul(
-                            (t, d, t),
-                            dst.at((bi * t * h + head) * d),
-                            h * d,
-                            false,
-                            p.as_ptr(),
-                            (t, 1),
-                            v.as_ptr().add((bi * t * kvh + g) * d),
-                            (kvh * d, 1),
-                        )
-                    };
-                },
-            )
+            wide! {
+                let (bi, head) = (bh / h, bh % h);
+                let g = head / rep;
+                let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
+                let mut p = vec![T::zero(); t * t];
+                Self::probs(&qr, &kr[bi * kvh + g], &mut p, t, d);
+                // SAFETY: this task alone writes head `head` of row `bi`; v's head g is read with its
+                // row stride.
+                unsafe {
+                    small_matmul(
+                        (t, d, t),
+                        dst.at((bi * t * h + head) * d),
+                        h * d,
+                        false,
+                        p.as_ptr(),
+                        (t, 1),
+                        v.as_ptr().add((bi * t * kvh + g) * d),
+                        (kvh * d, 1),
+                    )
+                };
+            }
         });
         out
     }
@@ -246,85 +238,82 @@ impl RopeAttention {
         // One task per key/value head: it alone writes that head's dK and dV and its query
         // heads' dQ.
         (0..b * kvh).into_par_iter().for_each(|bg| {
-            wide(
-                #[inline(always)]
-                || {
-                    let (bi, g) = (bg / kvh, bg % kvh);
-                    let kr = self.rotated(k, kvh, (bi, g), (t, d), 1.0);
-                    let vg = unsafe { v.as_ptr().add((bi * t * kvh + g) * d) };
-                    let (mut dkr, mut p, mut dp, mut dqr) = (
-                        vec![T::zero(); t * d],
-                        vec![T::zero(); t * t],
-                        vec![T::zero(); t * t],
-                        vec![T::zero(); t * d],
-                    );
-                    for r in 0..rep {
-                        let head = g * rep + r;
-                        let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
-                        Self::probs(&qr, &kr, &mut p, t, d);
-                        let doh = unsafe { dout.as_ptr().add((bi * t * h + head) * d) };
-                        // SAFETY (all products): blocks are t×d or t×t with the strides given; dV's head
-                        // is this task's alone.
-                        unsafe {
-                            // dV += Pᵀ·dO
-                            small_matmul(
-                                (t, d, t),
-                                dv_out.at((bi * t * kvh + g) * d),
-                                kvh * d,
-                                true,
-                                p.as_ptr(),
-                                (1, t),
-                                doh,
-                                (h * d, 1),
-                            );
-                            // dP = dO·Vᵀ
-                            small_matmul(
-                                (t, t, d),
-                                dp.as_mut_ptr(),
-                                t,
-                                false,
-                                doh,
-                                (h * d, 1),
-                                vg,
-                                (1, kvh * d),
-                            );
-                        }
-                        // dS = P ∘ (dP − Σ_j P·dP), row by row; hidden keys have P = 0, so
-                        // row i's sum stops at key i.
-                        for (i, (pr, dr)) in p.chunks(t).zip(dp.chunks_mut(t)).enumerate() {
-                            let dot = row_dot(&pr[..=i], &dr[..=i]);
-                            for (x, y) in pr.iter().zip(dr.iter_mut()) {
-                                *y = *x * (*y - dot);
-                            }
-                        }
-                        unsafe {
-                            // dQr = dS·Kr, dKr += dSᵀ·Qr
-                            small_matmul(
-                                (t, d, t),
-                                dqr.as_mut_ptr(),
-                                d,
-                                false,
-                                dp.as_ptr(),
-                                (t, 1),
-                                kr.as_ptr(),
-                                (d, 1),
-                            );
-                            small_matmul(
-                                (t, d, t),
-                                dkr.as_mut_ptr(),
-                                d,
-                                true,
-                                dp.as_ptr(),
-                                (1, t),
-                                qr.as_ptr(),
-                                (d, 1),
-                            );
-                            self.unrotate_into(&dqr, dq_out, h, bi, head, t, d, self.scale);
+            wide! {
+                let (bi, g) = (bg / kvh, bg % kvh);
+                let kr = self.rotated(k, kvh, (bi, g), (t, d), 1.0);
+                let vg = unsafe { v.as_ptr().add((bi * t * kvh + g) * d) };
+                let (mut dkr, mut p, mut dp, mut dqr) = (
+                    vec![T::zero(); t * d],
+                    vec![T::zero(); t * t],
+                    vec![T::zero(); t * t],
+                    vec![T::zero(); t * d],
+                );
+                for r in 0..rep {
+                    let head = g * rep + r;
+                    let qr = self.rotated(q, h, (bi, head), (t, d), self.scale);
+                    Self::probs(&qr, &kr, &mut p, t, d);
+                    let doh = unsafe { dout.as_ptr().add((bi * t * h + head) * d) };
+                    // SAFETY (all products): blocks are t×d or t×t with the strides given; dV's head
+                    // is this task's alone.
+                    unsafe {
+                        // dV += Pᵀ·dO
+                        small_matmul(
+                            (t, d, t),
+                            dv_out.at((bi * t * kvh + g) * d),
+                            kvh * d,
+                            true,
+                            p.as_ptr(),
+                            (1, t),
+                            doh,
+                            (h * d, 1),
+                        );
+                        // dP = dO·Vᵀ
+                        small_matmul(
+                            (t, t, d),
+                            dp.as_mut_ptr(),
+                            t,
+                            false,
+                            doh,
+                            (h * d, 1),
+                            vg,
+                            (1, kvh * d),
+                        );
+                    }
+                    // dS = P ∘ (dP − Σ_j P·dP), row by row; hidden keys have P = 0, so
+                    // row i's sum stops at key i.
+                    for (i, (pr, dr)) in p.chunks(t).zip(dp.chunks_mut(t)).enumerate() {
+                        let dot = row_dot(&pr[..=i], &dr[..=i]);
+                        for (x, y) in pr.iter().zip(dr.iter_mut()) {
+                            *y = *x * (*y - dot);
                         }
                     }
-                    unsafe { self.unrotate_into(&dkr, dk_out, kvh, bi, g, t, d, 1.0) };
-                },
-            )
+                    unsafe {
+                        // dQr = dS·Kr, dKr += dSᵀ·Qr
+                        small_matmul(
+                            (t, d, t),
+                            dqr.as_mut_ptr(),
+                            d,
+                            false,
+                            dp.as_ptr(),
+                            (t, 1),
+                            kr.as_ptr(),
+                            (d, 1),
+                        );
+                        small_matmul(
+                            (t, d, t),
+                            dkr.as_mut_ptr(),
+                            d,
+                            true,
+                            dp.as_ptr(),
+                            (1, t),
+                            qr.as_ptr(),
+                            (d, 1),
+                        );
+                        self.unrotate_into(&dqr, dq_out, h, bi, head, t, d, self.scale);
+                    }
+                }
+                unsafe { self.unrotate_into(&dkr, dk_out, kvh, bi, g, t, d, 1.0) };
+            }
         });
         (dq, dk, dv)
     }

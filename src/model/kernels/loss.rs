@@ -26,13 +26,10 @@ fn ce_fwd<T: Real>(
                     "cross_entropy: target {t} outside vocabulary {v}"
                 )));
             }
-            Ok(wide(
-                #[inline(always)]
-                || {
-                    let max = row_max(row);
-                    exp_sum(row, max).ln() + max - row[t]
-                },
-            ))
+            Ok(wide! {
+                let max = row_max(row);
+                exp_sum(row, max).ln() + max - row[t]
+            })
         })
         .collect();
     Ok((T::to_cpu_storage_owned(out?), Shape::from(ll.dims()[0])))
@@ -55,16 +52,13 @@ fn ce_bwd<T: Real>(
         .zip(logits.par_chunks(v))
         .enumerate()
         .for_each(|(i, (dr, row))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let max = row_max(row);
-                    let scale = g[i] / exp_into(row, max, dr);
-                    dr.iter_mut().for_each(|d| *d *= scale);
-                    let t = targets[i] as usize;
-                    dr[t] -= g[i];
-                },
-            )
+            wide! {
+                let max = row_max(row);
+                let scale = g[i] / exp_into(row, max, dr);
+                dr.iter_mut().for_each(|d| *d *= scale);
+                let t = targets[i] as usize;
+                dr[t] -= g[i];
+            }
         });
     Ok((T::to_cpu_storage_owned(d), ll.shape().clone()))
 }
@@ -148,13 +142,10 @@ fn head_nll_fwd<T: Real>(
         .par_chunks(v)
         .zip(targets.par_iter())
         .map(|(row, &t)| {
-            wide(
-                #[inline(always)]
-                || {
-                    let max = row_max(row);
-                    exp_sum(row, max).ln() + max - row[t as usize]
-                },
-            )
+            wide! {
+                let max = row_max(row);
+                exp_sum(row, max).ln() + max - row[t as usize]
+            }
         })
         .collect();
     let nll = T::to_cpu_storage_owned(nll);
@@ -191,16 +182,13 @@ fn head_nll_bwd<T: Real>(
     };
     // dlogits = g · (softmax(logits) − onehot(target)), row by row in place.
     d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-        wide(
-            #[inline(always)]
-            || {
-                let max = row_max(row);
-                row.iter_mut().for_each(|x| *x = (*x - max).fast_exp());
-                let scale = g[i] / row_sum(row);
-                row.iter_mut().for_each(|x| *x *= scale);
-                row[targets[i] as usize] -= g[i];
-            },
-        )
+        wide! {
+            let max = row_max(row);
+            row.iter_mut().for_each(|x| *x = (*x - max).fast_exp());
+            let scale = g[i] / row_sum(row);
+            row.iter_mut().for_each(|x| *x *= scale);
+            row[targets[i] as usize] -= g[i];
+        }
     });
     let hd = data::<T>(hs, hl, "head_nll")?;
     let wd = data::<T>(ws, wl, "head_nll")?;

@@ -152,6 +152,17 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `wide(|| body)` with the closure marked `#[inline(always)]`: inlined into the AVX2 function,
+/// its loops vectorise eight wide; called, they would keep the baseline's four.
+macro_rules! wide {
+    ($($body:tt)*) => {
+        wide(
+            #[inline(always)]
+            || { $($body)* },
+        )
+    };
+}
+
 /// The build the fused kernels' loops run: `avx2` or `baseline` (SSE2 on x86-64).
 pub fn simd_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]

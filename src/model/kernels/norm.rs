@@ -34,15 +34,12 @@ fn rms_fwd<T: Real>(
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
         .for_each(|(yr, xr)| {
-            wide(
-                #[inline(always)]
-                || {
-                    let r = inv_rms(xr, eps);
-                    for j in 0..n {
-                        yr[j] = xr[j] * r * w[j];
-                    }
-                },
-            )
+            wide! {
+                let r = inv_rms(xr, eps);
+                for j in 0..n {
+                    yr[j] = xr[j] * r * w[j];
+                }
+            }
         });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
@@ -66,21 +63,18 @@ fn rms_bwd_x<T: Real>(
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
         .for_each(|(d, (xr, gr))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let r = inv_rms(xr, eps);
-                    // g·w first, so that the mean of g·w·x is an eight-lane dot product.
-                    for j in 0..n {
-                        d[j] = gr[j] * w[j];
-                    }
-                    let dot = row_dot(d, xr) / nf;
-                    let r3 = r * r * r;
-                    for j in 0..n {
-                        d[j] = r * d[j] - xr[j] * r3 * dot;
-                    }
-                },
-            )
+            wide! {
+                let r = inv_rms(xr, eps);
+                // g·w first, so that the mean of g·w·x is an eight-lane dot product.
+                for j in 0..n {
+                    d[j] = gr[j] * w[j];
+                }
+                let dot = row_dot(d, xr) / nf;
+                let r3 = r * r * r;
+                for j in 0..n {
+                    d[j] = r * d[j] - xr[j] * r3 * dot;
+                }
+            }
         });
     Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
 }

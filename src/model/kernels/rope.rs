@@ -32,25 +32,22 @@ fn rope_fwd<T: Real>(
         .zip(x.par_chunks(d))
         .enumerate()
         .for_each(|(i, (yr, xr))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let b = i / (h * t);
-                    let pos = i % t;
-                    let base = ((if rows == 1 { 0 } else { b }) * t + pos) * half;
-                    for k in 0..half {
-                        let c = cos[base + k];
-                        let s = if inverse {
-                            -sin[base + k]
-                        } else {
-                            sin[base + k]
-                        };
-                        let (x1, x2) = (xr[k], xr[k + half]);
-                        yr[k] = x1 * c - x2 * s;
-                        yr[k + half] = x2 * c + x1 * s;
-                    }
-                },
-            )
+            wide! {
+                let b = i / (h * t);
+                let pos = i % t;
+                let base = ((if rows == 1 { 0 } else { b }) * t + pos) * half;
+                for k in 0..half {
+                    let c = cos[base + k];
+                    let s = if inverse {
+                        -sin[base + k]
+                    } else {
+                        sin[base + k]
+                    };
+                    let (x1, x2) = (xr[k], xr[k + half]);
+                    yr[k] = x1 * c - x2 * s;
+                    yr[k + half] = x2 * c + x1 * s;
+                }
+            }
         });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }

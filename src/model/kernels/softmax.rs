@@ -16,16 +16,13 @@ fn causal_softmax_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage
         .zip(x.par_chunks(n))
         .enumerate()
         .for_each(|(r, (yr, xr))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let visible = (r % t) + (n - t) + 1;
-                    let max = row_max(&xr[..visible]);
-                    let sum = exp_into(&xr[..visible], max, yr);
-                    let inv = T::one() / sum;
-                    yr[..visible].iter_mut().for_each(|v| *v *= inv);
-                },
-            )
+            wide! {
+                let visible = (r % t) + (n - t) + 1;
+                let max = row_max(&xr[..visible]);
+                let sum = exp_into(&xr[..visible], max, yr);
+                let inv = T::one() / sum;
+                yr[..visible].iter_mut().for_each(|v| *v *= inv);
+            }
         });
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
@@ -44,15 +41,12 @@ fn softmax_bwd<T: Real>(
     dx.par_chunks_mut(n)
         .zip(y.par_chunks(n).zip(g.par_chunks(n)))
         .for_each(|(d, (yr, gr))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&p, &q)| a + p * q);
-                    for j in 0..n {
-                        d[j] = yr[j] * (gr[j] - dot);
-                    }
-                },
-            )
+            wide! {
+                let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&p, &q)| a + p * q);
+                for j in 0..n {
+                    d[j] = yr[j] * (gr[j] - dot);
+                }
+            }
         });
     Ok((T::to_cpu_storage_owned(dx), yl.shape().clone()))
 }

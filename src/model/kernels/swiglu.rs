@@ -26,14 +26,11 @@ fn swiglu_fwd<T: Real>(
     y.par_chunks_mut(4096)
         .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
         .for_each(|(yc, (gc, uc))| {
-            wide(
-                #[inline(always)]
-                || {
-                    for i in 0..yc.len() {
-                        yc[i] = gc[i] * sigmoid(gc[i]) * uc[i];
-                    }
-                },
-            )
+            wide! {
+                for i in 0..yc.len() {
+                    yc[i] = gc[i] * sigmoid(gc[i]) * uc[i];
+                }
+            }
         });
     Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
 }
@@ -52,22 +49,19 @@ fn swiglu_bwd<T: Real>(
     let dy = data::<T>(ds, dl, "swiglu_backward")?;
     let mut out = vec![T::zero(); g.len()];
     out.par_chunks_mut(4096).enumerate().for_each(|(c, oc)| {
-        wide(
-            #[inline(always)]
-            || {
-                let base = c * 4096;
-                for (i, o) in oc.iter_mut().enumerate() {
-                    let (x, up, d) = (g[base + i], u[base + i], dy[base + i]);
-                    let s = sigmoid(x);
-                    *o = if wrt_gate {
-                        // d/dx [x·s(x)] = s(x)·(1 + x·(1 − s(x)))
-                        d * up * s * (T::one() + x * (T::one() - s))
-                    } else {
-                        d * x * s
-                    };
-                }
-            },
-        )
+        wide! {
+            let base = c * 4096;
+            for (i, o) in oc.iter_mut().enumerate() {
+                let (x, up, d) = (g[base + i], u[base + i], dy[base + i]);
+                let s = sigmoid(x);
+                *o = if wrt_gate {
+                    // d/dx [x·s(x)] = s(x)·(1 + x·(1 − s(x)))
+                    d * up * s * (T::one() + x * (T::one() - s))
+                } else {
+                    d * x * s
+                };
+            }
+        }
     });
     Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
 }
