@@ -114,38 +114,12 @@ fn every_bf16_kernel_follows_the_f32_loss_curve() {
 #[test]
 fn both_simd_builds_of_the_kernels_train_to_the_same_bits() {
     let losses = |simd: &str| -> Vec<f64> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
-            .args([
-                "bench", "train", "--layers", "2", "--width", "128", "--heads", "4",
-            ])
-            .args([
-                "--kv-heads",
-                "2",
-                "--ffn",
-                "256",
-                "--context",
-                "64",
-                "--vocab",
-                "512",
-            ])
-            .args([
-                "--batch",
-                "4",
-                "--steps",
-                "3",
-                "--warmup",
-                "0",
-                "--precision",
-                "f32",
-            ])
-            .arg("--json")
-            .env("CHATFORGE_SIMD", simd)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let args = "bench train --layers 2 --width 128 --heads 4 --kv-heads 2 --ffn 256 \
+                    --context 64 --vocab 512 --batch 4 --steps 3 --warmup 0 --precision f32 --json";
+        let out = common::run_ok(
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+                .args(args.split_whitespace())
+                .env("CHATFORGE_SIMD", simd),
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         serde_json::from_value(v["losses"].clone()).unwrap()

@@ -187,6 +187,20 @@ fn loss_falls_well_below_unigram_and_the_run_generates() {
     assert!(err.contains("context is 64"), "{err}");
 }
 
+/// Every step a resumed run logged has the uninterrupted run's loss at that step.
+fn assert_resumed_losses_match(
+    resumed: &chatforge::train::pretrain::PretrainReport,
+    full: &chatforge::train::pretrain::PretrainReport,
+) {
+    for (step, loss) in &resumed.losses {
+        let expected = full.losses[step - 1].1;
+        assert!(
+            (loss - expected).abs() < 1e-5,
+            "step {step}: {loss} vs {expected}"
+        );
+    }
+}
+
 #[test]
 fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,13 +234,7 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_losses() {
     let resumed = pretrain(&again).unwrap();
     assert_eq!(resumed.steps, 14);
     assert_eq!(resumed.losses.first().unwrap().0, 7);
-    for (step, loss) in &resumed.losses {
-        let expected = full.losses[step - 1].1;
-        assert!(
-            (loss - expected).abs() < 1e-5,
-            "step {step}: {loss} vs {expected}"
-        );
-    }
+    assert_resumed_losses_match(&resumed, &full);
     assert!((resumed.val_loss - full.val_loss).abs() < 1e-5);
     // metrics.jsonl holds each step once.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -361,11 +369,5 @@ fn muon_learns_and_resumes_exactly() {
     again.train.resume = true;
     let resumed = pretrain(&again).unwrap();
     assert_eq!(resumed.losses.first().unwrap().0, 7);
-    for (step, loss) in &resumed.losses {
-        let expected = full.losses[step - 1].1;
-        assert!(
-            (loss - expected).abs() < 1e-5,
-            "step {step}: {loss} vs {expected}"
-        );
-    }
+    assert_resumed_losses_match(&resumed, &full);
 }

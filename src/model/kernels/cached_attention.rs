@@ -24,27 +24,6 @@ struct CachedAttention {
     visible: Vec<std::ops::Range<usize>>,
 }
 
-/// `q · k` in eight lanes, folded in a fixed order: the arithmetic every build of a score
-/// follows (the AVX2 build computes eight keys at once, in this order).
-#[inline(always)]
-fn dot<T: Real>(q: &[T], k: &[T]) -> T {
-    let mut lanes = [T::zero(); LANES];
-    let (qc, kc) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
-    let tail = tail_dot(qc.remainder(), kc.remainder());
-    for (a, b) in qc.zip(kc) {
-        for i in 0..LANES {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    lanes.iter().fold(tail, |a, &v| a + v)
-}
-
-/// The part of `dot` past the last whole group of lanes, summed from zero.
-#[inline(always)]
-fn tail_dot<T: Real>(q: &[T], k: &[T]) -> T {
-    q.iter().zip(k).fold(T::zero(), |a, (&x, &y)| a + x * y)
-}
-
 /// Queries of one head a task computes together, so that they share each key's reads.
 const QUERY_BLOCK: usize = 16;
 
@@ -77,7 +56,7 @@ fn one_query<T: Real>(
 ) {
     let scores = &mut scores[..range.len()];
     for (sc, j) in scores.iter_mut().zip(range.clone()) {
-        *sc = dot(query, &k[kv + j * d..][..d]);
+        *sc = row_dot(query, &k[kv + j * d..][..d]);
     }
     softmax_in_place(scores);
     // o[c] = Σ_j p_j·v_j[c], key by key, a chunk of the output at a time.
@@ -140,9 +119,9 @@ mod avx2 {
         ]
     }
 
-    /// `scores[n] = dot(q, key range.start + n)`, eight keys at a time: each key's lane sums are
-    /// built as `dot` builds them, then transposed, so that one vector add folds lane i of eight
-    /// keys, in `dot`'s order.
+    /// `scores[n] = row_dot(q, key range.start + n)`, eight keys at a time: each key's lane sums
+    /// are built as `row_dot` builds them, then transposed, so that one vector add folds lane i
+    /// of eight keys, in `row_dot`'s order.
     #[inline(always)]
     unsafe fn key_scores(q: &[f32], k: &[f32], d: usize, range: Range<usize>, scores: &mut [f32]) {
         let whole = d / 8 * 8;
@@ -169,7 +148,7 @@ mod avx2 {
             j += 8;
         }
         for (sc, j) in blocks.into_remainder().iter_mut().zip(j..) {
-            *sc = super::dot(q, &k[j * d..][..d]);
+            *sc = super::row_dot(q, &k[j * d..][..d]);
         }
     }
 

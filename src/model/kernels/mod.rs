@@ -220,22 +220,25 @@ fn row_sum<T: Real>(row: &[T]) -> T {
 }
 
 /// Σ a·b over two rows, in eight lanes so that it vectorises (a fold in order is a chain of
-/// dependent adds, bound by their latency).
+/// dependent adds, bound by their latency); the lanes are folded onto the tail's sum in a fixed
+/// order, which `cached_attention`'s AVX2 build repeats for eight keys at once.
 #[inline(always)]
 fn row_dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut lanes = [T::zero(); LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    let tail = tail_dot(ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for i in 0..LANES {
             lanes[i] += x[i] * y[i];
         }
     }
     lanes.iter().fold(tail, |s, &v| s + v)
+}
+
+/// The part of [`row_dot`] past its last whole group of lanes, summed in order from zero.
+#[inline(always)]
+fn tail_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |s, (&x, &y)| s + x * y)
 }
 
 /// Σ exp(x − max) over a row.
