@@ -31,6 +31,7 @@ rows = [
     ("  arithmetic (direct)", "curriculum", "accuracy/arithmetic"),
     ("  arithmetic (step by step)", "curriculum", "accuracy/arithmetic_steps"),
     ("  chicken-rabbit (step by step)", "curriculum", "accuracy/chicken_rabbit"),
+    ("  chicken-rabbit (direct)", "curriculum", "accuracy/chicken_rabbit_direct"),
     ("  translation", "curriculum", "accuracy/translation"),
     ("  sentiment", "curriculum", "accuracy/sentiment"),
     ("refuses harmful requests", "curriculum", "refusal_rate_harmful"),
@@ -46,7 +47,7 @@ def line(label, values):
     return f"| {label} | {statistics.mean(v):.3f} | {sd:.3f} | {min(v):.3f} | {max(v):.3f} |"
 print(f"{n} seeds of the speedrun ({reports[0].get('preset', '?')} preset)\n")
 print("| metric | mean | sd across seeds | min | max |\n|---|---|---|---|---|")
-for stage in ["base", "sft", "rlhf", "rlhf_index"]:
+for stage in ["base", "sft", "rlhf", "rlvr", "final_index"]:
     for label, task, key in rows:
         values = [r["eval"].get(stage, {}).get(task, {}).get(key) for r in reports]
         if any(x is not None for x in values):

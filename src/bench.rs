@@ -69,11 +69,14 @@ pub struct TrainBenchOptions {
     /// Matmul precision, as in training: auto (bf16 where the CPU has a bf16 kernel), bf16 or f32.
     #[arg(long, value_enum, default_value_t = Precision::default())]
     pub precision: Precision,
+    /// The architecture switches, as in `pretrain`, to time what each costs.
+    #[command(flatten)]
+    pub switches: crate::model::switches::ArchSwitches,
 }
 
 impl TrainBenchOptions {
     pub fn config(&self) -> Result<LlamaConfig> {
-        let c = LlamaConfig {
+        let mut c = LlamaConfig {
             hidden_size: self.width,
             intermediate_size: self.ffn,
             num_hidden_layers: self.layers,
@@ -81,6 +84,7 @@ impl TrainBenchOptions {
             num_key_value_heads: Some(self.kv_heads),
             ..LlamaConfig::small(self.vocab, self.context)
         };
+        self.switches.apply(&mut c, "bench train")?;
         c.validate("bench train")?;
         Ok(c)
     }
@@ -135,7 +139,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
     )?;
     let mut rng = Rng::new(opts.seed);
-    seeded_init(&config, &varmap, &mut rng)?;
+    seeded_init(&config, &varmap, &mut rng, opts.switches.zero_start())?;
     let mut optimizer = Optimizer::new(&varmap, OptimizerConfig::default())?;
     let parameters = crate::model::llama::parameter_count(&varmap);
     let (b, t) = (opts.batch, opts.context);
@@ -410,6 +414,7 @@ mod tests {
             warmup: 0,
             seed: 0,
             precision: Precision::F32,
+            switches: Default::default(),
         }
         .config()
         .unwrap();

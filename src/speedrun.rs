@@ -12,8 +12,9 @@ use crate::data::text::DocFormat;
 use crate::eval::{self, EvalOptions};
 use crate::infer::generate::generate;
 use crate::infer::sampler::SamplingParams;
+use crate::model::switches::ArchSwitches;
 use crate::model::{self, LlamaConfig};
-use crate::rlhf::{rlhf, Algo, RlhfOptions};
+use crate::rlhf::{rlhf, Algo, RewardSource, RlhfOptions};
 use crate::tokenizer::{Tokenizer, TrainOptions};
 use crate::train::pretrain::{pretrain, PretrainOptions};
 use crate::train::reward::{train_reward, RewardOptions};
@@ -48,6 +49,8 @@ pub struct PresetSpec {
     pub heads: usize,
     pub kv_heads: usize,
     pub context: usize,
+    /// The architecture switches the preset's measurements chose (the command line's win).
+    pub switches: ArchSwitches,
     pub pretrain_steps: usize,
     pub pretrain_batch: usize,
     pub pretrain_lr: f64,
@@ -58,6 +61,9 @@ pub struct PresetSpec {
     pub reward_lr: f64,
     pub ppo_steps: usize,
     pub ppo_lr: f64,
+    /// GRPO steps with the checker as reward, on the sums and chicken-and-rabbit prompts.
+    pub checker_rl_steps: usize,
+    pub checker_rl_lr: f64,
     /// Prompts per PPO rollout batch; each gets `PPO_ANSWERS_PER_PROMPT` answers.
     pub rollout_prompts: usize,
     /// Held-out prompts per evaluation.
@@ -77,6 +83,7 @@ impl Preset {
                 heads: 4,
                 kv_heads: 2,
                 context: 192,
+                switches: ArchSwitches::default(),
                 pretrain_steps: 350,
                 pretrain_batch: 8,
                 pretrain_lr: 5e-3,
@@ -87,6 +94,8 @@ impl Preset {
                 reward_lr: 1e-3,
                 ppo_steps: 16,
                 ppo_lr: 3e-5,
+                checker_rl_steps: 8,
+                checker_rl_lr: 3e-5,
                 rollout_prompts: 4,
                 eval_prompts: 32,
                 max_new_tokens: 48,
@@ -100,6 +109,7 @@ impl Preset {
                 heads: 8,
                 kv_heads: 4,
                 context: 256,
+                switches: ArchSwitches::default(),
                 pretrain_steps: 1200,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
@@ -110,6 +120,8 @@ impl Preset {
                 reward_lr: 3e-4,
                 ppo_steps: 120,
                 ppo_lr: 3e-5,
+                checker_rl_steps: 120,
+                checker_rl_lr: 3e-5,
                 rollout_prompts: 16,
                 eval_prompts: 128,
                 max_new_tokens: 96,
@@ -169,7 +181,7 @@ struct Pipeline<'a> {
     stages: usize,
 }
 
-const STAGE_NAMES: [&str; 9] = [
+const STAGE_NAMES: [&str; 10] = [
     "curriculum",
     "tokenizer",
     "shards",
@@ -179,11 +191,20 @@ const STAGE_NAMES: [&str; 9] = [
     "eval sft",
     "reward",
     "rlhf (ppo)",
+    "rl (checker)",
 ];
 /// The `--input` text mode: the first half of the recipe on the user's own files.
 const TEXT_STAGE_NAMES: [&str; 4] = ["tokenizer", "shards", "pretrain", "samples"];
 /// Sampled answers per PPO prompt (the leave-one-out baseline's group).
 const PPO_ANSWERS_PER_PROMPT: usize = 4;
+/// The curriculum families whose answers a checker verifies exactly: the verifiable-reward stage
+/// trains on these.
+const CHECKED_FAMILIES: [&str; 4] = [
+    "arithmetic",
+    "arithmetic_steps",
+    "chicken_rabbit",
+    "chicken_rabbit_direct",
+];
 
 impl Pipeline<'_> {
     fn path(&self, name: &str) -> PathBuf {
@@ -240,6 +261,45 @@ impl Pipeline<'_> {
             quiet: self.opts.quiet,
             ..Default::default()
         }
+    }
+
+    /// The settings both RL stages share: rollouts of `PPO_ANSWERS_PER_PROMPT` answers to the
+    /// preset's prompts per batch, held-out measurement, no weight decay.
+    fn rl_options(&self, out: &Path, steps: usize, lr: f64) -> RlhfOptions {
+        let s = &self.spec;
+        RlhfOptions {
+            out: out.to_path_buf(),
+            rollout_prompts: s.rollout_prompts,
+            group_size: PPO_ANSWERS_PER_PROMPT,
+            minibatch: 16,
+            max_new_tokens: s.max_new_tokens,
+            eval_samples: s.eval_prompts,
+            train: LoopOptions {
+                weight_decay: 0.0,
+                log_every: 1,
+                ..self.loop_options(steps, lr, 2, 2)
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Evaluates `run` into `eval/NAME.json` (and its answers) unless that exists and `again`
+    /// is false: evaluating an RL stage is cheap next to training it.
+    fn evaluate_once(
+        &self,
+        what: &str,
+        run: &Path,
+        name: &str,
+        with_index: bool,
+        again: bool,
+    ) -> Result<()> {
+        let path = self.path(&format!("eval/{name}.json"));
+        if path.exists() && !again {
+            return Ok(());
+        }
+        eprintln!("      evaluating {what}");
+        let answers = self.path(&format!("eval/{name}_answers.jsonl"));
+        write_eval(&path, &self.evaluate(run, &answers, with_index)?)
     }
 
     /// Curriculum, few-shot and (for the base model) bits-per-byte evaluation of one model.
@@ -389,6 +449,8 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         config.num_hidden_layers = s.layers;
         config.num_attention_heads = s.heads;
         config.num_key_value_heads = Some(s.kv_heads);
+        let switches = s.switches.merged(&p.opts.pretrain.switches);
+        switches.apply(&mut config, "the preset's model")?;
         let config_path = p.path("model_config.json");
         util::write_json_atomic(&config_path, &config)?;
         let r = pretrain(&PretrainOptions {
@@ -398,6 +460,7 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             batch_size: s.pretrain_batch,
             seq_len: s.context,
             eval_tokens: 16_384,
+            switches,
             train: LoopOptions {
                 // Muon, when asked, for pretraining only: its rate is not on the fine-tuning
                 // stages' scale.
@@ -458,6 +521,19 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         Ok(Some(r.tokens_per_second))
     })?;
     let rl_dir = p.path("rlhf");
+    let rlvr_dir = p.path("rlvr");
+    // The checker stage starts from PPO's model: when PPO runs again, so does everything after it.
+    let ppo_reruns = !rl_dir.join("rlhf_report.json").exists();
+    if ppo_reruns {
+        for stale in [p.path("eval/rlhf.json"), p.path("eval/rlvr.json")] {
+            if stale.exists() {
+                std::fs::remove_file(&stale)?;
+            }
+        }
+        if rlvr_dir.exists() {
+            std::fs::remove_dir_all(&rlvr_dir)?;
+        }
+    }
     p.stage("rlhf (ppo)", &rl_dir.join("rlhf_report.json"), |p| {
         let s = &p.spec;
         let r = rlhf(&RlhfOptions {
@@ -466,56 +542,62 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             reward: Some(rm_dir.clone()),
             prompts: Some(p.data("rl_prompts_train.jsonl")),
             eval_prompts: Some(p.data("rl_prompts_heldout.jsonl")),
-            out: rl_dir.clone(),
-            rollout_prompts: s.rollout_prompts,
             // Scoring each answer against the other answers to its prompt removes how easy the
             // prompt is from the advantage; with one answer per prompt PPO traded checker accuracy
             // for reward on the small preset (0.289 -> 0.242), with four it did not.
             prompt_baseline: true,
-            group_size: PPO_ANSWERS_PER_PROMPT,
-            minibatch: 16,
-            max_new_tokens: s.max_new_tokens,
-            eval_samples: s.eval_prompts,
-            train: LoopOptions {
-                weight_decay: 0.0,
-                log_every: 1,
-                ..p.loop_options(s.ppo_steps, s.ppo_lr, 2, 2)
-            },
-            ..Default::default()
+            ..p.rl_options(&rl_dir, s.ppo_steps, s.ppo_lr)
         })?;
         util::write_json_atomic(&rl_dir.join("rlhf_report.json"), &r)?;
         Ok(Some(r.tokens_per_second))
     })?;
-    // Evaluating RLHF is cheap next to training it; it is redone when missing.
-    let rl_eval = p.path("eval/rlhf.json");
-    if !rl_eval.exists() {
-        eprintln!("      evaluating the RLHF model");
-        write_eval(
-            &rl_eval,
-            &p.evaluate(&rl_dir, &p.path("eval/rlhf_answers.jsonl"), false)?,
-        )?;
-    }
-    let rl_index_eval = p.path("eval/rlhf_index.json");
-    if !rl_index_eval.exists() {
-        eprintln!("      evaluating the RLHF model with the knowledge-base index");
-        write_eval(
-            &rl_index_eval,
-            &p.evaluate(&rl_dir, &p.path("eval/rlhf_index_answers.jsonl"), true)?,
-        )?;
-    }
+    p.evaluate_once("the RLHF model", &rl_dir, "rlhf", false, false)?;
+    // Verifiable rewards, as nanochat does on GSM8K: GRPO from the PPO model on the sums and
+    // chicken-and-rabbit prompts, rewarded by the curriculum's checker alone.
+    p.stage("rl (checker)", &rlvr_dir.join("rlhf_report.json"), |p| {
+        let s = &p.spec;
+        let prompts = |split: &str| -> Result<PathBuf> {
+            let out = p.data(&format!("rl_checked_{split}.jsonl"));
+            keep_families(
+                &p.data(&format!("rl_prompts_{split}.jsonl")),
+                &out,
+                &CHECKED_FAMILIES,
+            )?;
+            Ok(out)
+        };
+        let r = rlhf(&RlhfOptions {
+            algo: Algo::Grpo,
+            policy: rl_dir.clone(),
+            reward_source: RewardSource::Checker,
+            prompts: Some(prompts("train")?),
+            eval_prompts: Some(prompts("heldout")?),
+            ..p.rl_options(&rlvr_dir, s.checker_rl_steps, s.checker_rl_lr)
+        })?;
+        util::write_json_atomic(&rlvr_dir.join("rlhf_report.json"), &r)?;
+        Ok(Some(r.tokens_per_second))
+    })?;
+    p.evaluate_once(
+        "the checker-rewarded model",
+        &rlvr_dir,
+        "rlvr",
+        false,
+        false,
+    )?;
+    let final_with_index = "the final model with the knowledge-base index";
+    p.evaluate_once(final_with_index, &rlvr_dir, "final_index", true, ppo_reruns)?;
     let report = crate::eval::report::speedrun_report(
         &opts.out,
         &json!({"preset": opts.preset, "seed": opts.seed, "spec": p.spec}),
         &p.times,
         &STAGE_NAMES,
     )?;
-    if let Err(e) = eval::report::report(&rl_dir) {
+    if let Err(e) = eval::report::report(&rlvr_dir) {
         eprintln!("(no per-stage report: {e:#})");
     }
     eprintln!(
         "\nreport: {}\nnext: chatforge chat --model {}",
         report.display(),
-        rl_dir.display()
+        rlvr_dir.display()
     );
     Ok(report)
 }
@@ -614,4 +696,20 @@ fn speedrun_text(p: &mut Pipeline) -> Result<()> {
         run_dir.display()
     );
     Ok(())
+}
+
+/// Copies the records of `families` from one prompt file to another (atomically).
+fn keep_families(from: &Path, to: &Path, families: &[&str]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let mut kept = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON record", from.display(), i + 1))?;
+        if families.contains(&record["family"].as_str().unwrap_or_default()) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    util::write_atomic(to, kept.as_bytes())
 }

@@ -145,10 +145,42 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
     }
     let dir = tempfile::tempdir().unwrap();
     let run = common::base_run(dir.path());
-    let hf = dir.path().join("exported");
-    common::export(&run, &["--format", "hf"], &hf);
+    assert_transformers_agrees(&run, dir.path());
+}
+
+/// A model trained with the speedrun switches that Hugging Face's classes know (squared ReLU,
+/// query/key norms, so a Qwen3, an untied head, zero-started outputs) exports to a directory
+/// transformers runs to the same greedy tokens.
+#[test]
+fn a_switched_model_exports_to_transformers_unchanged() {
+    use chatforge::model::switches::{ArchSwitches, GateActivation};
+    if !common::python_has("transformers, torch", "pip install transformers torch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let switches = ArchSwitches {
+        activation: Some(GateActivation::Relu2),
+        qk_norm: Some(true),
+        untied_head: Some(true),
+        zero_init: Some(true),
+        logit_softcap: None,
+    };
+    let run = common::base_run_with(dir.path(), switches);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen3");
+    assert_eq!(config["hidden_act"], "relu2");
+    assert_eq!(config["tie_word_embeddings"], false);
+    assert_transformers_agrees(&run, dir.path());
+}
+
+/// Exports `run` to Hugging Face's layout under `dir` and checks that transformers renders the
+/// same chat prompts and decodes the same greedy tokens.
+fn assert_transformers_agrees(run: &std::path::Path, dir: &std::path::Path) {
+    let hf = dir.join("exported");
+    common::export(run, &["--format", "hf"], &hf);
     // chatforge's greedy tokens (no stopping, so every position is compared).
-    let lm = chatforge::model::load(&run, &Device::Cpu).unwrap();
+    let lm = chatforge::model::load(run, &Device::Cpu).unwrap();
     let template = lm.template().unwrap();
     let mut jobs = Vec::new();
     let mut ours = Vec::new();
@@ -171,7 +203,7 @@ fn exported_directory_gives_transformers_the_same_greedy_tokens() {
         );
         ours.push((prompt, g.tokens));
     }
-    let jobs_path = dir.path().join("jobs.json");
+    let jobs_path = dir.join("jobs.json");
     std::fs::write(&jobs_path, serde_json::to_string(&jobs).unwrap()).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients/transformers_parity.py");

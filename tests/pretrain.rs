@@ -371,3 +371,75 @@ fn muon_learns_and_resumes_exactly() {
     assert_eq!(resumed.losses.first().unwrap().0, 7);
     assert_resumed_losses_match(&resumed, &full);
 }
+
+/// Each architecture switch trains the tiny corpus as far as the plain model's test asks, is
+/// written into config.json so that the saved run scores its validation windows exactly as the
+/// report says, and the switches GGUF's llama graph lacks are refused by `export --format gguf`
+/// with the way out.
+#[test]
+fn every_architecture_switch_learns_and_reloads_exactly() {
+    use chatforge::model::switches::{ArchSwitches, GateActivation};
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, cfg) = common::tiny_shards(dir.path());
+    let one = |f: fn(&mut ArchSwitches)| {
+        let mut s = ArchSwitches::default();
+        f(&mut s);
+        s
+    };
+    let cases = [
+        ("relu2", one(|s| s.activation = Some(GateActivation::Relu2))),
+        ("qk_norm", one(|s| s.qk_norm = Some(true))),
+        ("untied", one(|s| s.untied_head = Some(true))),
+        ("softcap", one(|s| s.logit_softcap = Some(5.0))),
+        ("zero", one(|s| s.zero_init = Some(true))),
+    ];
+    let shard_set = chatforge::data::shards::ShardSet::open(&shards).unwrap();
+    let token_bytes = shard_set.tokenizer().unwrap().token_bytes().to_vec();
+    for (name, switches) in cases {
+        let run = dir.path().join(name);
+        let mut opts = common::tiny_pretrain(&shards, &cfg, &run, 120);
+        opts.switches = switches;
+        // f32 throughout, so the reloaded model's score can be compared exactly.
+        opts.train.precision = chatforge::train::Precision::F32;
+        let report = pretrain(&opts).unwrap();
+        let first = report.losses[0].1;
+        assert!(
+            report.val_loss < first - 1.5,
+            "{name}: val {} vs first {first}",
+            report.val_loss
+        );
+        let lm = chatforge::model::load(&run, &candle_core::Device::Cpu).unwrap();
+        let (reloaded, _) = chatforge::train::pretrain::evaluate(
+            &lm.model,
+            &shard_set.val,
+            &token_bytes,
+            opts.batch_size,
+            opts.seq_len,
+            opts.eval_tokens,
+        )
+        .unwrap();
+        assert!(
+            (reloaded - report.val_loss).abs() < 1e-6,
+            "{name}: the saved run scores {reloaded}, the report {}",
+            report.val_loss
+        );
+        let gguf = std::process::Command::new(env!("CARGO_BIN_EXE_chatforge"))
+            .args([
+                "export",
+                "--model",
+                run.to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--out",
+                dir.path().join(format!("{name}.gguf")).to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let refused = matches!(name, "relu2" | "softcap");
+        assert_eq!(!gguf.status.success(), refused, "{name}: export gguf");
+        if refused {
+            let err = String::from_utf8_lossy(&gguf.stderr);
+            assert!(err.contains("--format hf"), "{name}: {err}");
+        }
+    }
+}

@@ -30,6 +30,7 @@ fn serve_model(dir: &Path) -> PathBuf {
         batch_size: 8,
         seq_len: 32,
         eval_tokens: 512,
+        switches: Default::default(),
         train: common::quiet_loop(30, 1e-2),
     })
     .unwrap();

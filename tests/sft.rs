@@ -197,6 +197,7 @@ fn a_base_without_chat_tokens_is_refused_with_the_fix() {
         batch_size: 2,
         seq_len: 16,
         eval_tokens: 64,
+        switches: Default::default(),
         train: common::quiet_loop(2, 1e-3),
     })
     .unwrap();

@@ -35,6 +35,7 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         "## Changes between stages",
         "## Reward model",
         "## RLHF (PPO)",
+        "## Verifiable rewards",
     ] {
         assert!(md.contains(section), "report.md lacks {section}");
     }
@@ -43,7 +44,7 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         .lines()
         .find(|l| l.starts_with("| checker accuracy, all held-out prompts |"))
         .expect("an accuracy row");
-    assert_eq!(accuracy_row.matches(" [").count(), 4, "{accuracy_row}");
+    assert_eq!(accuracy_row.matches(" [").count(), 5, "{accuracy_row}");
     assert!(md.contains("| all | ") && md.contains("base → sft"), "{md}");
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -114,20 +115,42 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         rl["eval_after"]["stops_at_end_of_turn"].as_f64().unwrap(),
     );
     assert!(stop.1 >= stop.0 - 0.1, "stop rate {stop:?}");
+    // The checker-rewarded stage trains and measures on the verifiable families only, and stays
+    // near the PPO model it starts from.
+    let checked = &r["rl_checker"];
+    for split in ["train", "heldout"] {
+        let file =
+            std::fs::read_to_string(out.join(format!("data/rl_checked_{split}.jsonl"))).unwrap();
+        assert!(file.lines().count() > 0, "no checked {split} prompts");
+        for line in file.lines() {
+            let family = serde_json::from_str::<Value>(line).unwrap()["family"].clone();
+            let family = family.as_str().unwrap();
+            assert!(
+                family.starts_with("arithmetic") || family.starts_with("chicken_rabbit"),
+                "{family} in the checker stage's prompts"
+            );
+        }
+    }
+    let kl = checked["eval_after"]["kl"].as_f64().unwrap();
+    assert!(kl.abs() < 5.0, "KL to the PPO model {kl}");
+    assert!(
+        md.contains("RL (checker)") && md.contains("rlhf → rlvr"),
+        "report.md lacks the checker stage"
+    );
     // The final model is evaluated again with the knowledge base's index, on the same prompts.
     // The tiny preset's held-out prompts hold one grounded question per language, which may be
     // about someone in no passage: retrieval recall is checked where there is one (and on 200
     // questions per language in tests/index.rs).
     assert!(
-        md.contains("RLHF with index"),
+        md.contains("final with index"),
         "report.md lacks the index column"
     );
     let with_index: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("eval/rlhf_index.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/final_index.json")).unwrap())
             .unwrap();
     assert_eq!(
         with_index["curriculum"]["n"],
-        r["eval"]["rlhf"]["curriculum"]["n"]
+        r["eval"]["rlvr"]["curriculum"]["n"]
     );
     for lang in ["en", "zh"] {
         if let Some(recall) = with_index["curriculum"][format!("retrieval_recall/{lang}")].as_f64()
@@ -143,6 +166,7 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         "sft",
         "reward",
         "rlhf (ppo)",
+        "rl (checker)",
     ] {
         assert!(
             r["stages"][stage]["seconds"].as_f64().is_some(),
@@ -150,7 +174,8 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         );
     }
 
-    // A rerun skips finished stages: remove the RLHF stage and only it is redone.
+    // A rerun skips finished stages: remove the RLHF stage and only it and the stage that starts
+    // from it are redone.
     let sft_weights = out.join("sft/model.safetensors");
     let before = std::fs::metadata(&sft_weights).unwrap().modified().unwrap();
     std::fs::remove_dir_all(out.join("rlhf")).unwrap();
@@ -162,11 +187,16 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         "the finished SFT stage was redone"
     );
     assert!(out.join("rlhf/model.safetensors").exists());
+    assert!(out.join("rlvr/model.safetensors").exists());
     let again: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(
         again["rlhf"]["eval_after"], r["rlhf"]["eval_after"],
         "rollouts are seeded"
+    );
+    assert_eq!(
+        again["rl_checker"]["eval_after"], r["rl_checker"]["eval_after"],
+        "the checker stage was redone from the same PPO model"
     );
 }
 

@@ -69,7 +69,9 @@ fn run(dir: &std::path::Path, bad: Vec<usize>, steps: usize) -> anyhow::Result<(
             out: dir,
             config: &config,
             tokenizer: &tok,
-            start: Start::Fresh,
+            start: Start::Fresh {
+                zero_outputs: false,
+            },
             hyper: serde_json::Value::Null,
             parents: Vec::new(),
             data: serde_json::Value::Null,

@@ -254,6 +254,45 @@ mod tests {
     }
 
     #[test]
+    fn architecture_switches_parse_on_and_off() {
+        use crate::model::switches::GateActivation;
+        let pretrain = |extra: &[&str]| {
+            let args = [&["pretrain", "--data", "s", "--out", "o"], extra].concat();
+            match parse(&args) {
+                Command::Pretrain(a) => {
+                    a.shape
+                        .options(&a.train, PretrainOptions::default())
+                        .unwrap()
+                        .switches
+                }
+                _ => unreachable!(),
+            }
+        };
+        let s = pretrain(&[
+            "--qk-norm",
+            "--activation",
+            "relu2",
+            "--logit-softcap",
+            "15",
+        ]);
+        assert_eq!(s.qk_norm, Some(true));
+        assert_eq!(s.activation, Some(GateActivation::Relu2));
+        assert_eq!(s.logit_softcap, Some(15.0));
+        assert_eq!((s.untied_head, s.zero_init), (None, None));
+        let s = pretrain(&["--qk-norm", "false", "--zero-init", "--untied-head", "true"]);
+        assert_eq!(
+            (s.qk_norm, s.zero_init, s.untied_head),
+            (Some(false), Some(true), Some(true))
+        );
+        match parse(&["speedrun", "--qk-norm", "false"]) {
+            Command::Speedrun(a) => {
+                assert_eq!(a.options().unwrap().pretrain.switches.qk_norm, Some(false))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
     fn generate_chat_and_serve_take_the_librarys_sampling_defaults() {
         use crate::infer::sampler::SamplingParams;
         match parse(&["generate", "--model", "m", "--prompt", "p"]) {

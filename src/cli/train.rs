@@ -4,6 +4,7 @@ use super::print_json;
 use crate::data::chat::ChatFormat;
 use crate::data::text::DocFormat;
 use crate::model::lora::LoraConfig;
+use crate::model::switches::ArchSwitches;
 use crate::rlhf::{Algo, RewardSource, RlhfOptions};
 use crate::speedrun::{Preset, SpeedrunOptions};
 use crate::train::optim::{MatrixOptimizer, Schedule};
@@ -140,6 +141,8 @@ pub struct ShapeArgs {
     /// Validation tokens per evaluation.
     #[arg(long, default_value_t = PretrainOptions::default().eval_tokens)]
     pub eval_tokens: usize,
+    #[command(flatten)]
+    pub switches: ArchSwitches,
 }
 
 impl ShapeArgs {
@@ -153,6 +156,7 @@ impl ShapeArgs {
             batch_size: self.batch_size,
             seq_len: self.seq_len,
             eval_tokens: self.eval_tokens,
+            switches: stage.switches.merged(&self.switches),
             train: train.over(stage.train.clone())?,
             ..stage
         })

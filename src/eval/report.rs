@@ -254,7 +254,12 @@ pub fn report(run: &Path) -> Result<PathBuf> {
 /// The stage-to-stage table: each change in checker verdicts, paired over the same held-out
 /// prompts, called better or worse only where McNemar's test says so.
 fn paired_changes(md: &mut String, out: &Path) {
-    let steps = [("base", "sft"), ("sft", "rlhf"), ("rlhf", "rlhf_index")];
+    let steps = [
+        ("base", "sft"),
+        ("sft", "rlhf"),
+        ("rlhf", "rlvr"),
+        ("rlvr", "final_index"),
+    ];
     let answers = |s: &str| out.join(format!("eval/{s}_answers.jsonl"));
     let compared: Vec<(String, BTreeMap<String, crate::eval::paired::PairedChange>)> = steps
         .iter()
@@ -379,7 +384,8 @@ const ROWS: [(&str, &str, &str); 18] = [
 ];
 
 /// Writes the speedrun's report card, `OUT/report.md` and `OUT/report.json`: stage times, every
-/// curriculum metric for base, SFT and RLHF side by side, the reward model, PPO and samples.
+/// curriculum metric for base, SFT, RLHF and the checker-rewarded model side by side, the reward
+/// model, both RL stages and samples.
 /// `header` holds the preset, seed and sizes; `stages` orders the stage table.
 pub fn speedrun_report(
     out: &Path,
@@ -388,11 +394,12 @@ pub fn speedrun_report(
     stages: &[&str],
 ) -> Result<PathBuf> {
     let path_of = |name: &str| out.join(name);
-    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf", "rlhf_index"]
+    let evals: Vec<(&str, Value)> = ["base", "sft", "rlhf", "rlvr", "final_index"]
         .iter()
         .map(|s| (*s, read_value(&path_of(&format!("eval/{s}.json")))))
         .collect();
     let rl: Value = read_value(&path_of("rlhf/rlhf_report.json"));
+    let rlvr: Value = read_value(&path_of("rlvr/rlhf_report.json"));
     let rm: RewardInfo = util::read_json(&path_of("reward/reward.json")).unwrap_or_default();
     let meta: Value = read_value(&path_of("shards/meta.json"));
     let mut md = format!(
@@ -418,7 +425,7 @@ pub fn speedrun_report(
         );
     }
     let _ = writeln!(md, "| **total** | {total:.1} | | |\n");
-    md.push_str("## Before and after (held-out prompts, greedy)\n\nThe last column is the RLHF model answering with passages retrieved from the curriculum's knowledge base (`index/`, built from `data/knowledge.txt`); the others see no documents. A rate comes with its 95% interval (Wilson) over the prompts it counts: two columns whose intervals overlap may differ by chance.\n\n| metric | base | SFT | RLHF | RLHF with index |\n|---|---|---|---|---|\n");
+    md.push_str("## Before and after (held-out prompts, greedy)\n\n\"RL (checker)\" is the RLHF model after GRPO rewarded by the checker on sums and chicken-and-rabbit: the final model. The last column is the final model answering with passages retrieved from the curriculum's knowledge base (`index/`, built from `data/knowledge.txt`); the others see no documents. A rate comes with its 95% interval (Wilson) over the prompts it counts: two columns whose intervals overlap may differ by chance.\n\n| metric | base | SFT | RLHF (PPO) | RL (checker) | final with index |\n|---|---|---|---|---|---|\n");
     let get = |e: &Value, task: &str, k: &str| e[task][k].as_f64();
     for (label, task, key) in ROWS {
         let _ = write!(md, "| {label} |");
@@ -433,11 +440,12 @@ pub fn speedrun_report(
     }
     let _ = writeln!(
         md,
-        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} | - |",
+        "| held-out loss, nats/token (unigram baseline {}) | {} | {} | {} | {} | - |",
         fmt(meta["unigram_val_nats"].as_f64()),
         fmt(get(&evals[0].1, "bpb", "loss")),
         fmt(get(&evals[1].1, "bpb", "loss")),
         fmt(get(&evals[2].1, "bpb", "loss")),
+        fmt(get(&evals[3].1, "bpb", "loss")),
     );
     paired_changes(&mut md, out);
     md.push_str("\n## Reward model\n\n");
@@ -461,22 +469,7 @@ pub fn speedrun_report(
         }
     }
     md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
-    for k in [
-        "reward",
-        metric::ACCURACY,
-        "kl",
-        metric::REFUSAL,
-        metric::FALSE_REFUSAL,
-        metric::STOPS,
-        "length",
-    ] {
-        let _ = writeln!(
-            md,
-            "| {k} | {} | {} |",
-            fmt(rl["eval_before"][k].as_f64()),
-            fmt(rl["eval_after"][k].as_f64())
-        );
-    }
+    rl_table(&mut md, &rl);
     let _ = writeln!(
         md,
         "\nPolicy, frozen reference, reward model and value head held together: peak RSS {:.0} MB. Prompts cut to fit the context: {}. Steps skipped for a non-finite loss: {}.",
@@ -484,7 +477,9 @@ pub fn speedrun_report(
         rl["truncated_prompts"].as_u64().unwrap_or(0),
         rl["skipped_steps"].as_u64().unwrap_or(0)
     );
-    md.push_str("\n## Few-shot probes (in-context learning)\n\n| probe | base | SFT | RLHF |\n|---|---|---|---|\n");
+    md.push_str("\n## Verifiable rewards (GRPO, the checker as reward) on held-out sums and chicken-and-rabbit\n\n| metric | RLHF (before) | RL (checker, after) |\n|---|---|---|\n");
+    rl_table(&mut md, &rlvr);
+    md.push_str("\n## Few-shot probes (in-context learning)\n\n| probe | base | SFT | RLHF | RL (checker) |\n|---|---|---|---|---|\n");
     let mut probe_keys: Vec<String> = evals[0]
         .1
         .get("probes")
@@ -499,7 +494,7 @@ pub fn speedrun_report(
     probe_keys.sort();
     for k in &probe_keys {
         let _ = write!(md, "| {} |", k.trim_start_matches("accuracy/"));
-        for (_, e) in &evals[..3] {
+        for (_, e) in &evals[..4] {
             let _ = write!(md, " {} |", fmt(get(e, "probes", k)));
         }
         md.push('\n');
@@ -510,7 +505,7 @@ pub fn speedrun_report(
         let _ = writeln!(md, "```text\n{prompt}{text}\n```\n");
     }
     md.push_str("\n## Samples from the final model (greedy)\n\n");
-    let final_model = crate::model::load(&path_of("rlhf"), &candle_core::Device::Cpu)?;
+    let final_model = crate::model::load(&path_of("rlvr"), &candle_core::Device::Cpu)?;
     let samples = chat_samples(
         &final_model,
         &[
@@ -526,8 +521,8 @@ pub fn speedrun_report(
     }
     let _ = writeln!(
         md,
-        "Loss curves and per-stage settings: [rlhf/report.md](rlhf/report.md). Every held-out prompt with each stage's reply and the checker's verdict: `eval/{{base,sft,rlhf}}_answers.jsonl`. Talk to it: `chatforge chat --model {}`.",
-        path_of("rlhf").display()
+        "Loss curves and per-stage settings: [rlvr/report.md](rlvr/report.md). Every held-out prompt with each stage's reply and the checker's verdict: `eval/{{base,sft,rlhf,rlvr,final_index}}_answers.jsonl`. Talk to it: `chatforge chat --model {}`.",
+        path_of("rlvr").display()
     );
     let path = path_of("report.md");
     util::write_atomic(&path, md.as_bytes())?;
@@ -536,7 +531,7 @@ pub fn speedrun_report(
         &json!({
             "preset": header["preset"], "seed": header["seed"], "spec": header["spec"], "stages": times,
             "eval": evals.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
-            "reward_model": rm, "rlhf": rl, "samples": samples, "stories": stories,
+            "reward_model": rm, "rlhf": rl, "rl_checker": rlvr, "samples": samples, "stories": stories,
         }),
     )?;
     Ok(path)
@@ -575,4 +570,24 @@ fn chat_samples(
         out.push((q.to_string(), r.text.trim().to_string()));
     }
     Ok(out)
+}
+
+/// Rows of an RL stage's held-out measurement, before and after.
+fn rl_table(md: &mut String, report: &Value) {
+    for k in [
+        "reward",
+        metric::ACCURACY,
+        "kl",
+        metric::REFUSAL,
+        metric::FALSE_REFUSAL,
+        metric::STOPS,
+        "length",
+    ] {
+        let _ = writeln!(
+            md,
+            "| {k} | {} | {} |",
+            fmt(report["eval_before"][k].as_f64()),
+            fmt(report["eval_after"][k].as_f64())
+        );
+    }
 }

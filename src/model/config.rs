@@ -221,11 +221,11 @@ impl LlamaConfig {
         }
         let act_ok = match self.is_gemma3() {
             true => self.hidden_act == "gelu_pytorch_tanh",
-            false => self.hidden_act == "silu",
+            false => matches!(self.hidden_act.as_str(), "silu" | "relu2"),
         };
         if !act_ok {
             bail!(
-                "{source}: hidden_act \"{}\" is not supported (\"silu\" for Llama, \"gelu_pytorch_tanh\" for Gemma 3)",
+                "{source}: hidden_act \"{}\" is not supported (\"silu\" or \"relu2\" for Llama, \"gelu_pytorch_tanh\" for Gemma 3)",
                 self.hidden_act
             );
         }
@@ -303,7 +303,12 @@ impl LlamaConfig {
             }
         }
         if !matches!(cfg.model_type.as_str(), "gemma3_text" | "mistral") {
-            cfg.family = FamilyFields::default();
+            // Other families' files carry window fields they do not use. Soft-capping stays:
+            // it is the `--logit-softcap` switch of models chatforge trained.
+            cfg.family = FamilyFields {
+                final_logit_softcapping: cfg.family.final_logit_softcapping,
+                ..Default::default()
+            };
         }
         if cfg.is_gemma3() {
             if let Some(act) = cfg.family.hidden_activation.clone() {

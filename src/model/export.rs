@@ -29,6 +29,16 @@ pub fn export_hf(run: &Path, out: &Path) -> Result<()> {
     }
     stops.sort_unstable();
     stops.dedup();
+    if let (Some(cap), false) = (
+        lm.model.config.family.final_logit_softcapping,
+        lm.model.config.is_gemma3(),
+    ) {
+        eprintln!(
+            "note: {} soft-caps its logits at {cap}; chatforge reads that from config.json, but transformers' {} class ignores final_logit_softcapping",
+            run.display(),
+            lm.model.config.model_type
+        );
+    }
     let mut config = serde_json::to_value(&lm.model.config)?;
     config["torch_dtype"] = json!("float32");
     config["bos_token_id"] = json!(tok.bos_id());
@@ -83,6 +93,16 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
             "{}: GGUF export writes the llama and qwen3 architectures; a {} model is not one yet (export --format hf, then llama.cpp's convert_hf_to_gguf.py)",
             run.display(),
             c.model_type
+        );
+    }
+    // llama.cpp's llama and qwen3 graphs hard-code SwiGLU and plain logits.
+    if c.hidden_act != "silu" || c.family.final_logit_softcapping.is_some() {
+        bail!(
+            "{}: GGUF's llama and qwen3 architectures have no {} (hidden_act \"{}\", logit soft-capping {:?}); export --format hf, which keeps both, or train without --activation relu2 / --logit-softcap",
+            run.display(),
+            if c.hidden_act != "silu" { "squared-ReLU MLP" } else { "logit soft-capping" },
+            c.hidden_act,
+            c.family.final_logit_softcapping
         );
     }
     let tok = &lm.tokenizer;

@@ -197,11 +197,13 @@ pub(super) struct Attention {
     pub(super) window: Option<usize>,
 }
 
-/// The gate's activation: SiLU (SwiGLU, Llama) or GELU's tanh approximation (GeGLU, Gemma).
+/// The gate's activation: SiLU (SwiGLU, Llama), GELU's tanh approximation (GeGLU, Gemma) or
+/// squared ReLU (`hidden_act` "relu2", the speedruns' switch; Hugging Face's name for it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Activation {
     Silu,
     GeluTanh,
+    Relu2,
 }
 
 pub(super) struct Mlp {
@@ -263,6 +265,7 @@ impl Block {
                 down,
                 activation: match c.hidden_act.as_str() {
                     "gelu_pytorch_tanh" => Activation::GeluTanh,
+                    "relu2" => Activation::Relu2,
                     _ => Activation::Silu,
                 },
             },
@@ -439,8 +442,8 @@ fn norm_weight(c: &LlamaConfig, stored: Tensor) -> Result<Tensor> {
 }
 
 use super::kernels::{
-    cached_attention, causal_softmax, fused_ok, head_nll, linear, rms_norm, rope, rope_attention,
-    swiglu, token_nll,
+    cached_attention, causal_softmax, fused_ok, gated, head_nll, linear, rms_norm, rope,
+    rope_attention, token_nll, Gate,
 };
 
 /// Which keys each query of a layer sees.
@@ -523,7 +526,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
         let h = match self.activation {
-            Activation::Silu => swiglu(&gate, &up)?,
+            Activation::Silu => gated(&gate, &up, Gate::Silu)?,
+            Activation::Relu2 => gated(&gate, &up, Gate::Relu2)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
         };
         self.down.forward(&h)
@@ -894,9 +898,9 @@ impl Llama {
     /// (for callers that also read the hidden states, such as a value head).
     pub fn hidden_token_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t) = targets.dims2()?;
-        // The fused head-and-loss kernel computes plain logits; soft-capped ones go the long way.
-        if self.quant_head.is_none() && self.config.family.final_logit_softcapping.is_none() {
-            return head_nll(hidden, &self.head_weight()?, targets)?.reshape((b, t));
+        if self.quant_head.is_none() {
+            let cap = self.config.family.final_logit_softcapping;
+            return head_nll(hidden, &self.head_weight()?, targets, cap)?.reshape((b, t));
         }
         let logits = self
             .logits(hidden)?
@@ -933,11 +937,14 @@ pub fn initial_value(config: &LlamaConfig, name: &str) -> Init {
 }
 
 /// Re-draws every tensor of a fresh model from a seeded generator (candle's CPU generator cannot be
-/// seeded), so a seed fixes the initial weights.
+/// seeded), so a seed fixes the initial weights. With `zero_outputs` the blocks' output
+/// projections and an untied head start at zero (modded-nanogpt's start: each block begins as the
+/// identity); they are drawn all the same, so every other tensor matches the plain start.
 pub fn seeded_init(
     config: &LlamaConfig,
     varmap: &candle_nn::VarMap,
     rng: &mut crate::util::Rng,
+    zero_outputs: bool,
 ) -> Result<()> {
     let data = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
@@ -951,6 +958,11 @@ pub fn seeded_init(
                 .map(|_| (mean + stdev * rng.normal()) as f32)
                 .collect(),
             _ => unreachable!("initial_value only uses Const and Randn"),
+        };
+        let output = ["o_proj.weight", "down_proj.weight", "lm_head.weight"];
+        let values = match zero_outputs && output.iter().any(|o| name.ends_with(o)) {
+            true => vec![0.0; n],
+            false => values,
         };
         let t = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;

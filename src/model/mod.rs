@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod quant;
+pub mod switches;
 
 pub use config::LlamaConfig;
 pub use llama::{KvCache, Llama};

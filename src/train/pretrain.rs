@@ -3,6 +3,7 @@
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::shards::{ShardSet, TokenSplit};
 use crate::dist::Part;
+use crate::model::switches::ArchSwitches;
 use crate::model::{Llama, LlamaConfig};
 use crate::tokenizer::Tokenizer;
 use crate::util::{self, Rng};
@@ -21,6 +22,9 @@ pub struct PretrainOptions {
     pub seq_len: usize,
     /// Validation tokens per evaluation.
     pub eval_tokens: usize,
+    /// Architecture switches over the config (and the zero start of a fresh model).
+    #[serde(default)]
+    pub switches: ArchSwitches,
     #[serde(skip)]
     pub train: LoopOptions,
 }
@@ -34,6 +38,7 @@ impl Default for PretrainOptions {
             batch_size: 16,
             seq_len: 256,
             eval_tokens: 32_768,
+            switches: ArchSwitches::default(),
             train: LoopOptions::default(),
         }
     }
@@ -174,10 +179,15 @@ pub fn evaluate_windows(
 
 /// The model config for a run: from `--config` (checked against the tokenizer) or the default.
 fn resolve_config(opts: &PretrainOptions, tokenizer: &Tokenizer) -> Result<LlamaConfig> {
-    let mut cfg = match &opts.config {
-        Some(p) => LlamaConfig::load(p)?,
-        None => LlamaConfig::small(tokenizer.vocab_size(), opts.seq_len),
+    let (mut cfg, source) = match &opts.config {
+        Some(p) => (LlamaConfig::load(p)?, p.display().to_string()),
+        None => (
+            LlamaConfig::small(tokenizer.vocab_size(), opts.seq_len),
+            "the default model config".into(),
+        ),
     };
+    opts.switches.apply(&mut cfg, &source)?;
+    cfg.validate(&source)?;
     if cfg.vocab_size < tokenizer.vocab_size() {
         bail!(
             "{}: vocab_size {} is smaller than the tokenizer's {} tokens",
@@ -278,7 +288,9 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport> {
         out: &opts.out,
         config: &config,
         tokenizer: &tokenizer,
-        start: Start::Fresh,
+        start: Start::Fresh {
+            zero_outputs: opts.switches.zero_start(),
+        },
         hyper: serde_json::to_value(opts)?,
         parents: Vec::new(),
         data: serde_json::json!({"shards": opts.data, "sources": meta.sources,

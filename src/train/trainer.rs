@@ -157,8 +157,9 @@ pub trait Stage {
 
 /// Where the weights of a new run come from.
 pub enum Start {
-    /// Fresh weights from the seeded initialiser.
-    Fresh,
+    /// Fresh weights from the seeded initialiser; `zero_outputs` starts the blocks' output
+    /// projections at zero (see `seeded_init`).
+    Fresh { zero_outputs: bool },
     /// The weights of an earlier run or a Hugging Face directory (its safetensors, sharded or
     /// not, or its adapters merged).
     From(PathBuf),
@@ -286,10 +287,11 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
             m.attach_lora(lora, vb.clone())?;
             m
         }
-        (Some(_), Start::Fresh) => bail!("LoRA adapters need a base model to start from"),
+        (Some(_), Start::Fresh { .. }) => bail!("LoRA adapters need a base model to start from"),
     };
     let heads = stage.build_heads(vb)?;
-    seeded_init(spec.config, &varmap, &mut rng)?;
+    let zero_outputs = matches!(spec.start, Start::Fresh { zero_outputs: true });
+    seeded_init(spec.config, &varmap, &mut rng, zero_outputs)?;
     if let (None, Start::From(base)) = (&spec.lora, &spec.start) {
         load_weights(&varmap, base, &heads)?
     }

@@ -118,6 +118,11 @@ pub fn quiet_loop(steps: usize, lr: f64) -> chatforge::train::trainer::LoopOptio
 
 /// A tiny base model pretrained for 40 steps on [`mixed_corpus`], at `dir/base`.
 pub fn base_run(dir: &Path) -> PathBuf {
+    base_run_with(dir, Default::default())
+}
+
+/// [`base_run`] with architecture switches.
+pub fn base_run_with(dir: &Path, switches: chatforge::model::switches::ArchSwitches) -> PathBuf {
     let (shards, cfg) = tiny_shards(dir);
     let out = dir.join("base");
     chatforge::train::pretrain::pretrain(&chatforge::train::pretrain::PretrainOptions {
@@ -127,6 +132,7 @@ pub fn base_run(dir: &Path) -> PathBuf {
         batch_size: 8,
         seq_len: 32,
         eval_tokens: 1024,
+        switches,
         train: quiet_loop(40, 1e-2),
     })
     .unwrap();
@@ -222,6 +228,7 @@ pub fn tiny_pretrain(
         batch_size: 8,
         seq_len: 32,
         eval_tokens: 2048,
+        switches: Default::default(),
         train: chatforge::train::trainer::LoopOptions {
             steps,
             lr: 1e-2,

@@ -107,6 +107,37 @@ pub fn token_nll_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 struct HeadNll {
     /// The forward pass's logits, taken by the backward pass (recomputed if already taken).
     logits: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// Soft-capping: the logits are `cap · tanh(logits / cap)` (Gemma's, and a speedrun switch).
+    cap: Option<f64>,
+}
+
+/// `cap · tanh(x / cap)` over a row in place, tanh from the vectorising exponential.
+#[inline(always)]
+fn soft_cap<T: Real>(row: &mut [T], cap: T) {
+    let two = T::one() + T::one();
+    for x in row.iter_mut() {
+        let e = (two * *x / cap).fast_exp();
+        *x = cap * (T::one() - two / (e + T::one()));
+    }
+}
+
+/// The logits of hidden rows against the head, soft-capped when the op says so.
+fn capped_logits<T: Real>(
+    op: &HeadNll,
+    hs: &CpuStorage,
+    hl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    v: usize,
+) -> Result<Vec<T>> {
+    let mut logits = times_transposed::<T>(hs, hl, ws, wl)?;
+    if let Some(cap) = op.cap {
+        let cap = T::from(cap).expect("a float");
+        logits
+            .par_chunks_mut(v)
+            .for_each(|row| wide! { soft_cap(row, cap) });
+    }
+    Ok(logits)
 }
 
 /// (rows N, vocabulary V, width C) of hidden `[.., C]` against the head `[V, C]`.
@@ -137,7 +168,7 @@ fn head_nll_fwd<T: Real>(
             "head_nll: target {t} outside vocabulary {v}"
         )));
     }
-    let logits = times_transposed::<T>(hs, hl, ws, wl)?;
+    let logits = capped_logits::<T>(op, hs, hl, ws, wl, v)?;
     let nll: Vec<T> = logits
         .par_chunks(v)
         .zip(targets.par_iter())
@@ -178,16 +209,31 @@ fn head_nll_bwd<T: Real>(
     let cached = op.logits.lock().expect("head_nll cache").take();
     let mut d: Vec<T> = match cached.and_then(|c| c.downcast::<Vec<T>>().ok()) {
         Some(logits) => *logits,
-        None => times_transposed::<T>(hs, hl, ws, wl)?,
+        None => capped_logits::<T>(op, hs, hl, ws, wl, v)?,
     };
     // dlogits = g · (softmax(logits) − onehot(target)), row by row in place.
+    let cap = op.cap.map(|c| T::from(c).expect("a float"));
     d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
         wide! {
             let max = row_max(row);
-            row.iter_mut().for_each(|x| *x = (*x - max).fast_exp());
-            let scale = g[i] / row_sum(row);
-            row.iter_mut().for_each(|x| *x *= scale);
-            row[targets[i] as usize] -= g[i];
+            let t = targets[i] as usize;
+            match cap {
+                None => {
+                    row.iter_mut().for_each(|x| *x = (*x - max).fast_exp());
+                    let scale = g[i] / row_sum(row);
+                    row.iter_mut().for_each(|x| *x *= scale);
+                    row[t] -= g[i];
+                }
+                // The row holds capped logits z; through the cap, dz/dx = 1 − (z / cap)².
+                Some(cap) => {
+                    let scale = g[i] / exp_sum(row, max);
+                    let slope = |z: T| T::one() - (z / cap) * (z / cap);
+                    let target_slope = slope(row[t]);
+                    row.iter_mut()
+                        .for_each(|x| *x = (*x - max).fast_exp() * scale * slope(*x));
+                    row[t] -= g[i] * target_slope;
+                }
+            }
         }
     });
     let hd = data::<T>(hs, hl, "head_nll")?;
@@ -238,12 +284,18 @@ impl CustomOp3 for HeadNll {
 }
 
 /// Negative log-likelihood `[N]` of u32-convertible `targets` `[N]` under the logits
-/// `hidden · headᵀ` (hidden `[.., C]` with N rows, head `[V, C]`), without a logits node on the
-/// CPU.
-pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// `hidden · headᵀ` (hidden `[.., C]` with N rows, head `[V, C]`), soft-capped at `cap` when
+/// given, without a logits node on the CPU.
+pub fn head_nll(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     if fused_ok(hidden) && hidden.dtype() == head.dtype() {
         let op = HeadNll {
             logits: std::sync::Mutex::new(None),
+            cap,
         };
         hidden.contiguous()?.apply_op3(
             &head.contiguous()?,
@@ -251,13 +303,22 @@ pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tens
             op,
         )
     } else {
-        head_nll_composed(hidden, head, targets)
+        head_nll_composed(hidden, head, targets, cap)
     }
 }
 
-pub fn head_nll_composed(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn head_nll_composed(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     let c = hidden.dim(D::Minus1)?;
     let logits = linear_composed(&hidden.reshape(((), c))?, head)?;
+    let logits = match cap {
+        Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+        None => logits,
+    };
     token_nll_composed(&logits, &targets.flatten_all()?)
 }
 

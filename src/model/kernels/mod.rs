@@ -6,7 +6,7 @@
 //! Each kernel has a composed twin built from differentiable candle ops; the model uses the twin on
 //! devices other than the CPU, and the tests check that both agree in value and gradient.
 //!
-//! One file per operation: `softmax`, `norm` (RMSNorm), `rope`, `swiglu`, `linear` (the
+//! One file per operation: `softmax`, `norm` (RMSNorm), `rope`, `gated` (SwiGLU, ReLU²), `linear` (the
 //! projections), `loss` (cross-entropy and the output head fused with it) and `attention`
 //! (rotary embedding, scaling and causal attention as one node), and `cached_attention`
 //! (inference over a KV cache, no backward). This file holds what they share:
@@ -349,11 +349,11 @@ impl<T> SharedOut<T> {
     }
 }
 
+mod gated;
 mod linear;
 mod norm;
 mod rope;
 mod softmax;
-mod swiglu;
 use linear::{linear_dims, matmul_new, times_transposed};
 mod attention;
 mod cached_attention;
@@ -363,9 +363,9 @@ mod tests;
 
 pub use attention::*;
 pub use cached_attention::*;
+pub use gated::*;
 pub use linear::*;
 pub use loss::*;
 pub use norm::*;
 pub use rope::*;
 pub use softmax::*;
-pub use swiglu::*;

@@ -165,15 +165,21 @@ fn head_nll_matches_composed_and_rejects_bad_targets() {
     let h = randn(&[2, 3, 6], 24);
     let w = randn(&[11, 6], 25);
     let targets = Tensor::new(&[[0u32, 3, 10], [5, 5, 1]], &Device::Cpu).unwrap();
-    agree(
-        &[&h, &w],
-        || head_nll(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
-        || head_nll_composed(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
-    );
+    // Without a cap, and with one small enough to bend these logits (they reach about ±6).
+    for cap in [None, Some(2.0)] {
+        agree(
+            &[&h, &w],
+            || head_nll(h.as_tensor(), w.as_tensor(), &targets, cap).unwrap(),
+            || head_nll_composed(h.as_tensor(), w.as_tensor(), &targets, cap).unwrap(),
+        );
+    }
+    let plain = head_nll(h.as_tensor(), w.as_tensor(), &targets, None).unwrap();
+    let capped = head_nll(h.as_tensor(), w.as_tensor(), &targets, Some(2.0)).unwrap();
+    assert!(max_diff(&plain, &capped) > 0.1, "the cap changed nothing");
     let bad = Tensor::new(&[[0u32, 3, 11], [5, 5, 1]], &Device::Cpu).unwrap();
-    assert!(head_nll(h.as_tensor(), w.as_tensor(), &bad).is_err());
+    assert!(head_nll(h.as_tensor(), w.as_tensor(), &bad, None).is_err());
     let short = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
-    assert!(head_nll(h.as_tensor(), w.as_tensor(), &short).is_err());
+    assert!(head_nll(h.as_tensor(), w.as_tensor(), &short, None).is_err());
 }
 
 #[test]
@@ -205,12 +211,14 @@ fn exp_f32_is_within_two_ulp_and_keeps_the_edge_cases() {
 }
 
 #[test]
-fn swiglu_matches_composed() {
+fn gated_activations_match_composed() {
     let g = randn(&[4, 9], 8);
     let u = randn(&[4, 9], 9);
-    agree(
-        &[&g, &u],
-        || swiglu(g.as_tensor(), u.as_tensor()).unwrap(),
-        || swiglu_composed(g.as_tensor(), u.as_tensor()).unwrap(),
-    );
+    for gate in [Gate::Silu, Gate::Relu2] {
+        agree(
+            &[&g, &u],
+            || gated(g.as_tensor(), u.as_tensor(), gate).unwrap(),
+            || gated_composed(g.as_tensor(), u.as_tensor(), gate).unwrap(),
+        );
+    }
 }
