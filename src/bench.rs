@@ -182,7 +182,7 @@ pub fn train(opts: &TrainBenchOptions) -> Result<TrainBench> {
         options: opts.clone(),
         matmul_kernel: format!(
             "{}; other kernels: {}",
-            precision.kernel.describe(),
+            precision.describe(),
             crate::model::kernels::simd_path()
         ),
         parameters,

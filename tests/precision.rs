@@ -1,5 +1,6 @@
 //! Mixed precision (`--precision bf16`, and `auto`, the default): the same pretraining run in f32
-//! and on every bf16 kernel this CPU has follows the same loss curve. Its own test binary, because
+//! and on every bf16 kernel this CPU has follows the same loss curve, and auto takes AVX512-BF16
+//! exactly where it measured it faster than f32. Its own test binary, because
 //! the precision and the `CHATFORGE_MATMUL` cap that selects a lower kernel are process-wide.
 //! Beside it, the kernels' AVX2 and baseline builds train to the same bits, each in a process of
 //! its own.
@@ -71,7 +72,7 @@ fn every_bf16_kernel_follows_the_f32_loss_curve() {
         // The cap selects each kernel in turn, as on a CPU whose best it is.
         std::env::set_var(KERNEL_ENV, kernel.name());
         let out = dir.path().join(kernel.name());
-        let bf16_run = run(&shards, &cfg, &out, Precision::Auto);
+        let bf16_run = run(&shards, &cfg, &out, Precision::Bf16);
         std::env::remove_var(KERNEL_ENV);
         assert_eq!(
             kernel_recorded(&out),
@@ -105,6 +106,28 @@ fn every_bf16_kernel_follows_the_f32_loss_curve() {
         );
         // The switch is off again once the run ends.
         assert!(!chatforge::model::kernels::matmul_kernel().is_bf16());
+    }
+    if best_available() >= Kernel::Avx512Bf16 {
+        // Auto, capped at AVX512-BF16, takes it only where it beat f32 by the margin (it is
+        // slower than f32 on Intel's server cores, faster on AMD Zen 4), and says so.
+        std::env::set_var(KERNEL_ENV, Kernel::Avx512Bf16.name());
+        let out = dir.path().join("auto");
+        let mut opts = common::tiny_pretrain(&shards, &cfg, &out, 2);
+        opts.train.precision = Precision::Auto;
+        pretrain(&opts).unwrap();
+        std::env::remove_var(KERNEL_ENV);
+        let speedup = chatforge::model::kernels::measured_speedup(Kernel::Avx512Bf16)
+            .expect("auto measured the bf16 kernel");
+        let (kernel, precision) = kernel_recorded(&out);
+        eprintln!("auto: avx512-bf16 measured {speedup:.2}x f32; ran {kernel}");
+        assert_eq!(
+            (kernel.starts_with("f32"), precision.as_str()),
+            if chatforge::train::avx512_bf16_pays() {
+                (false, "bf16")
+            } else {
+                (true, "f32")
+            }
+        );
     }
 }
 

@@ -81,6 +81,55 @@ pub fn matmul_kernel() -> Kernel {
     MATMUL_KERNEL.with(|k| k.get())
 }
 
+/// How many times faster `kernel` multiplies a projection-sized product (512 × 256 by 256 × 704,
+/// as the small preset's MLP) than f32 gemm on this CPU, measured once per kernel and process.
+/// The two are timed in turn, five rounds, best of each, so that other load slows both alike.
+/// Whether bf16 dot products pay depends on the core, not the instruction set: `vdpbf16ps`
+/// does twice the multiply-adds of an FMA, which doubles the rate of a core with one 512-bit
+/// FMA pipe (AMD Zen 4) but not of one with two (Intel's server cores issue it on one port).
+pub fn speedup_over_f32(kernel: Kernel) -> f64 {
+    if let Some(r) = measured_speedup(kernel) {
+        return r;
+    }
+    let (m, k, n) = (512, 256, 704);
+    let fill = |len: usize, salt: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt) % 1000) as f32 * 1e-3 - 0.5)
+            .collect()
+    };
+    let (a, b) = (fill(m * k, 1), fill(k * n, 2));
+    let time_on = |on: Kernel| {
+        let (_, before) = set_matmul_kernel(on);
+        let t = std::time::Instant::now();
+        std::hint::black_box(matmul_f32((m, n, k), &a, (k, 1), &b, (n, 1)));
+        set_matmul_kernel(before);
+        t.elapsed().as_secs_f64()
+    };
+    let (mut f32_best, mut kernel_best) = (f64::MAX, f64::MAX);
+    for round in 0..6 {
+        let (f, q) = (time_on(Kernel::F32), time_on(kernel));
+        // The first round warms caches, packers and the thread pool.
+        if round > 0 {
+            f32_best = f32_best.min(f);
+            kernel_best = kernel_best.min(q);
+        }
+    }
+    let ratio = f32_best / kernel_best;
+    SPEEDUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((kernel, ratio));
+    ratio
+}
+
+/// What [`speedup_over_f32`] measured for `kernel` in this process, if it has run.
+pub fn measured_speedup(kernel: Kernel) -> Option<f64> {
+    let measured = SPEEDUPS.lock().unwrap_or_else(|e| e.into_inner());
+    measured.iter().find(|(k, _)| *k == kernel).map(|(_, r)| *r)
+}
+
+static SPEEDUPS: std::sync::Mutex<Vec<(Kernel, f64)>> = std::sync::Mutex::new(Vec::new());
+
 /// `a (m×k) · b (k×n)` as a new row-major `m×n` matrix, `a` and `b` given by (row, column)
 /// strides, on this thread's matmul kernel: bf16 operands with f32 sums where a bf16 kernel is
 /// set ([`set_matmul_kernel`]), gemm in f32 otherwise. For the optimizer's own products.
