@@ -342,7 +342,8 @@ fn a_stop_string_ends_replies_in_eval_and_in_rl_rollouts() {
 }
 
 /// `--optimizer muon` learns the tiny corpus about as fast as AdamW's test asks of AdamW, and a
-/// killed Muon run resumes to the same losses (its momentum is saved with the checkpoint).
+/// killed Muon run resumes to the same losses (its momentum is saved with the checkpoint), and
+/// only with Muon: under AdamW its saved momentum would be read as AdamW's moments.
 #[test]
 fn muon_learns_and_resumes_exactly() {
     use chatforge::train::optim::MatrixOptimizer;
@@ -365,6 +366,11 @@ fn muon_learns_and_resumes_exactly() {
     let mut halted = muon("killed", 14);
     halted.train.halt_after = Some(6);
     pretrain(&halted).unwrap();
+    let mut switched = muon("killed", 14);
+    switched.train.resume = true;
+    switched.train.optimizer = MatrixOptimizer::Adamw;
+    let err = pretrain(&switched).unwrap_err().to_string();
+    assert!(err.contains("resume it with --optimizer muon"), "{err}");
     let mut again = muon("killed", 14);
     again.train.resume = true;
     let resumed = pretrain(&again).unwrap();

@@ -29,6 +29,10 @@ pub struct TrainState {
     /// RLHF's KL coefficient and the rollout still being trained on.
     #[serde(default)]
     pub stage_state: Option<serde_json::Value>,
+    /// The weight matrices' optimizer: its saved moments mean something else under the other
+    /// one, so a resume must use the same. Absent in checkpoints older than the choice.
+    #[serde(default)]
+    pub optimizer: Option<super::optim::MatrixOptimizer>,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

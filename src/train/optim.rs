@@ -37,6 +37,16 @@ pub enum MatrixOptimizer {
     Muon,
 }
 
+impl MatrixOptimizer {
+    /// The value `--optimizer` takes for it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            MatrixOptimizer::Adamw => "adamw",
+            MatrixOptimizer::Muon => "muon",
+        }
+    }
+}
+
 /// Muon's momentum (Nesterov), as nanochat and modded-nanogpt use it.
 const MUON_MOMENTUM: f64 = 0.95;
 

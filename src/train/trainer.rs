@@ -317,6 +317,14 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
     let resumed = match existing.last() {
         Some((_, dir)) if opts.resume => {
             let ck = Checkpoint::load(dir)?;
+            if let Some(saved) = ck.state.optimizer.filter(|o| *o != opts.optimizer) {
+                bail!(
+                    "{} was trained with --optimizer {}; resume it with --optimizer {} (the saved moments belong to that optimizer), or start a new run with another --out",
+                    run.display(),
+                    saved.flag(),
+                    saved.flag()
+                );
+            }
             ck.restore_weights(&mut varmap, spec.config)?;
             optimizer.load_state(&ck.optimizer, ck.state.step)?;
             step = ck.state.step;
@@ -361,7 +369,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
         format!(
             "{}: {params} parameters, matmuls on {}{}",
             spec.stage,
-            precision.kernel,
+            precision.describe(),
             if world.size() > 1 {
                 format!(", data parallel over {}", world.backend())
             } else {
@@ -478,6 +486,7 @@ pub fn train(opts: &LoopOptions, spec: RunSpec, stage: &mut dyn Stage) -> Result
                 config: spec.config.clone(),
                 hyper: spec.hyper.clone(),
                 stage_state: stage.state()?,
+                optimizer: Some(opts.optimizer),
             };
             checkpoint::save(
                 run,
