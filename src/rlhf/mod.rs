@@ -200,10 +200,10 @@ impl PolicyEval {
         let pad = self.tokenizer.special_id("<|pad|>").unwrap_or(0);
         let lp = response_logprobs(model, &rows, pad)?;
         let rl = response_logprobs(&self.reference, &rows, pad)?;
-        let kl: Vec<f64> = lp
+        let kl: Vec<f64> = rows
             .iter()
-            .zip(&rl)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+            .zip(lp.iter().zip(&rl))
+            .map(|(row, (a, b))| row.sampled_log_ratio(a, b))
             .collect();
         m.push(("kl".into(), mean(&kl)));
         Ok(m)

@@ -187,10 +187,10 @@ impl OnPolicy {
             );
         }
         let rows: Vec<&Row> = samples.iter().map(|s| &s.row).collect();
-        let kl_seq: Vec<f64> = old_logp
+        let kl_seq: Vec<f64> = rows
             .iter()
-            .zip(&ref_logp)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+            .zip(old_logp.iter().zip(&ref_logp))
+            .map(|(row, (a, b))| row.sampled_log_ratio(a, b))
             .collect();
         let mut stats = vec![
             ("rollout_reward".to_string(), mean(&scores)),
@@ -231,11 +231,20 @@ impl OnPolicy {
                 let (mut all_adv, mut all_v, mut all_ret) = (Vec::new(), Vec::new(), Vec::new());
                 let mut per_row = Vec::new();
                 for i in 0..samples.len() {
-                    // Reward: −β·KL per token, the reward model's score added at the last token.
+                    // Reward: −β·KL per sampled token, the reward model's score added at the
+                    // last token.
+                    let row = &samples[i].row;
                     let mut r: Vec<f64> = old_logp[i]
                         .iter()
                         .zip(&ref_logp[i])
-                        .map(|(a, b)| -self.kl_coef * (a - b) as f64)
+                        .enumerate()
+                        .map(|(k, (a, b))| {
+                            if row.sampled(k) {
+                                -self.kl_coef * (a - b) as f64
+                            } else {
+                                0.0
+                            }
+                        })
                         .collect();
                     *r.last_mut().expect("responses are nonempty") += shaped[i];
                     let v: Vec<f64> = values[i].iter().map(|&x| x as f64).collect();

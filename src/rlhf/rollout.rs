@@ -45,6 +45,23 @@ impl Row {
     pub fn response(&self) -> &[u32] {
         &self.ids[self.start + 1..]
     }
+
+    /// Whether response position `k` is the policy's own draw, not a forced calculator output.
+    pub fn sampled(&self, k: usize) -> bool {
+        !self.forced.contains(&k)
+    }
+
+    /// log π − log π_ref summed over the positions the policy drew: the k1 estimate of the
+    /// response's KL. Forced positions are no draws from π, so their log-ratio estimates nothing;
+    /// counted, they turned the KL negative as the policy drifted on tokens no loss reaches.
+    pub fn sampled_log_ratio(&self, logp: &[f32], ref_logp: &[f32]) -> f64 {
+        logp.iter()
+            .zip(ref_logp)
+            .enumerate()
+            .filter(|(k, _)| self.sampled(*k))
+            .map(|(_, (a, b))| (a - b) as f64)
+            .sum()
+    }
 }
 
 /// Inputs, targets and response mask of right-padded rows, all [N, T].
@@ -218,6 +235,17 @@ impl Sampling<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A calculator output the decoding core wrote is no draw from the policy: its log-ratio
+    /// stays out of the KL estimate, whatever the policy now thinks of it.
+    #[test]
+    fn the_kl_estimate_counts_only_sampled_tokens() {
+        let row = Row::new(&[1], &[6, 7, 8]).with_forced(vec![1]);
+        let (logp, ref_logp) = ([-0.5f32, -9.0, -1.0], [-0.75f32, -0.1, -1.5]);
+        assert!((row.sampled_log_ratio(&logp, &ref_logp) - 0.75).abs() < 1e-6);
+        let unforced = Row::new(&[1], &[6, 7, 8]);
+        assert!(unforced.sampled_log_ratio(&logp, &ref_logp) < 0.0);
+    }
 
     #[test]
     fn packing_marks_exactly_the_response_targets() {
