@@ -96,13 +96,20 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
         );
     }
     // llama.cpp's llama and qwen3 graphs hard-code SwiGLU and plain logits.
-    if c.hidden_act != "silu" || c.family.final_logit_softcapping.is_some() {
+    let mut lacking = Vec::new();
+    if c.hidden_act != "silu" {
+        lacking.push(format!("a {} MLP (--activation relu2)", c.hidden_act));
+    }
+    if let Some(cap) = c.family.final_logit_softcapping {
+        lacking.push(format!(
+            "logit soft-capping at {cap} (--logit-softcap)"
+        ));
+    }
+    if !lacking.is_empty() {
         bail!(
-            "{}: GGUF's llama and qwen3 architectures have no {} (hidden_act \"{}\", logit soft-capping {:?}); export --format hf, which keeps both, or train without --activation relu2 / --logit-softcap",
+            "{}: GGUF's llama and qwen3 architectures lack what this model uses: {}; export --format hf instead, which keeps it, or train without the switch",
             run.display(),
-            if c.hidden_act != "silu" { "squared-ReLU MLP" } else { "logit soft-capping" },
-            c.hidden_act,
-            c.family.final_logit_softcapping
+            lacking.join(" and ")
         );
     }
     let tok = &lm.tokenizer;
