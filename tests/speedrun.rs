@@ -46,6 +46,14 @@ fn tiny_speedrun_runs_every_stage_with_its_effect_and_resumes() {
         .expect("an accuracy row");
     assert_eq!(accuracy_row.matches(" [").count(), 5, "{accuracy_row}");
     assert!(md.contains("| all | ") && md.contains("base → sft"), "{md}");
+    // The RL sections show what their stage measured: accuracy for the checker stage, and no
+    // row empty in both columns.
+    let rl_sections = &md[md.find("## RLHF (PPO)").unwrap()..md.find("## Few-shot").unwrap()];
+    assert!(rl_sections.contains("| accuracy | "), "{rl_sections}");
+    assert!(
+        !rl_sections.lines().any(|l| l.ends_with("| - | - |")),
+        "{rl_sections}"
+    );
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     // Pretraining: held-out loss far below the unigram baseline.

@@ -583,11 +583,14 @@ fn rl_table(md: &mut String, report: &Value) {
         metric::STOPS,
         "length",
     ] {
-        let _ = writeln!(
-            md,
-            "| {k} | {} | {} |",
-            fmt(report["eval_before"][k].as_f64()),
-            fmt(report["eval_after"][k].as_f64())
+        let (before, after) = (
+            report["eval_before"][k].as_f64(),
+            report["eval_after"][k].as_f64(),
         );
+        // A stage measures only some of these (the checker stage has no reward model, and
+        // its prompts no harmful requests): a row with nothing in it says nothing.
+        if before.is_some() || after.is_some() {
+            let _ = writeln!(md, "| {k} | {} | {} |", fmt(before), fmt(after));
+        }
     }
 }
