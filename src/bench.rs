@@ -66,7 +66,7 @@ pub struct TrainBenchOptions {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Matmul precision, as in training: auto (bf16 where the CPU has a bf16 kernel), bf16 or f32.
+    /// Matmul precision, as in training: auto (bf16 where a bf16 kernel is faster), bf16 or f32.
     #[arg(long, value_enum, default_value_t = Precision::default())]
     pub precision: Precision,
     /// The architecture switches, as in `pretrain`, to time what each costs.

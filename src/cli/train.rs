@@ -67,8 +67,8 @@ pub struct TrainArgs {
     /// Steps in a row whose loss is not finite (each skipped) before the run stops (default 5).
     #[arg(long)]
     pub max_bad_steps: Option<usize>,
-    /// Matmul precision: auto (the default: bf16 where the CPU has a bf16 kernel, AMX or
-    /// AVX512-BF16, else f32); bf16 (the projections' matmuls with bf16 operands and f32 sums,
+    /// Matmul precision: auto (the default: bf16 on AMX, or on AVX512-BF16 where it measures
+    /// faster than f32 at startup, else f32); bf16 (the projections' matmuls with bf16 operands and f32 sums,
     /// mixed precision: the same loss curve, faster steps; refused without a bf16 kernel); or
     /// f32. The kernel that ran is printed and kept in chatforge.json; CHATFORGE_MATMUL=
     /// avx512-bf16 or f32 caps the choice.

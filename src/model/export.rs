@@ -101,9 +101,7 @@ pub fn export_gguf(run: &Path, out: &Path, quant: GgufQuant) -> Result<()> {
         lacking.push(format!("a {} MLP (--activation relu2)", c.hidden_act));
     }
     if let Some(cap) = c.family.final_logit_softcapping {
-        lacking.push(format!(
-            "logit soft-capping at {cap} (--logit-softcap)"
-        ));
+        lacking.push(format!("logit soft-capping at {cap} (--logit-softcap)"));
     }
     if !lacking.is_empty() {
         bail!(
