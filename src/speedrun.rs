@@ -283,18 +283,11 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Evaluates `run` into `eval/NAME.json` (and its answers) unless that exists and `again`
-    /// is false: evaluating an RL stage is cheap next to training it.
-    fn evaluate_once(
-        &self,
-        what: &str,
-        run: &Path,
-        name: &str,
-        with_index: bool,
-        again: bool,
-    ) -> Result<()> {
+    /// Evaluates `run` into `eval/NAME.json` (and its answers) unless that exists: evaluating
+    /// an RL stage is cheap next to training it.
+    fn evaluate_once(&self, what: &str, run: &Path, name: &str, with_index: bool) -> Result<()> {
         let path = self.path(&format!("eval/{name}.json"));
-        if path.exists() && !again {
+        if path.exists() {
             return Ok(());
         }
         eprintln!("      evaluating {what}");
@@ -525,7 +518,7 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
     // The checker stage starts from PPO's model: when PPO runs again, so does everything after it.
     let ppo_reruns = !rl_dir.join("rlhf_report.json").exists();
     if ppo_reruns {
-        for stale in [p.path("eval/rlhf.json"), p.path("eval/rlvr.json")] {
+        for stale in ["rlhf", "rlvr", "final_index"].map(|n| p.path(&format!("eval/{n}.json"))) {
             if stale.exists() {
                 std::fs::remove_file(&stale)?;
             }
@@ -551,7 +544,7 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         util::write_json_atomic(&rl_dir.join("rlhf_report.json"), &r)?;
         Ok(Some(r.tokens_per_second))
     })?;
-    p.evaluate_once("the RLHF model", &rl_dir, "rlhf", false, false)?;
+    p.evaluate_once("the RLHF model", &rl_dir, "rlhf", false)?;
     // Verifiable rewards, as nanochat does on GSM8K: GRPO from the PPO model on the sums and
     // chicken-and-rabbit prompts, rewarded by the curriculum's checker alone.
     p.stage("rl (checker)", &rlvr_dir.join("rlhf_report.json"), |p| {
@@ -576,15 +569,9 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
         util::write_json_atomic(&rlvr_dir.join("rlhf_report.json"), &r)?;
         Ok(Some(r.tokens_per_second))
     })?;
-    p.evaluate_once(
-        "the checker-rewarded model",
-        &rlvr_dir,
-        "rlvr",
-        false,
-        false,
-    )?;
+    p.evaluate_once("the checker-rewarded model", &rlvr_dir, "rlvr", false)?;
     let final_with_index = "the final model with the knowledge-base index";
-    p.evaluate_once(final_with_index, &rlvr_dir, "final_index", true, ppo_reruns)?;
+    p.evaluate_once(final_with_index, &rlvr_dir, "final_index", true)?;
     let report = crate::eval::report::speedrun_report(
         &opts.out,
         &json!({"preset": opts.preset, "seed": opts.seed, "spec": p.spec}),

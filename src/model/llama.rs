@@ -443,7 +443,7 @@ fn norm_weight(c: &LlamaConfig, stored: Tensor) -> Result<Tensor> {
 
 use super::kernels::{
     cached_attention, causal_softmax, fused_ok, gated, head_nll, linear, rms_norm, rope,
-    rope_attention, token_nll, Gate,
+    rope_attention, soft_cap_composed, token_nll, Gate,
 };
 
 /// Which keys each query of a layer sees.
@@ -860,10 +860,7 @@ impl Llama {
             Some(q) => q.forward(hidden)?,
             None => linear(hidden, &self.head_weight()?)?,
         };
-        match self.config.family.final_logit_softcapping {
-            Some(cap) => (logits / cap)?.tanh()? * cap,
-            None => Ok(logits),
-        }
+        soft_cap_composed(logits, self.config.family.final_logit_softcapping)
     }
 
     /// The dense output matrix: its own, or the embedding's.

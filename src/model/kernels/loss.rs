@@ -315,11 +315,15 @@ pub fn head_nll_composed(
 ) -> Result<Tensor> {
     let c = hidden.dim(D::Minus1)?;
     let logits = linear_composed(&hidden.reshape(((), c))?, head)?;
-    let logits = match cap {
-        Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-        None => logits,
-    };
-    token_nll_composed(&logits, &targets.flatten_all()?)
+    token_nll_composed(&soft_cap_composed(logits, cap)?, &targets.flatten_all()?)
+}
+
+/// `cap · tanh(logits / cap)` from differentiable candle ops, or the logits when uncapped.
+pub fn soft_cap_composed(logits: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(cap) => (logits / cap)?.tanh()? * cap,
+        None => Ok(logits),
+    }
 }
 
 // ---------------------------------------------------------------- causal attention
