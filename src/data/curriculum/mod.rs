@@ -3,6 +3,7 @@
 //! and few-shot probes. Deterministic for a seed; held-out data uses entities, numbers and phrasings
 //! that training data never does (see [`tasks::held_out_index`], [`tasks::held_out_pair`]).
 
+pub mod safety;
 pub mod tasks;
 pub mod world;
 
@@ -541,7 +542,14 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                         }
                     }
                 }
-                for _ in 0..per(size.rl_prompts_per_family) {
+                // Refusal rates are headline rates, each from one family: they get four
+                // times the held-out prompts of the others, for an interval near ±5 points.
+                let rl_prompts = if matches!(family, Family::Harmful | Family::Benign) {
+                    size.rl_prompts_per_family
+                } else {
+                    per(size.rl_prompts_per_family)
+                };
+                for _ in 0..rl_prompts {
                     let t = make(family, lang, split, &mut rng);
                     // Held-out grounded questions come bare: their passages are for retrieval to
                     // find in the knowledge base (`knowledge.txt`).

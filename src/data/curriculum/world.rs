@@ -36,7 +36,7 @@ const fn animal(
     }
 }
 
-pub const ANIMALS: [Animal; 16] = [
+pub const ANIMALS: [Animal; 40] = [
     animal("cat", "猫", 4, "meow", "fish", "鱼", "house", "房子"),
     animal("dog", "狗", 4, "woof", "meat", "肉", "house", "房子"),
     animal("cow", "牛", 4, "moo", "grass", "草", "farm", "农场"),
@@ -55,6 +55,71 @@ pub const ANIMALS: [Animal; 16] = [
     animal("goose", "鹅", 2, "honk", "grass", "草", "lake", "湖"),
     animal("mouse", "老鼠", 4, "squeak", "cheese", "奶酪", "hole", "洞"),
     animal("crab", "螃蟹", 10, "click", "fish", "鱼", "beach", "海滩"),
+    animal("wolf", "狼", 4, "howl", "meat", "肉", "forest", "森林"),
+    animal("parrot", "鹦鹉", 2, "squawk", "fruit", "水果", "tree", "树"),
+    animal("deer", "鹿", 4, "bellow", "acorns", "橡子", "wood", "树林"),
+    animal("termite", "白蚁", 6, "tap", "wood", "木头", "mound", "土堆"),
+    animal("bear", "熊", 4, "growl", "honey", "蜂蜜", "cave", "山洞"),
+    animal("dolphin", "海豚", 0, "click", "fish", "鱼", "sea", "大海"),
+    animal(
+        "rabbit",
+        "兔子",
+        4,
+        "thump",
+        "carrots",
+        "胡萝卜",
+        "burrow",
+        "地洞",
+    ),
+    animal("eagle", "老鹰", 2, "screech", "fish", "鱼", "cliff", "悬崖"),
+    animal(
+        "monkey", "猴子", 4, "chatter", "bananas", "香蕉", "jungle", "丛林",
+    ),
+    animal("octopus", "章鱼", 8, "blub", "shrimp", "虾", "sea", "大海"),
+    animal("donkey", "驴", 4, "bray", "hay", "干草", "farm", "农场"),
+    animal(
+        "butterfly",
+        "蝴蝶",
+        6,
+        "flutter",
+        "nectar",
+        "花蜜",
+        "garden",
+        "花园",
+    ),
+    animal("tiger", "老虎", 4, "roar", "meat", "肉", "jungle", "丛林"),
+    animal(
+        "hedgehog", "刺猬", 4, "snuffle", "worms", "蚯蚓", "hedge", "树篱",
+    ),
+    animal("squirrel", "松鼠", 4, "chirp", "nuts", "坚果", "tree", "树"),
+    animal(
+        "ladybird", "瓢虫", 6, "hum", "aphids", "蚜虫", "leaf", "叶子",
+    ),
+    animal(
+        "camel", "骆驼", 4, "grunt", "thorns", "荆棘", "desert", "沙漠",
+    ),
+    animal("whale", "鲸鱼", 0, "sing", "krill", "磷虾", "ocean", "海洋"),
+    animal(
+        "elephant", "大象", 4, "trumpet", "grass", "草", "savanna", "草原",
+    ),
+    animal(
+        "ostrich", "鸵鸟", 2, "boom", "plants", "植物", "savanna", "草原",
+    ),
+    animal(
+        "lobster", "龙虾", 10, "click", "clams", "蛤蜊", "sea", "大海",
+    ),
+    animal(
+        "koala",
+        "考拉",
+        4,
+        "grunt",
+        "eucalyptus",
+        "桉树叶",
+        "tree",
+        "树",
+    ),
+    animal("crow", "乌鸦", 2, "caw", "berries", "浆果", "nest", "鸟巢"),
+    animal("fox", "狐狸", 4, "yip", "mice", "老鼠", "den", "窝"),
 ];
 
 pub struct Country {
@@ -78,7 +143,7 @@ const fn country(
     }
 }
 
-pub const COUNTRIES: [Country; 12] = [
+pub const COUNTRIES: [Country; 24] = [
     country("France", "法国", "Paris", "巴黎"),
     country("Japan", "日本", "Tokyo", "东京"),
     country("China", "中国", "Beijing", "北京"),
@@ -91,6 +156,18 @@ pub const COUNTRIES: [Country; 12] = [
     country("Kenya", "肯尼亚", "Nairobi", "内罗毕"),
     country("Peru", "秘鲁", "Lima", "利马"),
     country("Greece", "希腊", "Athens", "雅典"),
+    country("India", "印度", "Delhi", "德里"),
+    country("Mexico", "墨西哥", "Mexico City", "墨西哥城"),
+    country("Brazil", "巴西", "Brasilia", "巴西利亚"),
+    country("Norway", "挪威", "Oslo", "奥斯陆"),
+    country("Thailand", "泰国", "Bangkok", "曼谷"),
+    country("Turkey", "土耳其", "Ankara", "安卡拉"),
+    country("Poland", "波兰", "Warsaw", "华沙"),
+    country("Chile", "智利", "Santiago", "圣地亚哥"),
+    country("Cuba", "古巴", "Havana", "哈瓦那"),
+    country("Ireland", "爱尔兰", "Dublin", "都柏林"),
+    country("Vietnam", "越南", "Hanoi", "河内"),
+    country("Austria", "奥地利", "Vienna", "维也纳"),
 ];
 
 /// (English, Chinese) colour names with a thing of that colour.
@@ -105,11 +182,13 @@ pub const COLOURS: [(&str, &str, &str, &str); 8] = [
     ("purple", "紫色", "grape", "葡萄"),
 ];
 
-pub const NAMES_EN: [&str; 12] = [
+pub const NAMES_EN: [&str; 16] = [
     "Lily", "Tom", "Mia", "Ben", "Anna", "Sam", "Lucy", "Max", "Emma", "Leo", "Zoe", "Jack",
+    "Noah", "Ella", "Ryan", "Ivy",
 ];
-pub const NAMES_ZH: [&str; 12] = [
+pub const NAMES_ZH: [&str; 16] = [
     "小明", "小红", "小华", "小丽", "小刚", "小芳", "小军", "小雪", "小龙", "小梅", "小强", "小兰",
+    "小杰", "小燕", "小东", "小静",
 ];
 pub const DAYS_EN: [&str; 7] = [
     "Monday",
@@ -120,7 +199,7 @@ pub const DAYS_EN: [&str; 7] = [
     "Saturday",
     "Sunday",
 ];
-pub const OBJECTS: [(&str, &str); 8] = [
+pub const OBJECTS: [(&str, &str); 16] = [
     ("ball", "球"),
     ("kite", "风筝"),
     ("book", "书"),
@@ -129,6 +208,14 @@ pub const OBJECTS: [(&str, &str); 8] = [
     ("box", "盒子"),
     ("cup", "杯子"),
     ("key", "钥匙"),
+    ("bag", "包"),
+    ("lamp", "台灯"),
+    ("pen", "笔"),
+    ("shoe", "鞋"),
+    ("chair", "椅子"),
+    ("watch", "手表"),
+    ("blanket", "毯子"),
+    ("bottle", "瓶子"),
 ];
 
 /// Invented people, whose facts no pretraining text holds: the knowledge base the model reads
