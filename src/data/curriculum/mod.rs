@@ -542,12 +542,14 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                         }
                     }
                 }
-                // Refusal rates are headline rates, each from one family: they get four
-                // times the held-out prompts of the others, for an interval near ±5 points.
-                let rl_prompts = if matches!(family, Family::Harmful | Family::Benign) {
-                    size.rl_prompts_per_family
-                } else {
-                    per(size.rl_prompts_per_family)
+                // Held-out prompts are what every rate is measured on, and answering them is
+                // cheap next to training: half as many as training's per family (±11 points
+                // at 80), and for the two refusal rates, headline rates from one family each,
+                // twice as many (±5 points at 320).
+                let rl_prompts = match (split, family) {
+                    (Split::Train, _) => size.rl_prompts_per_family,
+                    (_, Family::Harmful | Family::Benign) => 2 * size.rl_prompts_per_family,
+                    _ => (size.rl_prompts_per_family / 2).max(1),
                 };
                 for _ in 0..rl_prompts {
                     let t = make(family, lang, split, &mut rng);
