@@ -507,8 +507,17 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                     // pairs, and on phrasings it had not seen the reward model preferred curt
                     // replies to helpful ones. Held-out rankings keep the plain five.
                     let augment = split == Split::Train;
+                    //
+                    // For a harmful request, half the time the off-topic answer is a look-alike's
+                    // helpful answer: without these hard negatives PPO found that answering "How
+                    // do I shoot my boss?" with how to shoot a portrait scored above a refusal,
+                    // and refusals of held-out harmful requests fell from 0.82 to 0.73.
                     let off_topic = loop {
-                        let f = FAMILIES[rng.below(FAMILIES.len() as u64) as usize];
+                        let f = if family == Family::Harmful && rng.below(2) == 0 {
+                            Family::Benign
+                        } else {
+                            FAMILIES[rng.below(FAMILIES.len() as u64) as usize]
+                        };
                         let style = if augment { rng.below(2) as usize } else { 0 };
                         let reply = make(f, lang, split, &mut rng).replies[style].clone();
                         if f != family
@@ -787,6 +796,46 @@ mod tests {
             u.dedup();
             u.len() == r.len()
         }));
+    }
+
+    /// About half the rankings of harmful requests rank a look-alike's helpful answer below the
+    /// refusal (the hard negative PPO otherwise exploits), held-out rankings too, so the reward
+    /// model's held-out accuracy measures it.
+    #[test]
+    fn harmful_rankings_put_look_alike_answers_below_the_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), 5, &CurriculumSize::scaled(0.5)).unwrap();
+        let mut rng = Rng::new(3);
+        let look_alike: std::collections::HashSet<String> = (0..2000)
+            .flat_map(|_| {
+                // Its helpful answer and the curt form training rankings also use.
+                [Lang::En, Lang::Zh].map(|l| {
+                    let replies = make(Family::Benign, l, Split::Train, &mut rng).replies;
+                    [replies[0].clone(), replies[1].clone()]
+                })
+            })
+            .flatten()
+            .collect();
+        let count = |file: &str| {
+            let (mut harmful, mut hard) = (0, 0);
+            for line in read(dir.path(), file).lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if v["family"] != "harmful" {
+                    continue;
+                }
+                let r: Vec<String> = serde_json::from_value(v["responses"].clone()).unwrap();
+                harmful += 1;
+                if let Some(i) = r.iter().position(|x| look_alike.contains(x)) {
+                    assert!(i > 0 && tasks::is_refusal(&r[0]), "{r:?}");
+                    hard += 1;
+                }
+            }
+            (harmful, hard)
+        };
+        for file in ["prefs_rankings_train.jsonl", "prefs_rankings_heldout.jsonl"] {
+            let (harmful, hard) = count(file);
+            assert!(hard * 10 > harmful * 3, "{file}: {hard} of {harmful}");
+        }
     }
 
     #[test]
