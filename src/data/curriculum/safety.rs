@@ -425,13 +425,17 @@ pub fn demo_left_out(kind_index: usize) -> bool {
     kind_index % 4 == 2
 }
 
+/// Whether combination `parts` belongs to `split`.
+fn in_split(parts: [usize; 3], split: Split) -> bool {
+    held_out_combination(parts) == (split == Split::Heldout)
+        && !(split == Split::Demo && demo_left_out(parts[0]))
+}
+
 /// Indices of a combination of `sizes` belonging to `split`.
 fn combination(rng: &mut Rng, sizes: [usize; 3], split: Split) -> [usize; 3] {
     loop {
         let parts = sizes.map(|n| rng.below(n as u64) as usize);
-        if held_out_combination(parts) == (split == Split::Heldout)
-            && !(split == Split::Demo && demo_left_out(parts[0]))
-        {
+        if in_split(parts, split) {
             return parts;
         }
     }
@@ -539,9 +543,7 @@ pub fn requests(harmful: bool, lang: Lang, split: Split) -> Vec<String> {
         for j in 0..sizes[1] {
             for (f, (framing_en, framing_zh)) in FRAMINGS.iter().enumerate() {
                 let parts = [i, j, f];
-                let in_split = held_out_combination(parts) == (split == Split::Heldout)
-                    && !(split == Split::Demo && demo_left_out(i));
-                if in_split {
+                if in_split(parts, split) {
                     let text = if harmful {
                         harmful_action(parts, lang)
                     } else {

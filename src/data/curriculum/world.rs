@@ -36,6 +36,8 @@ const fn animal(
     }
 }
 
+// One line per animal: a table reads down its columns.
+#[rustfmt::skip]
 pub const ANIMALS: [Animal; 40] = [
     animal("cat", "猫", 4, "meow", "fish", "鱼", "house", "房子"),
     animal("dog", "狗", 4, "woof", "meat", "肉", "house", "房子"),
@@ -45,9 +47,7 @@ pub const ANIMALS: [Animal; 40] = [
     animal("owl", "猫头鹰", 2, "hoot", "mice", "老鼠", "forest", "森林"),
     animal("horse", "马", 4, "neigh", "hay", "干草", "stable", "马厩"),
     animal("chicken", "鸡", 2, "cluck", "corn", "玉米", "farm", "农场"),
-    animal(
-        "frog", "青蛙", 4, "croak", "insects", "虫子", "pond", "池塘",
-    ),
+    animal("frog", "青蛙", 4, "croak", "insects", "虫子", "pond", "池塘"),
     animal("spider", "蜘蛛", 8, "hiss", "flies", "苍蝇", "web", "网"),
     animal("pig", "猪", 4, "oink", "corn", "玉米", "farm", "农场"),
     animal("bee", "蜜蜂", 6, "buzz", "nectar", "花蜜", "hive", "蜂巢"),
@@ -61,63 +61,22 @@ pub const ANIMALS: [Animal; 40] = [
     animal("termite", "白蚁", 6, "tap", "wood", "木头", "mound", "土堆"),
     animal("bear", "熊", 4, "growl", "honey", "蜂蜜", "cave", "山洞"),
     animal("dolphin", "海豚", 0, "click", "fish", "鱼", "sea", "大海"),
-    animal(
-        "rabbit",
-        "兔子",
-        4,
-        "thump",
-        "carrots",
-        "胡萝卜",
-        "burrow",
-        "地洞",
-    ),
+    animal("rabbit", "兔子", 4, "thump", "carrots", "胡萝卜", "burrow", "地洞"),
     animal("eagle", "老鹰", 2, "screech", "fish", "鱼", "cliff", "悬崖"),
-    animal(
-        "monkey", "猴子", 4, "chatter", "bananas", "香蕉", "jungle", "丛林",
-    ),
+    animal("monkey", "猴子", 4, "chatter", "bananas", "香蕉", "jungle", "丛林"),
     animal("octopus", "章鱼", 8, "blub", "shrimp", "虾", "sea", "大海"),
     animal("donkey", "驴", 4, "bray", "hay", "干草", "farm", "农场"),
-    animal(
-        "butterfly",
-        "蝴蝶",
-        6,
-        "flutter",
-        "nectar",
-        "花蜜",
-        "garden",
-        "花园",
-    ),
+    animal("butterfly", "蝴蝶", 6, "flutter", "nectar", "花蜜", "garden", "花园"),
     animal("tiger", "老虎", 4, "roar", "meat", "肉", "jungle", "丛林"),
-    animal(
-        "hedgehog", "刺猬", 4, "snuffle", "worms", "蚯蚓", "hedge", "树篱",
-    ),
+    animal("hedgehog", "刺猬", 4, "snuffle", "worms", "蚯蚓", "hedge", "树篱"),
     animal("squirrel", "松鼠", 4, "chirp", "nuts", "坚果", "tree", "树"),
-    animal(
-        "ladybird", "瓢虫", 6, "hum", "aphids", "蚜虫", "leaf", "叶子",
-    ),
-    animal(
-        "camel", "骆驼", 4, "grunt", "thorns", "荆棘", "desert", "沙漠",
-    ),
+    animal("ladybird", "瓢虫", 6, "hum", "aphids", "蚜虫", "leaf", "叶子"),
+    animal("camel", "骆驼", 4, "grunt", "thorns", "荆棘", "desert", "沙漠"),
     animal("whale", "鲸鱼", 0, "sing", "krill", "磷虾", "ocean", "海洋"),
-    animal(
-        "elephant", "大象", 4, "trumpet", "grass", "草", "savanna", "草原",
-    ),
-    animal(
-        "ostrich", "鸵鸟", 2, "boom", "plants", "植物", "savanna", "草原",
-    ),
-    animal(
-        "lobster", "龙虾", 10, "click", "clams", "蛤蜊", "sea", "大海",
-    ),
-    animal(
-        "koala",
-        "考拉",
-        4,
-        "grunt",
-        "eucalyptus",
-        "桉树叶",
-        "tree",
-        "树",
-    ),
+    animal("elephant", "大象", 4, "trumpet", "grass", "草", "savanna", "草原"),
+    animal("ostrich", "鸵鸟", 2, "boom", "plants", "植物", "savanna", "草原"),
+    animal("lobster", "龙虾", 10, "click", "clams", "蛤蜊", "sea", "大海"),
+    animal("koala", "考拉", 4, "grunt", "eucalyptus", "桉树叶", "tree", "树"),
     animal("crow", "乌鸦", 2, "caw", "berries", "浆果", "nest", "鸟巢"),
     animal("fox", "狐狸", 4, "yip", "mice", "老鼠", "den", "窝"),
 ];
