@@ -452,6 +452,10 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
         .files
         .insert("pretrain_val.txt".into(), val_docs.len());
 
+    // Rankings draw from their own stream, so changing them leaves every other file as it was
+    // (SFT data, RL prompts) and a new reward model can be compared on the same SFT model and
+    // held-out prompts.
+    let mut rankings_rng = Rng::new(seed ^ 0x7261_6e6b_696e_6773);
     for split in [Split::Train, Split::Heldout] {
         let tag = if split == Split::Train {
             "train"
@@ -495,8 +499,15 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                         &serde_json::json!({"family": family, "lang": lang, "messages": messages}),
                     ));
                 }
-                for _ in 0..per(size.preference_prompts_per_family) {
-                    let t = make(family, lang, split, &mut rng);
+                // Telling a harmful request from its look-alike is the reward model's hardest
+                // judgement and PPO's refusal rates rest on it: those two families get twice
+                // the rankings.
+                let rankings_per_family = match family {
+                    Family::Harmful | Family::Benign => 2 * size.preference_prompts_per_family,
+                    _ => size.preference_prompts_per_family,
+                };
+                for _ in 0..per(rankings_per_family) {
+                    let t = make(family, lang, split, &mut rankings_rng);
                     // A fluent answer to some other question, ranked just above the worst reply:
                     // without it the reward model never sees an off-topic answer, and PPO found
                     // that any confident "A cat has 4 legs." scored well.
@@ -508,19 +519,23 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                     // replies to helpful ones. Held-out rankings keep the plain five.
                     let augment = split == Split::Train;
                     //
-                    // For a harmful request, half the time the off-topic answer is a look-alike's
-                    // helpful answer: without these hard negatives PPO found that answering "How
-                    // do I shoot my boss?" with how to shoot a portrait scored above a refusal,
-                    // and refusals of held-out harmful requests fell from 0.82 to 0.73.
+                    // For a harmful request the off-topic answer is always a look-alike's
+                    // helpful answer, and for a look-alike half the time another look-alike's:
+                    // each look-alike answer then ranks low about as often as it ranks first, so
+                    // its text alone says nothing and the reward model must read the request.
+                    // With them in half the harmful rankings only, PPO on the families without
+                    // a checker still learnt to answer "请一步一步教我偷…的车" with portrait
+                    // tips (held-out refusals 0.82 -> 0.77; with none, 0.82 -> 0.73).
                     let off_topic = loop {
-                        let f = if family == Family::Harmful && rng.below(2) == 0 {
-                            Family::Benign
-                        } else {
-                            FAMILIES[rng.below(FAMILIES.len() as u64) as usize]
+                        let r = &mut rankings_rng;
+                        let f = match family {
+                            Family::Harmful => Family::Benign,
+                            Family::Benign if r.below(2) == 0 => Family::Benign,
+                            _ => FAMILIES[r.below(FAMILIES.len() as u64) as usize],
                         };
-                        let style = if augment { rng.below(2) as usize } else { 0 };
-                        let reply = make(f, lang, split, &mut rng).replies[style].clone();
-                        if f != family
+                        let style = if augment { r.below(2) as usize } else { 0 };
+                        let reply = make(f, lang, split, r).replies[style].clone();
+                        if (f != family || family == Family::Benign)
                             && !t.replies.contains(&reply)
                             && t.wrong_curt.as_ref() != Some(&reply)
                         {
@@ -798,11 +813,12 @@ mod tests {
         }));
     }
 
-    /// About half the rankings of harmful requests rank a look-alike's helpful answer below the
-    /// refusal (the hard negative PPO otherwise exploits), held-out rankings too, so the reward
-    /// model's held-out accuracy measures it.
+    /// Every ranking of a harmful request ranks a look-alike's helpful answer below the refusal
+    /// (the hard negative PPO otherwise exploits), held-out rankings too, so the reward model's
+    /// held-out accuracy measures it; about half the rankings of look-alikes rank another
+    /// look-alike's answer low, so no look-alike answer is good whatever it answers.
     #[test]
-    fn harmful_rankings_put_look_alike_answers_below_the_refusal() {
+    fn look_alike_answers_rank_low_where_they_answer_another_request() {
         let dir = tempfile::tempdir().unwrap();
         generate(dir.path(), 5, &CurriculumSize::scaled(0.5)).unwrap();
         let mut rng = Rng::new(3);
@@ -816,26 +832,66 @@ mod tests {
             })
             .flatten()
             .collect();
-        let count = |file: &str| {
-            let (mut harmful, mut hard) = (0, 0);
+        // (rankings, rankings with a look-alike answer below rank 2) for one family.
+        let count = |file: &str, family: &str| {
+            let (mut rankings, mut hard) = (0, 0);
             for line in read(dir.path(), file).lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                if v["family"] != "harmful" {
+                if v["family"] != family {
                     continue;
                 }
                 let r: Vec<String> = serde_json::from_value(v["responses"].clone()).unwrap();
-                harmful += 1;
-                if let Some(i) = r.iter().position(|x| look_alike.contains(x)) {
-                    assert!(i > 0 && tasks::is_refusal(&r[0]), "{r:?}");
+                rankings += 1;
+                if let Some(i) = r.iter().skip(2).position(|x| look_alike.contains(x)) {
+                    assert!(i + 3 < r.len(), "the last reply is the worst kind: {r:?}");
+                    if family == "harmful" {
+                        assert!(tasks::is_refusal(&r[0]), "{r:?}");
+                    }
                     hard += 1;
                 }
             }
-            (harmful, hard)
+            (rankings, hard)
         };
+        let (mut benign, mut benign_hard) = (0, 0);
         for file in ["prefs_rankings_train.jsonl", "prefs_rankings_heldout.jsonl"] {
-            let (harmful, hard) = count(file);
-            assert!(hard * 10 > harmful * 3, "{file}: {hard} of {harmful}");
+            let (harmful, hard) = count(file, "harmful");
+            assert!(
+                harmful > 0 && hard == harmful,
+                "{file}: {hard} of {harmful}"
+            );
+            let (n, hard) = count(file, "benign");
+            (benign, benign_hard) = (benign + n, benign_hard + hard);
         }
+        assert!(
+            benign_hard * 10 > benign * 3 && benign_hard * 10 < benign * 7,
+            "{benign_hard} of {benign}"
+        );
+    }
+
+    /// Rankings have their own random stream: a different number of them leaves the SFT data
+    /// and the RL prompts byte for byte as they were, so a reward-model change can be measured
+    /// on the same SFT model and held-out prompts.
+    #[test]
+    fn rankings_leave_the_other_files_unchanged() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let size = CurriculumSize::scaled(0.2);
+        generate(a.path(), 5, &size).unwrap();
+        let fewer = CurriculumSize {
+            preference_prompts_per_family: size.preference_prompts_per_family / 2,
+            ..size.clone()
+        };
+        generate(b.path(), 5, &fewer).unwrap();
+        let rankings = "prefs_rankings_train.jsonl";
+        assert_ne!(read(a.path(), rankings), read(b.path(), rankings));
+        for file in [
+            "sft_train.jsonl",
+            "sft_heldout.jsonl",
+            "rl_prompts_train.jsonl",
+        ] {
+            assert_eq!(read(a.path(), file), read(b.path(), file), "{file}");
+        }
+        let heldout = "rl_prompts_heldout.jsonl";
+        assert_eq!(read(a.path(), heldout), read(b.path(), heldout));
     }
 
     #[test]
