@@ -366,23 +366,15 @@ fn curriculum_tokenizer(
 /// answer budget of rollouts and evaluation must cover it, or a right answer is cut short and
 /// scored wrong (at 96 tokens half the English chicken-and-rabbit solutions were).
 pub fn longest_reply_tokens(tok: &Tokenizer, chats: &Path) -> Result<usize> {
+    use crate::data::chat::{read_chat_file, ChatFormat};
+    use crate::tokenizer::chat::Role;
     let mut longest = 0;
-    let mut failure = None;
-    crate::data::chat::for_each_record(chats, "conversations", |loc, record| {
-        let messages = record["messages"].as_array().into_iter().flatten();
-        for m in messages.filter(|m| m["role"] == "assistant") {
-            match tok.encode(m["content"].as_str().unwrap_or_default()) {
-                Ok(ids) => longest = longest.max(ids.len() + 1),
-                Err(e) => {
-                    failure.get_or_insert(e.context(loc.clone()));
-                }
-            }
+    for conversation in read_chat_file(chats, ChatFormat::Messages)?.conversations {
+        for m in conversation.iter().filter(|m| m.role == Role::Assistant) {
+            longest = longest.max(tok.encode(&m.content)?.len() + 1);
         }
-    })?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(longest),
     }
+    Ok(longest)
 }
 
 fn write_eval(path: &Path, results: &BTreeMap<String, BTreeMap<String, f64>>) -> Result<()> {
