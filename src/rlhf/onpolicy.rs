@@ -12,13 +12,16 @@
 use super::losses::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
 };
-use super::rollout::{pack, place, response_entropy_sums, response_logprobs, Row, Sample};
+use super::rollout::{
+    pack, per_row_in_groups, place, response_entropy_sums, response_logprobs, Row, Sample,
+};
 use super::{mean, Algo, PolicyEval, RewardSource, RlhfOptions};
 use crate::data::curriculum::tasks::check;
 use crate::data::prefs::RlPrompt;
 use crate::data::shards::ShardSet;
 use crate::dist::Part;
 use crate::model::Llama;
+use crate::train::padding::length_groups;
 use crate::train::trainer::Stage;
 use crate::util::Rng;
 use anyhow::Result;
@@ -100,15 +103,12 @@ impl OnPolicy {
     /// Per-token values of each row's response positions (no gradient).
     fn values(&self, model: &Llama, rows: &[&Row]) -> Result<Vec<Vec<f32>>> {
         let head = self.value_head.as_ref().expect("built");
-        let mut out = Vec::new();
-        for chunk in rows.chunks(16) {
-            let p = pack(chunk, self.pad, model.device())?;
+        per_row_in_groups(rows, self.pad, model.device(), 16, |part, p| {
             let v = head
                 .forward(&model.hidden(&p.x, None)?)?
                 .squeeze(D::Minus1)?;
-            out.extend(super::rollout::gather(chunk, &v)?);
-        }
-        Ok(out)
+            super::rollout::gather(part, &v)
+        })
     }
 
     /// Samples `prompts` (the rollout's from index `first` on) and measures the responses.
@@ -397,65 +397,103 @@ impl Stage for OnPolicy {
         let o = &self.opts;
         let device = model.device().clone();
         let rows: Vec<&Row> = batch.iter().map(|e| &e.row).collect();
-        // The whole minibatch is packed alike on every rank; this rank's rows are cut from it,
-        // and the loss divides by the whole minibatch's response tokens.
-        let whole = pack(&rows, self.pad, &device)?;
-        let w = whole.width;
-        let count = whole.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        // Every rank divides its rows' summed terms by the whole minibatch's response tokens.
+        let count = rows
+            .iter()
+            .map(|r| r.trained_positions())
+            .sum::<usize>()
+            .max(1) as f64;
         let mine = part.rows(rows.len());
-        let cut = |t: &Tensor| t.narrow(0, mine.start, mine.len());
-        let (x, y, mask) = (cut(&whole.x)?, cut(&whole.y)?, cut(&whole.mask)?);
-        let col = |f: &dyn Fn(&Experience) -> &[f32]| -> Result<Tensor> {
-            let v: Vec<&[f32]> = batch.iter().map(f).collect();
-            Ok(cut(&place(&rows, w, &v, &device)?)?)
+        let local = rows[mine.clone()]
+            .iter()
+            .map(|r| r.trained_positions())
+            .sum::<usize>()
+            .max(1) as f64;
+        // This rank's rows run in groups of similar length; each term is a sum over tokens, so
+        // the groups' shares add up to the minibatch's.
+        let lens: Vec<usize> = rows[mine.clone()].iter().map(|r| r.ids.len()).collect();
+        let mut loss: Option<Tensor> = None;
+        let (mut pg_sum, mut vf_sum, mut kl_sum, mut clipped, mut approx_kl) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
+        for group in length_groups(&lens) {
+            let idx: Vec<usize> = group.iter().map(|&g| mine.start + g).collect();
+            let g_rows: Vec<&Row> = idx.iter().map(|&i| rows[i]).collect();
+            let p = pack(&g_rows, self.pad, &device)?;
+            let col = |f: &dyn Fn(&Experience) -> &[f32]| -> Result<Tensor> {
+                let v: Vec<&[f32]> = idx.iter().map(|&i| f(&batch[i])).collect();
+                place(&g_rows, p.width, &v, &device)
+            };
+            let mask = &p.mask;
+            let old_logp = col(&|e| &e.old_logp)?;
+            let adv = col(&|e| &e.advantages)?;
+            let hidden = model.hidden(&p.x, None)?;
+            let logp = model.hidden_token_nll(&hidden, &p.y)?.neg()?;
+            let masked_share =
+                |t: &Tensor| -> Result<Tensor> { Ok(((t * mask)?.sum_all()? / count)?) };
+            let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+            let (surrogate, ratio) = clipped_surrogate(&logp, &old_logp, &adv, o.clip)?;
+            let pg = masked_share(&surrogate)?;
+            pg_sum += scalar(&pg)?;
+            let mut group_loss = pg;
+            match o.algo {
+                Algo::Ppo => {
+                    let head = self.value_head.as_ref().expect("built");
+                    // The value loss trains the head only: its gradient through the shared
+                    // trunk moved the policy as much as the policy gradient did.
+                    let values = head.forward(&hidden.detach())?.squeeze(D::Minus1)?;
+                    let old_v = col(&|e| &e.old_values)?;
+                    let ret = col(&|e| &e.returns)?;
+                    let vf =
+                        masked_share(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;
+                    vf_sum += scalar(&vf)?;
+                    group_loss = (group_loss + (vf * o.vf_coef)?)?;
+                }
+                Algo::Grpo => {
+                    if o.kl_coef > 0.0 {
+                        let ref_logp = col(&|e| &e.ref_logp)?;
+                        let kl = masked_share(&kl_k3_tensor(&logp, &ref_logp)?)?;
+                        kl_sum += scalar(&kl)?;
+                        group_loss = (group_loss + (kl * o.kl_coef)?)?;
+                    }
+                }
+                Algo::Dpo => unreachable!(),
+            }
+            clipped += scalar(
+                &((&ratio - 1.0)?
+                    .abs()?
+                    .gt(o.clip)?
+                    .to_dtype(candle_core::DType::F32)?
+                    * mask)?
+                    .sum_all()?,
+            )?;
+            approx_kl += scalar(&masked_share(&((&logp - &old_logp)?.sqr()? * 0.5)?)?)?;
+            loss = Some(match loss {
+                None => group_loss,
+                Some(l) => (l + group_loss)?,
+            });
+        }
+        let mut loss = match loss {
+            Some(l) => l,
+            None => Tensor::zeros((), candle_core::DType::F32, &device)?,
         };
         // Statistics are this rank's own means (the trainer averages them over ranks).
-        let local = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-        let own_mean = |share: &Tensor| -> Result<f64> {
-            Ok(share.to_scalar::<f32>()? as f64 * count / local)
-        };
-        let old_logp = col(&|e| &e.old_logp)?;
-        let adv = col(&|e| &e.advantages)?;
-        let hidden = model.hidden(&x, None)?;
-        let logp = model.hidden_token_nll(&hidden, &y)?.neg()?;
-        let masked_mean = |t: &Tensor| -> Result<Tensor> { Ok(((t * &mask)?.sum_all()? / count)?) };
-        let (surrogate, ratio) = clipped_surrogate(&logp, &old_logp, &adv, o.clip)?;
-        let pg_loss = masked_mean(&surrogate)?;
-        let mut loss = pg_loss.clone();
-        let mut stats = vec![("policy_loss".to_string(), own_mean(&pg_loss)?)];
+        let own_mean = |share: f64| share * count / local;
+        let mut stats = vec![("policy_loss".to_string(), own_mean(pg_sum))];
         match o.algo {
-            Algo::Ppo => {
-                let head = self.value_head.as_ref().expect("built");
-                // The value loss trains the head only: its gradient through the shared trunk
-                // moved the policy as much as the policy gradient did.
-                let values = head.forward(&hidden.detach())?.squeeze(D::Minus1)?;
-                let old_v = col(&|e| &e.old_values)?;
-                let ret = col(&|e| &e.returns)?;
-                let vf = masked_mean(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;
-                stats.push(("value_loss".into(), own_mean(&vf)?));
-                loss = (loss + (vf * o.vf_coef)?)?;
-            }
-            Algo::Grpo => {
-                if o.kl_coef > 0.0 {
-                    let ref_logp = col(&|e| &e.ref_logp)?;
-                    let kl = masked_mean(&kl_k3_tensor(&logp, &ref_logp)?)?;
-                    stats.push(("kl_loss".into(), own_mean(&kl)?));
-                    loss = (loss + (kl * o.kl_coef)?)?;
-                }
-            }
-            Algo::Dpo => unreachable!(),
+            Algo::Ppo => stats.push(("value_loss".into(), own_mean(vf_sum))),
+            Algo::Grpo if o.kl_coef > 0.0 => stats.push(("kl_loss".into(), own_mean(kl_sum))),
+            _ => {}
         }
-        let clipped = ((&ratio - 1.0)?
-            .abs()?
-            .gt(o.clip)?
-            .to_dtype(candle_core::DType::F32)?
-            * &mask)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64
-            / local;
-        let approx_kl = own_mean(&masked_mean(&((&logp - &old_logp)?.sqr()? * 0.5)?)?)?;
-        stats.push(("clip_fraction".into(), clipped));
-        stats.push(("approx_kl".into(), approx_kl));
+        stats.push(("clip_fraction".into(), clipped / local));
+        stats.push(("approx_kl".into(), own_mean(approx_kl)));
+        let w = rows
+            .iter()
+            .map(|r| r.ids.len() - 1)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let cut = |t: &Tensor| t.narrow(0, mine.start, mine.len());
+        let tokens = rows[mine.clone()].iter().map(|r| r.ids.len()).sum();
         if let Some(shards) = &self.ptx {
             let (x, y) = crate::train::pretrain::sample_batch(
                 &shards.train,
@@ -469,7 +507,7 @@ impl Stage for OnPolicy {
             loss = (loss + (lm * (o.ptx_coef * part.share(rows.len())))?)?;
         }
         self.step_stats = stats;
-        Ok((loss, x.elem_count()))
+        Ok((loss, tokens))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {

@@ -7,6 +7,7 @@ use crate::infer::sampler::SamplingParams;
 use crate::model::Llama;
 use crate::tokenizer::chat::{render, ChatTemplate};
 use crate::tokenizer::Tokenizer;
+use crate::train::padding::length_groups;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
@@ -40,6 +41,11 @@ impl Row {
     pub fn with_forced(mut self, forced: Vec<usize>) -> Row {
         self.forced = forced;
         self
+    }
+
+    /// Response positions the loss trains: the policy's own draws.
+    pub fn trained_positions(&self) -> usize {
+        (0..self.len).filter(|&k| self.sampled(k)).count()
     }
 
     pub fn response(&self) -> &[u32] {
@@ -122,30 +128,54 @@ pub fn gather(rows: &[&Row], t: &Tensor) -> Result<Vec<Vec<f32>>> {
         .collect())
 }
 
-/// Per-token log-probabilities of each row's response under `model` (no gradient), in chunks.
-pub fn response_logprobs(model: &Llama, rows: &[&Row], pad: u32) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(16) {
-        let p = pack(chunk, pad, model.device())?;
-        let lp = model.token_nll(&p.x, &p.y)?.neg()?;
-        out.extend(gather(chunk, &lp)?);
+/// `f` of each row, with the rows packed in groups of similar length of at most `max_rows`
+/// (see [`length_groups`]); results come back in the rows' order.
+pub fn per_row_in_groups<T: Default + Clone>(
+    rows: &[&Row],
+    pad: u32,
+    device: &Device,
+    max_rows: usize,
+    mut f: impl FnMut(&[&Row], &Packed) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let lens: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
+    let mut out = vec![T::default(); rows.len()];
+    for group in length_groups(&lens) {
+        for chunk in group.chunks(max_rows.max(1)) {
+            let part: Vec<&Row> = chunk.iter().map(|&i| rows[i]).collect();
+            let packed = pack(&part, pad, device)?;
+            for (&i, v) in chunk.iter().zip(f(&part, &packed)?) {
+                out[i] = v;
+            }
+        }
     }
     Ok(out)
+}
+
+/// Per-token log-probabilities of each row's response under `model` (no gradient).
+pub fn response_logprobs(model: &Llama, rows: &[&Row], pad: u32) -> Result<Vec<Vec<f32>>> {
+    per_row_in_groups(rows, pad, model.device(), 16, |part, p| {
+        gather(part, &model.token_nll(&p.x, &p.y)?.neg()?)
+    })
 }
 
 /// Entropy (nats) of the next-token distribution summed over response positions, and how many
 /// positions (no gradient).
 pub fn response_entropy_sums(model: &Llama, rows: &[&Row], pad: u32) -> Result<(f64, f64)> {
-    let (mut sum, mut count) = (0.0, 0.0);
-    for chunk in rows.chunks(8) {
-        let p = pack(chunk, pad, model.device())?;
+    let per_row = per_row_in_groups(rows, pad, model.device(), 8, |_, p| {
         let logits = model.forward(&p.x, None)?;
         let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
         let ent = (logp.exp()? * &logp)?.sum(candle_core::D::Minus1)?.neg()?;
-        sum += (ent * &p.mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        count += p.mask.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    Ok((sum, count))
+        let sums: Vec<f32> = (ent * &p.mask)?.sum(1)?.to_vec1()?;
+        let counts: Vec<f32> = p.mask.sum(1)?.to_vec1()?;
+        Ok(sums
+            .into_iter()
+            .zip(counts)
+            .map(|(s, c)| (s as f64, c as f64))
+            .collect())
+    })?;
+    Ok(per_row
+        .into_iter()
+        .fold((0.0, 0.0), |(s, c), (a, b)| (s + a, c + b)))
 }
 
 /// One sampled response.
@@ -272,5 +302,46 @@ mod tests {
             gather(&[&a, &b], &v).unwrap(),
             vec![vec![9.0, 8.0], vec![1.0, 2.0, 3.0]]
         );
+    }
+
+    #[test]
+    fn log_probs_of_mixed_lengths_match_each_row_alone_in_order() {
+        use crate::model::LlamaConfig;
+        let config = LlamaConfig::small(64, 64);
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        let model = Llama::new(&config, vb).unwrap();
+        let mut rng = crate::util::Rng::new(4);
+        crate::model::llama::seeded_init(&config, &varmap, &mut rng, false).unwrap();
+        // Short and long responses interleaved: grouping reorders them, and more rows than one
+        // chunk holds.
+        let rows: Vec<Row> = (0..20u32)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..3 + i % 4).map(|t| (t * 3 + i) % 60 + 1).collect();
+                let n = if i % 2 == 0 { 2 + i } else { 45 };
+                let response: Vec<u32> = (0..n).map(|t| (t * 7 + i) % 60 + 1).collect();
+                Row::new(&prompt, &response).with_forced(if i % 5 == 0 { vec![1] } else { vec![] })
+            })
+            .collect();
+        let refs: Vec<&Row> = rows.iter().collect();
+        let together = response_logprobs(&model, &refs, 0).unwrap();
+        assert_eq!(together.len(), rows.len());
+        for (i, r) in refs.iter().enumerate() {
+            let alone = response_logprobs(&model, &[r], 0).unwrap();
+            assert_eq!(together[i].len(), r.len, "row {i}");
+            for (a, b) in together[i].iter().zip(&alone[0]) {
+                assert!((a - b).abs() < 1e-4, "row {i}: {a} vs {b}");
+            }
+        }
+        let (sum, count) = response_entropy_sums(&model, &refs, 0).unwrap();
+        assert_eq!(
+            count as usize,
+            rows.iter().map(|r| r.trained_positions()).sum::<usize>()
+        );
+        let alone: f64 = refs
+            .iter()
+            .map(|r| response_entropy_sums(&model, &[r], 0).unwrap().0)
+            .sum();
+        assert!((sum - alone).abs() < 1e-3 * alone, "{sum} vs {alone}");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod padding;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;

@@ -3,6 +3,7 @@
 //! loss on every pair of a ranking at once, then shifted so the policy's own answers score 0 on
 //! average.
 
+use super::padding::length_groups;
 use super::sft::OnError;
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::prefs::{read_pref_file, read_prompt_file, Comparison};
@@ -31,28 +32,43 @@ pub fn bradley_terry_loss(better: &Tensor, worse: &Tensor) -> candle_core::Resul
     softplus(&(worse - better)?)?.mean_all()
 }
 
-/// Scores of right-padded sequences read at each one's last token, [N]. Differentiable.
+/// Scores of sequences read at each one's last token, [N], in the order given. Differentiable.
+/// Sequences run in groups of similar length, each right-padded to its own longest.
 pub fn last_token_scores(
     model: &Llama,
     head: &Linear,
     seqs: &[&[u32]],
     pad: u32,
 ) -> Result<Tensor> {
-    let n = seqs.len();
-    let len = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
-    let mut ids = Vec::with_capacity(n * len);
-    let mut pick = vec![0f32; n * len];
-    for (i, s) in seqs.iter().enumerate() {
-        ids.extend_from_slice(s);
-        ids.extend(std::iter::repeat_n(pad, len - s.len()));
-        pick[i * len + s.len().max(1) - 1] = 1.0;
-    }
     let device = model.device();
-    let x = Tensor::from_vec(ids, (n, len), device)?;
-    let pick = Tensor::from_vec(pick, (n, len), device)?;
-    let h = model.hidden(&x, None)?;
-    let s = head.forward(&h)?.squeeze(D::Minus1)?;
-    Ok((s * pick)?.sum(1)?)
+    let lens: Vec<usize> = seqs.iter().map(|s| s.len().max(1)).collect();
+    let groups = length_groups(&lens);
+    let mut parts = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let len = group.iter().map(|&i| lens[i]).max().unwrap_or(1);
+        let mut ids = Vec::with_capacity(group.len() * len);
+        let mut pick = vec![0f32; group.len() * len];
+        for (row, &i) in group.iter().enumerate() {
+            ids.extend_from_slice(seqs[i]);
+            ids.extend(std::iter::repeat_n(pad, len - seqs[i].len()));
+            pick[row * len + lens[i] - 1] = 1.0;
+        }
+        let x = Tensor::from_vec(ids, (group.len(), len), device)?;
+        let pick = Tensor::from_vec(pick, (group.len(), len), device)?;
+        let h = model.hidden(&x, None)?;
+        let s = head.forward(&h)?.squeeze(D::Minus1)?;
+        parts.push((s * pick)?.sum(1)?);
+    }
+    if parts.is_empty() {
+        return Ok(Tensor::zeros(0, DType::F32, device)?);
+    }
+    // Back from group order to the caller's.
+    let mut position = vec![0u32; seqs.len()];
+    for (k, &i) in groups.iter().flatten().enumerate() {
+        position[i] = k as u32;
+    }
+    let grouped = Tensor::cat(&parts, 0)?;
+    Ok(grouped.index_select(&Tensor::new(position, device)?, 0)?)
 }
 
 /// A trained reward model ready to score conversations.
@@ -668,5 +684,45 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((l - 200.0).abs() < 1e-3, "{l}");
+    }
+
+    #[test]
+    fn scores_of_a_mixed_batch_match_each_sequence_scored_alone() {
+        use crate::model::LlamaConfig;
+        let config = LlamaConfig::small(64, 64);
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = Llama::new(&config, vb.clone()).unwrap();
+        let mut rng = Rng::new(5);
+        crate::model::llama::seeded_init(&config, &varmap, &mut rng, false).unwrap();
+        let head = candle_nn::linear_no_bias(config.hidden_size, 1, vb.pp("score")).unwrap();
+        // Long and short rows interleaved, so grouping reorders them.
+        let seqs: Vec<Vec<u32>> = (0..12)
+            .map(|i| {
+                let len = if i % 2 == 0 { 3 + i } else { 40 + i };
+                (0..len).map(|t| ((t * 7 + i) % 60) as u32 + 1).collect()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        assert!(length_groups(&lens).len() > 1, "the batch should split");
+        let batch: Vec<f32> = last_token_scores(&model, &head, &refs, 0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, s) in refs.iter().enumerate() {
+            let alone: Vec<f32> = last_token_scores(&model, &head, &[s], 0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                (batch[i] - alone[0]).abs() < 1e-4,
+                "row {i}: {} vs {}",
+                batch[i],
+                alone[0]
+            );
+        }
+        // Distinct rows score differently, so a mix-up of the order would show.
+        assert!(batch.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-3));
     }
 }

@@ -1,5 +1,6 @@
 //! Instruction tuning (InstructGPT step 1): next-token loss on assistant tokens only.
 
+use super::padding::length_groups;
 use super::trainer::{train, LoopOptions, RunSpec, Stage, Start};
 use crate::data::chat::{read_chat_file, ChatFormat};
 use crate::data::shards::ShardSet;
@@ -10,7 +11,7 @@ use crate::tokenizer::chat::{render, ChatTemplate, RenderedChat};
 use crate::tokenizer::Tokenizer;
 use crate::util::{self, Rng};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -143,41 +144,57 @@ struct SftStage {
 }
 
 impl SftStage {
-    /// Right-padded inputs, targets and target mask for a batch of examples plus `extra` rows of
-    /// pretraining text (fully trained).
-    fn tensors(
-        &self,
-        rows: &[&RenderedChat],
-        extra: Vec<Vec<u32>>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Right-padded inputs, targets and target mask for `rows` (a mask of `None` trains every
+    /// token: pretraining text mixed in).
+    fn tensors(&self, rows: &[(&[u32], Option<&[u8]>)]) -> Result<(Tensor, Tensor, Tensor)> {
         let len = rows
             .iter()
-            .map(|r| r.ids.len())
-            .chain(extra.iter().map(|e| e.len()))
+            .map(|(ids, _)| ids.len())
             .max()
             .unwrap_or(2)
             .max(2);
-        let n = rows.len() + extra.len();
         let (mut x, mut y, mut m) = (Vec::new(), Vec::new(), Vec::new());
-        let mut push = |ids: &[u32], mask: &dyn Fn(usize) -> f32| {
+        for (ids, mask) in rows {
             for t in 0..len - 1 {
                 x.push(ids.get(t).copied().unwrap_or(self.pad));
                 y.push(ids.get(t + 1).copied().unwrap_or(self.pad));
-                m.push(if t + 1 < ids.len() { mask(t + 1) } else { 0.0 });
+                let trained = t + 1 < ids.len() && mask.is_none_or(|m| m[t + 1] != 0);
+                m.push(if trained { 1.0f32 } else { 0.0 });
             }
-        };
-        for r in rows {
-            push(&r.ids, &|i| r.mask[i] as f32);
         }
-        for e in &extra {
-            push(e, &|_| 1.0);
-        }
-        let shape = (n, len - 1);
+        let shape = (rows.len(), len - 1);
         Ok((
             Tensor::from_vec(x, shape, &self.device)?,
             Tensor::from_vec(y, shape, &self.device)?,
             Tensor::from_vec(m, shape, &self.device)?,
         ))
+    }
+
+    /// The summed masked loss of `rows`, run in groups of similar length (see
+    /// [`length_groups`]), and the tokens computed.
+    fn summed_loss(
+        &self,
+        model: &Llama,
+        rows: &[(&[u32], Option<&[u8]>)],
+    ) -> Result<(Tensor, f64, usize)> {
+        let lens: Vec<usize> = rows.iter().map(|(ids, _)| ids.len()).collect();
+        let (mut total, mut count, mut computed) = (None, 0.0, 0);
+        for group in length_groups(&lens) {
+            let group: Vec<_> = group.iter().map(|&i| rows[i]).collect();
+            let (x, y, m) = self.tensors(&group)?;
+            computed += x.elem_count();
+            let (t, c) = Self::masked_loss(model, &x, &y, &m)?;
+            count += c;
+            total = Some(match total {
+                None => t,
+                Some(sum) => (sum + t)?,
+            });
+        }
+        let total = match total {
+            Some(t) => t,
+            None => Tensor::zeros((), DType::F32, &self.device)?,
+        };
+        Ok((total, count, computed))
     }
 
     fn masked_loss(model: &Llama, x: &Tensor, y: &Tensor, m: &Tensor) -> Result<(Tensor, f64)> {
@@ -190,34 +207,47 @@ impl SftStage {
 
 impl Stage for SftStage {
     fn batch_loss(&mut self, model: &Llama, rng: &mut Rng, part: Part) -> Result<(Tensor, usize)> {
-        let rows: Vec<&RenderedChat> = (0..self.batch_size)
+        let chats: Vec<&RenderedChat> = (0..self.batch_size)
             .map(|_| &self.train[rng.below(self.train.len() as u64) as usize])
             .collect();
         let mut extra = Vec::new();
         if let Some((shards, k)) = &self.mix {
-            let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2).max(2);
+            let len = chats.iter().map(|r| r.ids.len()).max().unwrap_or(2).max(2);
             let (x, _) =
                 super::pretrain::sample_batch(&shards.train, rng, *k, len - 1, &self.device)?;
             let windows: Vec<Vec<u32>> = x.to_vec2()?;
             extra = windows;
         }
-        // The whole batch is padded alike on every rank; the part's summed loss is divided by
-        // the whole batch's count of assistant tokens.
-        let (x, y, m) = self.tensors(&rows, extra)?;
-        let count = m.sum_all()?.to_scalar::<f32>()? as f64;
-        let mine = part.rows(x.dim(0)?);
-        let narrow = |t: &Tensor| t.narrow(0, mine.start, mine.len());
-        let (x, y, m) = (narrow(&x)?, narrow(&y)?, narrow(&m)?);
-        let (total, _) = Self::masked_loss(model, &x, &y, &m)?;
-        Ok(((total / count.max(1.0))?, x.elem_count()))
+        let rows: Vec<(&[u32], Option<&[u8]>)> = chats
+            .iter()
+            .map(|r| (r.ids.as_slice(), Some(r.mask.as_slice())))
+            .chain(extra.iter().map(|e| (e.as_slice(), None)))
+            .collect();
+        // Every rank divides its part's summed loss by the whole batch's count of trained tokens.
+        let trained = |(ids, mask): &(&[u32], Option<&[u8]>)| match mask {
+            Some(m) => m
+                .iter()
+                .take(ids.len())
+                .skip(1)
+                .filter(|&&b| b != 0)
+                .count(),
+            None => ids.len().saturating_sub(1),
+        };
+        let count = rows.iter().map(trained).sum::<usize>() as f64;
+        let mine = &rows[part.rows(rows.len())];
+        let (total, _, _) = self.summed_loss(model, mine)?;
+        let tokens = mine.iter().map(|(ids, _)| ids.len()).sum();
+        Ok(((total / count.max(1.0))?, tokens))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>> {
         let (mut sum, mut count) = (0.0, 0.0);
         for chunk in self.val.chunks(self.batch_size) {
-            let rows: Vec<&RenderedChat> = chunk.iter().collect();
-            let (x, y, m) = self.tensors(&rows, Vec::new())?;
-            let (total, c) = Self::masked_loss(model, &x, &y, &m)?;
+            let rows: Vec<(&[u32], Option<&[u8]>)> = chunk
+                .iter()
+                .map(|r| (r.ids.as_slice(), Some(r.mask.as_slice())))
+                .collect();
+            let (total, c, _) = self.summed_loss(model, &rows)?;
             sum += total.to_scalar::<f32>()? as f64;
             count += c;
         }
@@ -334,5 +364,61 @@ fn template_name(t: &ChatTemplate) -> &'static str {
         ChatTemplate::ChatMl => "chatml",
         ChatTemplate::Llama3 => "llama3",
         ChatTemplate::Jinja(_) => "jinja",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LlamaConfig;
+
+    #[test]
+    fn a_batch_of_mixed_lengths_sums_the_loss_each_row_has_alone() {
+        let config = LlamaConfig::small(64, 64);
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = Llama::new(&config, vb).unwrap();
+        crate::model::llama::seeded_init(&config, &varmap, &mut Rng::new(9), false).unwrap();
+        let stage = SftStage {
+            train: Vec::new(),
+            val: Vec::new(),
+            batch_size: 8,
+            pad: 0,
+            mix: None,
+            device: Device::Cpu,
+        };
+        // Short and long conversations; the masks train the second half of each (the reply),
+        // and one row of pretraining text trains everything.
+        let ids: Vec<Vec<u32>> = (0..9)
+            .map(|i| {
+                let len = if i % 3 == 0 { 50 + i } else { 4 + i };
+                (0..len).map(|t| ((t * 5 + i) % 60) as u32 + 1).collect()
+            })
+            .collect();
+        let masks: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|s| (0..s.len()).map(|t| (2 * t >= s.len()) as u8).collect())
+            .collect();
+        let rows: Vec<(&[u32], Option<&[u8]>)> = ids
+            .iter()
+            .zip(&masks)
+            .enumerate()
+            .map(|(i, (s, m))| (s.as_slice(), (i != 4).then_some(m.as_slice())))
+            .collect();
+        let (total, count, computed) = stage.summed_loss(&model, &rows).unwrap();
+        let total = total.to_scalar::<f32>().unwrap() as f64;
+        let (mut alone, mut alone_count) = (0.0, 0.0);
+        for row in &rows {
+            let (t, c, _) = stage.summed_loss(&model, &[*row]).unwrap();
+            alone += t.to_scalar::<f32>().unwrap() as f64;
+            alone_count += c;
+        }
+        assert_eq!(count, alone_count);
+        assert!(
+            (total - alone).abs() < 1e-3 * alone.abs(),
+            "{total} vs {alone}"
+        );
+        // Padding every row to the longest would have computed 9 × 57 positions.
+        assert!(computed < 9 * 57 * 6 / 10, "{computed}");
     }
 }
