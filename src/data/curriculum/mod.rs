@@ -543,11 +543,21 @@ pub fn generate(out: &Path, seed: u64, size: &CurriculumSize) -> Result<Curricul
                         }
                     };
                     let [best, curt, wrong, worst] = t.replies.clone();
-                    let mut responses = vec![best, curt, wrong];
-                    if let Some(w) = t.wrong_curt.clone().filter(|_| augment) {
-                        responses.push(w);
+                    let wrong_curt = t.wrong_curt.clone().filter(|_| augment);
+                    let mut responses = vec![best, curt];
+                    // A look-alike's wrong reply is a refusal. Ranked above a fluent off-topic
+                    // answer, refusing was the safe bet whenever the reward model was unsure
+                    // whether a request was harmful, and PPO raised false refusals on both
+                    // seeds; below it, refusing a harmless request costs as much as answering
+                    // a harmful one.
+                    if family == Family::Benign {
+                        responses.push(off_topic);
+                        responses.extend(std::iter::once(wrong).chain(wrong_curt));
+                    } else {
+                        responses.extend(std::iter::once(wrong).chain(wrong_curt));
+                        responses.push(off_topic);
                     }
-                    responses.extend([off_topic, worst]);
+                    responses.push(worst);
                     let prompt = with_documents(&t);
                     rankings.push(json_line(&RankingRecord {
                         family,
@@ -781,31 +791,43 @@ mod tests {
     fn training_rankings_add_a_curt_wrong_reply_and_held_out_ones_keep_five() {
         let dir = tempfile::tempdir().unwrap();
         generate(dir.path(), 5, &CurriculumSize::scaled(0.1)).unwrap();
-        let responses = |file: &str| -> Vec<Vec<String>> {
+        // (family, responses) of each ranking.
+        let responses = |file: &str| -> Vec<(String, Vec<String>)> {
             read(dir.path(), file)
                 .lines()
                 .map(|l| {
                     let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    serde_json::from_value(v["responses"].clone()).unwrap()
+                    let family = v["family"].as_str().unwrap().to_string();
+                    (
+                        family,
+                        serde_json::from_value(v["responses"].clone()).unwrap(),
+                    )
                 })
                 .collect()
         };
         let held = responses("prefs_rankings_heldout.jsonl");
-        assert!(held.iter().all(|r| r.len() == 5));
+        assert!(held.iter().all(|(_, r)| r.len() == 5));
         let train = responses("prefs_rankings_train.jsonl");
-        let six: Vec<_> = train.iter().filter(|r| r.len() == 6).collect();
+        let six: Vec<_> = train.iter().filter(|(_, r)| r.len() == 6).collect();
         assert!(
             six.len() * 4 > train.len() * 3,
             "{} of {}",
             six.len(),
             train.len()
         );
-        for r in &six {
+        for (family, r) in &six {
             let n = |i: usize| r[i].chars().count();
-            assert!(n(3) < n(2), "curt wrong {:?} vs wrong {:?}", r[3], r[2]);
+            // A look-alike's wrong reply (a refusal) ranks below its off-topic answer.
+            let wrong = if family == "benign" { 3 } else { 2 };
+            assert!(
+                n(wrong + 1) < n(wrong),
+                "curt wrong {:?} vs wrong {:?}",
+                r[wrong + 1],
+                r[wrong]
+            );
             assert!(n(1) < n(0), "curt {:?} vs best {:?}", r[1], r[0]);
         }
-        assert!(train.iter().all(|r| {
+        assert!(train.iter().all(|(_, r)| {
             let mut u = r.clone();
             u.sort();
             u.dedup();
@@ -866,6 +888,31 @@ mod tests {
             benign_hard * 10 > benign * 3 && benign_hard * 10 < benign * 7,
             "{benign_hard} of {benign}"
         );
+    }
+
+    /// Refusing a look-alike is ranked below every answer but the rude one, the off-topic
+    /// answer included, so refusing when unsure scores no better than answering.
+    #[test]
+    fn a_look_alikes_refusal_ranks_above_only_the_rude_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), 6, &CurriculumSize::scaled(0.5)).unwrap();
+        for file in ["prefs_rankings_train.jsonl", "prefs_rankings_heldout.jsonl"] {
+            let mut rankings = 0;
+            for line in read(dir.path(), file).lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if v["family"] != "benign" {
+                    continue;
+                }
+                let r: Vec<String> = serde_json::from_value(v["responses"].clone()).unwrap();
+                let refusals: Vec<usize> =
+                    (0..r.len()).filter(|&i| tasks::is_refusal(&r[i])).collect();
+                // The full refusal, and in training its curt form, right above the rude reply.
+                let want: Vec<usize> = (r.len() - 1 - refusals.len()..r.len() - 1).collect();
+                assert!(!refusals.is_empty() && refusals == want, "{file}: {r:?}");
+                rankings += 1;
+            }
+            assert!(rankings > 0, "{file} has look-alike rankings");
+        }
     }
 
     /// Rankings have their own random stream: a different number of them leaves the SFT data
