@@ -116,8 +116,11 @@ impl Preset {
                 sft_steps: 500,
                 sft_batch: 16,
                 sft_lr: 1e-3,
-                reward_steps: 300,
-                reward_lr: 3e-4,
+                // Padding each length group only to its own longest row halved the reward
+                // model's step; 450 steps at 5e-4 rank 0.887 of held-out pairs where 300 at 3e-4
+                // ranked 0.857 (same SFT model and rankings, seed 1337).
+                reward_steps: 450,
+                reward_lr: 5e-4,
                 ppo_steps: 120,
                 ppo_lr: 3e-5,
                 checker_rl_steps: 120,
@@ -330,7 +333,9 @@ impl Pipeline<'_> {
                 chat: Some(true),
                 cot: false,
                 max_tokens: self.spec.max_new_tokens,
-                batch_size: 16,
+                // Each batch decodes until its longest reply ends; 64 rows share those steps
+                // (the small preset's SFT model: 12 s against 16 rows' 18 s, the same replies).
+                batch_size: 64,
                 answers: Some(answers.to_path_buf()),
                 retrieval: crate::tools::RetrievalArgs {
                     index: with_index.then(|| self.path("index")),
