@@ -13,7 +13,8 @@ use super::losses::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
 };
 use super::rollout::{
-    pack, per_row_in_groups, place, response_entropy_sums, response_logprobs, Row, Sample,
+    pack, packed_width, per_row_in_groups, place, response_entropy_sums, response_logprobs, Row,
+    Sample,
 };
 use super::{mean, Algo, PolicyEval, RewardSource, RlhfOptions};
 use crate::data::curriculum::tasks::check;
@@ -486,15 +487,10 @@ impl Stage for OnPolicy {
         }
         stats.push(("clip_fraction".into(), clipped / local));
         stats.push(("approx_kl".into(), own_mean(approx_kl)));
-        let w = rows
-            .iter()
-            .map(|r| r.ids.len() - 1)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let cut = |t: &Tensor| t.narrow(0, mine.start, mine.len());
         let tokens = rows[mine.clone()].iter().map(|r| r.ids.len()).sum();
         if let Some(shards) = &self.ptx {
+            let w = packed_width(&rows);
+            let cut = |t: &Tensor| t.narrow(0, mine.start, mine.len());
             let (x, y) = crate::train::pretrain::sample_batch(
                 &shards.train,
                 rng,

@@ -78,13 +78,17 @@ pub struct Packed {
     pub width: usize,
 }
 
-pub fn pack(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
-    let width = rows
-        .iter()
+/// Input positions of `rows` packed together: the longest row's, at least 1.
+pub fn packed_width(rows: &[&Row]) -> usize {
+    rows.iter()
         .map(|r| r.ids.len() - 1)
         .max()
         .unwrap_or(1)
-        .max(1);
+        .max(1)
+}
+
+pub fn pack(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
+    let width = packed_width(rows);
     let n = rows.len();
     let (mut x, mut y, mut m) = (
         Vec::with_capacity(n * width),
