@@ -290,20 +290,25 @@ fn prompts_longer_than_the_context_are_cut_and_counted() {
     );
 }
 
-#[test]
-fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = common::base_run(dir.path());
-    let prompts = common::write_cat_prompts(dir.path());
-    let out = dir.path().join("ppo");
-    let r = rlhf(&toy_options(&base, prompts, out.clone(), Algo::Ppo)).unwrap();
-    // Rollout reward (the fraction of replies mentioning "cat") over the first and last rollouts.
+/// Trains PPO on the cat prompts; returns the run's report and its rollout metrics lines.
+fn toy_ppo(
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&mut RlhfOptions),
+) -> (chatforge::rlhf::RlhfReport, Vec<serde_json::Value>) {
+    let base = common::base_run(dir);
+    let prompts = common::write_cat_prompts(dir);
+    let out = dir.join(name);
+    let mut o = toy_options(&base, prompts, out.clone(), Algo::Ppo);
+    edit(&mut o);
+    let r = rlhf(&o).unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|v: &serde_json::Value| v.get("rollout_reward").is_some())
         .collect();
+    // Rollout reward (the fraction of replies mentioning "cat") over the first and last rollouts.
     let reward = |v: &[serde_json::Value]| {
         v.iter()
             .map(|x| x["rollout_reward"].as_f64().unwrap())
@@ -311,10 +316,26 @@ fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
             / v.len() as f64
     };
     let (first, last) = (reward(&lines[..2]), reward(&lines[lines.len() - 2..]));
-    assert!(last > first + 0.2, "rollout reward {first} -> {last}");
+    assert!(
+        last > first + 0.2,
+        "{name}: rollout reward {first} -> {last}"
+    );
     let acc = (r.eval_before["accuracy"], r.eval_after["accuracy"]);
-    assert!(acc.1 > acc.0, "held-out greedy accuracy {acc:?}");
-    assert!(r.eval_after["kl"] < 25.0, "KL {}", r.eval_after["kl"]);
+    assert!(acc.1 > acc.0, "{name}: held-out greedy accuracy {acc:?}");
+    assert!(
+        r.eval_after["kl"] < 25.0,
+        "{name}: KL {}",
+        r.eval_after["kl"]
+    );
+    // The tuned policy still loads as a plain language model.
+    chatforge::model::load(&out, &candle_core::Device::Cpu).unwrap();
+    (r, lines)
+}
+
+#[test]
+fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, lines) = toy_ppo(dir.path(), "ppo", |_| {});
     for key in [
         "rollout_kl",
         "rollout_entropy",
@@ -327,8 +348,31 @@ fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
     ] {
         assert!(lines[0].get(key).is_some(), "metrics lack {key}");
     }
-    // The tuned policy still loads as a plain language model.
-    chatforge::model::load(&out, &candle_core::Device::Cpu).unwrap();
+}
+
+/// Without a critic the group's other answers are the only baseline: the reward still rises,
+/// and no value head is trained or saved.
+#[test]
+fn ppo_without_a_critic_raises_the_reward_on_its_group_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, lines) = toy_ppo(dir.path(), "rloo", |o| {
+        o.prompt_baseline = true;
+        o.critic = false;
+    });
+    for key in ["value_loss", "explained_variance"] {
+        assert!(lines[0].get(key).is_none(), "metrics have {key}");
+    }
+    assert!(lines[0].get("policy_loss").is_some());
+    // Without the group there is no baseline at all: refused with the fix.
+    let mut o = toy_options(
+        &dir.path().join("base"),
+        common::write_cat_prompts(dir.path()),
+        dir.path().join("none"),
+        Algo::Ppo,
+    );
+    o.critic = false;
+    let e = rlhf(&o).err().unwrap().to_string();
+    assert!(e.contains("--prompt-baseline"), "{e}");
 }
 
 #[test]
@@ -437,9 +481,17 @@ fn ppo_grpo_and_dpo_resume_exactly_after_a_kill() {
     let base = common::base_run(dir.path());
     let prompts = common::write_cat_prompts(dir.path());
     let (prefs, held) = write_prefs(dir.path());
-    for algo in [Algo::Ppo, Algo::Grpo, Algo::Dpo] {
+    // PPO with its critic, and PPO on its group baseline alone (the speedrun's).
+    for (algo, critic) in [
+        (Algo::Ppo, true),
+        (Algo::Ppo, false),
+        (Algo::Grpo, true),
+        (Algo::Dpo, true),
+    ] {
         let options = |out: &str| {
             let mut o = toy_options(&base, prompts.clone(), dir.path().join(out), algo);
+            o.critic = critic;
+            o.prompt_baseline = !critic;
             if algo == Algo::Dpo {
                 o.prompts = None;
                 o.prefs = vec![prefs.clone()];
@@ -456,7 +508,7 @@ fn ppo_grpo_and_dpo_resume_exactly_after_a_kill() {
             o.train.eval_every = 1000;
             o
         };
-        let name = format!("{algo:?}");
+        let name = format!("{algo:?}-{critic}");
         let full = rlhf(&options(&format!("{name}-full"))).unwrap();
         let mut first = options(&format!("{name}-killed"));
         first.train.halt_after = Some(3);

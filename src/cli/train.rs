@@ -389,6 +389,9 @@ pub struct RlhfArgs {
     /// PPO: sample --group-size answers per prompt and score each against the mean of the others.
     #[arg(long)]
     prompt_baseline: bool,
+    /// PPO with --prompt-baseline: no value head; the other answers' mean is the only baseline.
+    #[arg(long)]
+    no_critic: bool,
     /// Stop a sampled answer when this text appears (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -487,6 +490,7 @@ impl RlhfArgs {
             out: self.out,
             stop: self.stop,
             prompt_baseline: self.prompt_baseline || o.prompt_baseline,
+            critic: o.critic && !self.no_critic,
             target_kl: self.target_kl.or(o.target_kl),
             ptx_data: self.ptx_data.or(o.ptx_data),
             reward_source: self.reward_source,

@@ -21,14 +21,26 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lambda: f64) -> (Vec<f64
     (adv, ret)
 }
 
-/// Scales to mean 0 and standard deviation 1 (PPO's advantage whitening).
-pub fn whiten(xs: &mut [f64]) {
+fn mean_and_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-    let sd = var.sqrt() + 1e-8;
+    (mean, var.sqrt() + 1e-8)
+}
+
+/// Scales to mean 0 and standard deviation 1 (PPO's advantage whitening).
+pub fn whiten(xs: &mut [f64]) {
+    let (mean, sd) = mean_and_sd(xs);
     for x in xs {
         *x = (*x - mean) / sd;
+    }
+}
+
+/// Divides by the standard deviation and keeps the mean: no value changes sign.
+pub fn scale_to_unit_spread(xs: &mut [f64]) {
+    let (_, sd) = mean_and_sd(xs);
+    for x in xs {
+        *x /= sd;
     }
 }
 
@@ -233,5 +245,25 @@ mod tests {
         let r = [1.0, 2.0, 3.0];
         assert!(close(explained_variance(&r, &r), 1.0));
         assert!(close(explained_variance(&[2.0, 2.0, 2.0], &r), 0.0));
+    }
+
+    /// Per-token advantages of three answers to one prompt: a short one scored a little above
+    /// the others' mean, a long one well above, a short one well below. Whitening subtracts
+    /// a mean the long answer dominates and turns the short good answer's advantage negative;
+    /// scaling alone keeps every sign.
+    #[test]
+    fn scaling_keeps_the_sign_that_whitening_flips_for_short_answers() {
+        let mut tokens = vec![0.2, 0.2];
+        tokens.extend([0.5; 10]);
+        tokens.push(-0.7);
+        let (mut whitened, mut scaled) = (tokens.clone(), tokens.clone());
+        whiten(&mut whitened);
+        scale_to_unit_spread(&mut scaled);
+        assert!(whitened[0] < 0.0, "{whitened:?}");
+        for (s, t) in scaled.iter().zip(&tokens) {
+            assert_eq!(s.signum(), t.signum());
+        }
+        let (mean, sd) = mean_and_sd(&scaled);
+        assert!(close(sd, 1.0) && mean > 0.0, "{mean} {sd}");
     }
 }

@@ -63,6 +63,10 @@ pub struct RlhfOptions {
     pub group_size: usize,
     /// PPO: sample `group_size` answers per prompt and score each against the others' mean.
     pub prompt_baseline: bool,
+    /// PPO: learn a value head and take GAE advantages against it. Off (needs
+    /// `prompt_baseline`): no value head; each token's advantage is its return (the
+    /// group-relative score plus the KL penalties that follow), scaled to unit spread.
+    pub critic: bool,
     pub max_new_tokens: usize,
     /// Strings that end a sampled answer, as in `generate --stop`.
     #[serde(default)]
@@ -109,6 +113,7 @@ impl Default for RlhfOptions {
             rollout_prompts: 16,
             group_size: 4,
             prompt_baseline: false,
+            critic: true,
             max_new_tokens: 64,
             stop: Vec::new(),
             temperature: 1.0,
@@ -284,6 +289,12 @@ impl RlhfOptions {
             if !(0.0..=1.0).contains(&v) {
                 bail!("{flag} must be between 0 and 1, got {v}");
             }
+        }
+        if self.algo == Algo::Ppo && !self.critic && !self.prompt_baseline {
+            bail!(
+                "--no-critic leaves PPO without a baseline: add --prompt-baseline, whose \
+                 other answers to the same prompt then serve as the baseline"
+            );
         }
         if let Some(t) = self.target_kl.filter(|t| !(*t > 0.0 && t.is_finite())) {
             bail!("--target-kl must be a positive number, got {t}");

@@ -10,7 +10,8 @@
 //! resumed run continues exactly.
 
 use super::losses::{
-    clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor, whiten,
+    clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_k3_tensor,
+    scale_to_unit_spread, whiten,
 };
 use super::rollout::{
     pack, packed_width, per_row_in_groups, place, response_entropy_sums, response_logprobs, Row,
@@ -134,9 +135,9 @@ impl OnPolicy {
             old_logp: response_logprobs(model, &rows, self.pad)?,
             ref_logp: response_logprobs(&self.eval.reference, &rows, self.pad)?,
             scores: self.scores(prompts, &samples)?,
-            values: match o.algo {
-                Algo::Ppo => self.values(model, &rows)?,
-                _ => Vec::new(),
+            values: match self.value_head {
+                Some(_) => self.values(model, &rows)?,
+                None => Vec::new(),
             },
             entropy: response_entropy_sums(model, &rows, self.pad)?,
             samples: Vec::new(),
@@ -248,19 +249,32 @@ impl OnPolicy {
                         })
                         .collect();
                     *r.last_mut().expect("responses are nonempty") += shaped[i];
-                    let v: Vec<f64> = values[i].iter().map(|&x| x as f64).collect();
-                    let (adv, ret) = gae(&r, &v, o.gamma, o.lambda);
+                    // Without a critic each token's advantage is its return: values of 0
+                    // and λ = 1.
+                    let (v, lambda) = match values.get(i) {
+                        Some(v) => (v.iter().map(|&x| x as f64).collect(), o.lambda),
+                        None => (vec![0.0; r.len()], 1.0),
+                    };
+                    let (adv, ret) = gae(&r, &v, o.gamma, lambda);
                     all_adv.extend(&adv);
                     all_v.extend(&v);
                     all_ret.extend(&ret);
                     per_row.push((adv.len(), ret));
                 }
-                stats.push((
-                    "explained_variance".into(),
-                    explained_variance(&all_v, &all_ret),
-                ));
                 stats.push(("kl_coef".into(), self.kl_coef));
-                whiten(&mut all_adv);
+                if o.critic {
+                    stats.push((
+                        "explained_variance".into(),
+                        explained_variance(&all_v, &all_ret),
+                    ));
+                    whiten(&mut all_adv);
+                } else {
+                    // The group's scores are already relative to their prompt. Centring them
+                    // again over every token would subtract a mean weighted by answer length:
+                    // long answers have more tokens, so a short refusal scored above its group
+                    // could end up with a negative advantage.
+                    scale_to_unit_spread(&mut all_adv);
+                }
                 let mut at = 0;
                 for (i, (n, ret)) in per_row.into_iter().enumerate() {
                     experiences.push(Experience {
@@ -269,7 +283,7 @@ impl OnPolicy {
                         ref_logp: ref_logp[i].clone(),
                         advantages: all_adv[at..at + n].iter().map(|&x| x as f32).collect(),
                         returns: ret.iter().map(|&x| x as f32).collect(),
-                        old_values: values[i].clone(),
+                        old_values: values.get(i).cloned().unwrap_or_default(),
                     });
                     at += n;
                 }
@@ -379,7 +393,7 @@ fn leave_one_out(samples: &[Sample], scores: &[f64]) -> Vec<f64> {
 
 impl Stage for OnPolicy {
     fn build_heads(&mut self, vb: VarBuilder) -> Result<Vec<String>> {
-        if self.opts.algo != Algo::Ppo {
+        if self.opts.algo != Algo::Ppo || !self.opts.critic {
             return Ok(Vec::new());
         }
         self.value_head = Some(candle_nn::linear(self.hidden, 1, vb.pp("v_head"))?);
@@ -437,17 +451,23 @@ impl Stage for OnPolicy {
             pg_sum += scalar(&pg)?;
             let mut group_loss = pg;
             match o.algo {
+                // The value loss trains the head only: its gradient through the shared trunk
+                // moved the policy as much as the policy gradient did. Without a critic the KL
+                // penalty is in the advantages already.
                 Algo::Ppo => {
-                    let head = self.value_head.as_ref().expect("built");
-                    // The value loss trains the head only: its gradient through the shared
-                    // trunk moved the policy as much as the policy gradient did.
-                    let values = head.forward(&hidden.detach())?.squeeze(D::Minus1)?;
-                    let old_v = col(&|e| &e.old_values)?;
-                    let ret = col(&|e| &e.returns)?;
-                    let vf =
-                        masked_share(&clipped_value_loss(&values, &old_v, &ret, o.value_clip)?)?;
-                    vf_sum += scalar(&vf)?;
-                    group_loss = (group_loss + (vf * o.vf_coef)?)?;
+                    if let Some(head) = self.value_head.as_ref() {
+                        let values = head.forward(&hidden.detach())?.squeeze(D::Minus1)?;
+                        let old_v = col(&|e| &e.old_values)?;
+                        let ret = col(&|e| &e.returns)?;
+                        let vf = masked_share(&clipped_value_loss(
+                            &values,
+                            &old_v,
+                            &ret,
+                            o.value_clip,
+                        )?)?;
+                        vf_sum += scalar(&vf)?;
+                        group_loss = (group_loss + (vf * o.vf_coef)?)?;
+                    }
                 }
                 Algo::Grpo => {
                     if o.kl_coef > 0.0 {
@@ -481,7 +501,7 @@ impl Stage for OnPolicy {
         let own_mean = |share: f64| share * count / local;
         let mut stats = vec![("policy_loss".to_string(), own_mean(pg_sum))];
         match o.algo {
-            Algo::Ppo => stats.push(("value_loss".into(), own_mean(vf_sum))),
+            Algo::Ppo if o.critic => stats.push(("value_loss".into(), own_mean(vf_sum))),
             Algo::Grpo if o.kl_coef > 0.0 => stats.push(("kl_loss".into(), own_mean(kl_sum))),
             _ => {}
         }
