@@ -110,7 +110,7 @@ impl Preset {
                 kv_heads: 4,
                 context: 256,
                 switches: ArchSwitches::default(),
-                pretrain_steps: 1200,
+                pretrain_steps: 1100,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
                 sft_steps: 500,
@@ -581,6 +581,11 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             // prompt is from the advantage; with one answer per prompt PPO traded checker accuracy
             // for reward on the small preset (0.289 -> 0.242), with four it did not.
             prompt_baseline: true,
+            // With that baseline a value head added nothing but noise: its explained variance
+            // stayed below 0 on both seeds, and without it (and without centring the
+            // advantages) PPO raised harmful-request refusals on seed 2 (+17 −3) where it had
+            // also raised false refusals (+13 −3).
+            critic: false,
             ..p.rl_options(&rl_dir, s.ppo_steps, s.ppo_lr)
         })?;
         util::write_json_atomic(&rl_dir.join("rlhf_report.json"), &r)?;
