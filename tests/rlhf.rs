@@ -348,6 +348,13 @@ fn ppo_raises_a_programmatic_reward_with_bounded_kl() {
     ] {
         assert!(lines[0].get(key).is_some(), "metrics lack {key}");
     }
+    assert!(saves_a_value_head(&dir.path().join("ppo")));
+}
+
+fn saves_a_value_head(run: &Path) -> bool {
+    candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap()
+        .contains_key("v_head.weight")
 }
 
 /// Without a critic the group's other answers are the only baseline: the reward still rises,
@@ -362,6 +369,7 @@ fn ppo_without_a_critic_raises_the_reward_on_its_group_baseline() {
     for key in ["value_loss", "explained_variance"] {
         assert!(lines[0].get(key).is_none(), "metrics have {key}");
     }
+    assert!(!saves_a_value_head(&dir.path().join("rloo")));
     assert!(lines[0].get("policy_loss").is_some());
     // Without the group there is no baseline at all: refused with the fix.
     let mut o = toy_options(

@@ -470,9 +470,14 @@ pub fn speedrun_report(
     }
     md.push_str("\n## RLHF (PPO) on held-out prompts\n\n| metric | SFT (before) | RLHF (after) |\n|---|---|---|\n");
     rl_table(&mut md, &rl);
+    // PPO without a critic has no value head to hold.
+    let critic = read_value(&path_of("rlhf/chatforge.json"))["hyperparameters"]["stage"]["critic"]
+        .as_bool()
+        .unwrap_or(true);
     let _ = writeln!(
         md,
-        "\nPolicy, frozen reference, reward model and value head held together: peak RSS {:.0} MB. Prompts cut to fit the context: {}. Steps skipped for a non-finite loss: {}.",
+        "\nPolicy, frozen reference, reward model{} held together: peak RSS {:.0} MB. Prompts cut to fit the context: {}. Steps skipped for a non-finite loss: {}.",
+        if critic { " and value head" } else { "" },
         rl["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
         rl["truncated_prompts"].as_u64().unwrap_or(0),
         rl["skipped_steps"].as_u64().unwrap_or(0)
