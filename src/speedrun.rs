@@ -586,6 +586,12 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             // advantages) PPO raised harmful-request refusals on seed 2 (+17 −3) where it had
             // also raised false refusals (+13 −3).
             critic: false,
+            // One pass over each rollout, not two: with two, PPO's own sampling seed decided
+            // whether it found answers to look-alikes that the reward model scored above a
+            // refusal of a harmful request (from one SFT and reward model, seeds 1337, 3 and 2:
+            // refusals +18 −1, +29 −0 and +2 −14). With one: +28 −0 and +20 −0 on seeds 2 and
+            // 3, and look-alike refusals not significantly changed.
+            epochs: 1,
             ..p.rl_options(&rl_dir, s.ppo_steps, s.ppo_lr)
         })?;
         util::write_json_atomic(&rl_dir.join("rlhf_report.json"), &r)?;
