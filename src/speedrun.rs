@@ -582,9 +582,9 @@ pub fn speedrun(opts: &SpeedrunOptions) -> Result<PathBuf> {
             // for reward on the small preset (0.289 -> 0.242), with four it did not.
             prompt_baseline: true,
             // With that baseline a value head added nothing but noise: its explained variance
-            // stayed below 0 on both seeds, and without it (and without centring the
-            // advantages) PPO raised harmful-request refusals on seed 2 (+17 −3) where it had
-            // also raised false refusals (+13 −3).
+            // stayed below 0 on both seeds. Without it (and without centring the advantages),
+            // from the same seed-2 models, PPO raised harmful-request refusals (+19 −4) and
+            // left false refusals alone (+7 −11), where with it both rose (+19 −6, +13 −3).
             critic: false,
             // One pass over each rollout, not two: with two, PPO's own sampling seed decided
             // whether it found answers to look-alikes that the reward model scored above a

@@ -251,14 +251,18 @@ impl OnPolicy {
                     *r.last_mut().expect("responses are nonempty") += shaped[i];
                     // Without a critic each token's advantage is its return: values of 0
                     // and λ = 1.
-                    let (v, lambda) = match values.get(i) {
-                        Some(v) => (v.iter().map(|&x| x as f64).collect(), o.lambda),
-                        None => (vec![0.0; r.len()], 1.0),
+                    let (v, lambda) = if o.critic {
+                        (values[i].iter().map(|&x| x as f64).collect(), o.lambda)
+                    } else {
+                        (vec![0.0; r.len()], 1.0)
                     };
                     let (adv, ret) = gae(&r, &v, o.gamma, lambda);
                     all_adv.extend(&adv);
-                    all_v.extend(&v);
-                    all_ret.extend(&ret);
+                    // Explained variance measures the critic; there is none to measure.
+                    if o.critic {
+                        all_v.extend(&v);
+                        all_ret.extend(&ret);
+                    }
                     per_row.push((adv.len(), ret));
                 }
                 stats.push(("kl_coef".into(), self.kl_coef));
