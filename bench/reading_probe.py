@@ -3,11 +3,13 @@
 reading attempts.
 
   bench/reading_probe.py probe --model RUN [--format reading|drill] [--keys invented|words]
+                               [--layout plain|labelled]
       Passages (or a drill's list) with facts drawn afresh, then a question; the log-likelihood of
       every candidate value (10 towns, or 8 jobs) decides the answer. Prints how often the right
       value wins, how often some value from the context wins, both rates for a blind pick, and
       how often a model that copies some value from the context without matching it is right.
-  bench/reading_probe.py drills --out FILE [--keys invented|words] [--count 30000]
+  bench/reading_probe.py drills --out FILE [--keys invented|words] [--layout plain|labelled]
+                                [--count 30000]
       Lookup drills as pretraining text ("Vifen Rusk, Karen Brisa\\nKaren: Brisa"), for
       `chatforge tokenize` and `chatforge pretrain`.
 
@@ -44,20 +46,28 @@ def reading_items(rng, n):
             yield f"{doc}\nQ: What is the job of {p}?\nA: {p} works as a", JOBS, j, [x[2] for x in people]
 
 
-def drill_items(rng, n, kind):
+# Drill layouts: "plain" asks a key at the start of a line, so it is other tokens than the same key
+# after ", " in the list (" Tom" against "Tom"); "labelled" puts a word before both, so a key is the
+# same tokens wherever it stands.
+LAYOUTS = {"plain": ("", ""), "labelled": ("List: ", "Ask ")}
+
+
+def drill_items(rng, n, kind, layout):
     """Four keys with towns, the first asked back, then another one asked."""
+    names = keys(kind)
+    head, ask = LAYOUTS[layout]
     for _ in range(n):
-        ks = rng.sample(keys(kind), 4)
+        ks = rng.sample(names, 4)
         vs = [rng.choice(TOWNS) for _ in ks]
-        ctx = ", ".join(f"{a} {b}" for a, b in zip(ks, vs)) + f"\n{ks[0]}: {vs[0]}\n"
+        ctx = head + ", ".join(f"{a} {b}" for a, b in zip(ks, vs)) + f"\n{ask}{ks[0]}: {vs[0]}\n"
         i = rng.randrange(1, 4)
-        yield ctx + f"{ks[i]}:", TOWNS, vs[i], vs
+        yield ctx + f"{ask}{ks[i]}:", TOWNS, vs[i], vs
 
 
 def probe(args):
     rng = random.Random(args.seed)
     items = list(reading_items(rng, args.items) if args.format == "reading"
-                 else drill_items(rng, args.items, args.keys))
+                 else drill_items(rng, args.items, args.keys, args.layout))
     with tempfile.TemporaryDirectory() as tmp:
         tasks, answers = os.path.join(tmp, "probe.jsonl"), os.path.join(tmp, "scores.jsonl")
         with open(tasks, "w") as f:
@@ -93,6 +103,7 @@ def probe(args):
 def drills(args):
     rng = random.Random(args.seed)
     ks = keys(args.keys)
+    head, ask = LAYOUTS[args.layout]
     docs = []
     for _ in range(args.count):
         n = rng.randint(3, 6)
@@ -100,10 +111,10 @@ def drills(args):
         kind = rng.randrange(3)
         vals = [rng.choice(TOWNS) if kind == 0 else rng.choice(JOBS) if kind == 1
                 else str(rng.randint(20, 79)) for _ in names]
-        text = ", ".join(f"{k} {v}" for k, v in zip(names, vals))
+        text = head + ", ".join(f"{k} {v}" for k, v in zip(names, vals))
         for _ in range(n):
             i = rng.randrange(n)
-            text += f"\n{names[i]}: {vals[i]}"
+            text += f"\n{ask}{names[i]}: {vals[i]}"
         docs.append(text)
     with open(args.out, "w") as f:
         f.write("\n\n".join(docs) + "\n")
@@ -117,12 +128,14 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--format", choices=["reading", "drill"], default="reading")
     p.add_argument("--keys", choices=["invented", "words"], default="invented")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="plain")
     p.add_argument("--items", type=int, default=150)
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--bin", default="target/release/chatforge")
     d = sub.add_parser("drills")
     d.add_argument("--out", required=True)
     d.add_argument("--keys", choices=["invented", "words"], default="invented")
+    d.add_argument("--layout", choices=list(LAYOUTS), default="plain")
     d.add_argument("--count", type=int, default=30000)
     d.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
