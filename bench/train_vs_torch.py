@@ -42,14 +42,16 @@ def torch_matmul(torch, dtype, n=1024, repeats=10):
     return 2 * n**3 / best / 1e9
 
 
-def torch_train(torch, a, bf16, ddp=False):
-    """Median seconds per step; with `ddp`, as one rank of an initialised process group, wrapped in
-    DistributedDataParallel and training on its slice of each global batch of `a.batch` rows."""
+def llama(torch, a, smear=False):
+    """chatforge's model in PyTorch (Llama family: RMSNorm, rotary embeddings, grouped-query attention
+    through scaled_dot_product_attention, SwiGLU, tied embeddings), initialised as chatforge does.
+    `a` has vocab, width, layers, heads, kv_heads, ffn. With `smear`, each position also gets the
+    previous token's embedding through a learned gate (modded-nanogpt's smear), which chatforge
+    does not have: an experiment of docs/CURRICULUM.md's."""
     import torch.nn as nn
     import torch.nn.functional as F
 
-    torch.manual_seed(0)
-    V, C, L, H, KV, FF, T = a.vocab, a.width, a.layers, a.heads, a.kv_heads, a.ffn, a.context
+    V, C, L, H, KV, FF = a.vocab, a.width, a.layers, a.heads, a.kv_heads, a.ffn
     D = C // H
 
     class Block(nn.Module):
@@ -84,6 +86,7 @@ def torch_train(torch, a, bf16, ddp=False):
             self.emb = nn.Embedding(V, C)
             self.blocks = nn.ModuleList(Block() for _ in range(L))
             self.norm = nn.RMSNorm(C, eps=1e-5)
+            self.smear = nn.Linear(C, 1) if smear else None
 
         def forward(self, ids):
             pos = torch.arange(ids.shape[1], dtype=torch.float32)
@@ -91,6 +94,9 @@ def torch_train(torch, a, bf16, ddp=False):
             ang = pos[:, None] * inv[None, :]
             cos, sin = ang.cos(), ang.sin()
             x = self.emb(ids)
+            if self.smear is not None:
+                gate = torch.sigmoid(self.smear(x[:, 1:]))
+                x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], 1)
             for blk in self.blocks:
                 x = blk(x, cos, sin)
             return self.norm(x) @ self.emb.weight.t()
@@ -102,6 +108,17 @@ def torch_train(torch, a, bf16, ddp=False):
         for prm in model.parameters():
             if prm.dim() >= 2:
                 prm.normal_(0.0, 0.02)
+    return model
+
+
+def torch_train(torch, a, bf16, ddp=False):
+    """Median seconds per step; with `ddp`, as one rank of an initialised process group, wrapped in
+    DistributedDataParallel and training on its slice of each global batch of `a.batch` rows."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    V, T = a.vocab, a.context
+    model = llama(torch, a)
     rows = slice(None)
     if ddp:
         import torch.distributed as dist
