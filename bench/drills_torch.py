@@ -64,9 +64,11 @@ def train(a):
     meta = json.load(open(os.path.join(a.data, "meta.json")))
     dtype = np.uint16 if meta["token_size"] == 2 else np.uint32
     # A shard is a 32-byte header, then the tokens (src/data/shards.rs).
-    data = torch.from_numpy(np.concatenate([
-        np.fromfile(os.path.join(a.data, f), dtype=dtype, offset=32) for f in meta["train"]["files"]
-    ]).astype(np.int64))
+    shards = [torch.from_numpy(np.fromfile(os.path.join(a.data, f), dtype=dtype, offset=32).astype(np.int64))
+              for f in meta["train"]["files"]]
+    shards = [s for s in shards if len(s) > a.seq_len + 1]
+    # Windows stay inside one shard, which is drawn by its size, as `chatforge pretrain` draws them.
+    sizes = torch.tensor([float(len(s) - a.seq_len - 1) for s in shards])
     model = llama(torch, shape(a.config), smear=a.smear)
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -83,8 +85,11 @@ def train(a):
     g = torch.Generator().manual_seed(a.seed)
     start = time.time()
     for i in range(a.steps):
-        at = torch.randint(0, len(data) - a.seq_len - 1, (a.batch,), generator=g)
-        windows = torch.stack([data[s:s + a.seq_len + 1] for s in at])
+        which = torch.multinomial(sizes, a.batch, replacement=True, generator=g)
+        windows = torch.stack([
+            shards[w][s:s + a.seq_len + 1]
+            for w, s in ((int(w), int(torch.randint(0, int(sizes[w]), (1,), generator=g))) for w in which)
+        ])
         for group in opt.param_groups:
             group["lr"] = rate(i)
         logits = model(windows[:, :-1])
