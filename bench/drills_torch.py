@@ -38,6 +38,11 @@ BLOCK_NAMES = [("n1", "input_layernorm"), ("n2", "post_attention_layernorm"),
 
 def shape(config):
     c = json.load(open(config))
+    # bench/train_vs_torch.py's model fixes these; another value would train a different model.
+    fixed = {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu"}
+    for key, value in fixed.items():
+        if c.get(key, value) != value:
+            sys.exit(f"{config}: {key} is {c[key]!r}; this script's model has {value!r} (the small preset's)")
     return argparse.Namespace(vocab=c["vocab_size"], width=c["hidden_size"], layers=c["num_hidden_layers"],
                               heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"],
                               ffn=c["intermediate_size"])
