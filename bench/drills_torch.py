@@ -16,7 +16,6 @@ same model on the same tokens learn to match a key to its value where chatforge 
     pip install torch safetensors tokenizers numpy
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import reading_probe  # noqa: E402
 from train_vs_torch import llama  # noqa: E402
 
 # chatforge's parameter names in Hugging Face form, against the PyTorch model's.
@@ -120,9 +120,6 @@ def probe(a):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    spec = importlib.util.spec_from_file_location("reading_probe", os.path.join(HERE, "reading_probe.py"))
-    reading_probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reading_probe)
     weights = load_file(os.path.join(a.model, "model.safetensors"))
     model = llama(torch, shape(os.path.join(a.model, "config.json")), smear="smear.weight" in weights)
     with torch.no_grad():
