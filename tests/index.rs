@@ -219,6 +219,77 @@ fn retrieval_finds_the_passage_that_answers_held_out_curriculum_questions() {
     }
 }
 
+/// What the model is shown with `--min-score-ratio 0.5`: the answering passage alone, the other top
+/// passages falling below the floor; with the floor at 0 (the default), all that the search finds.
+#[test]
+fn the_score_floor_shows_the_answering_passage_alone() {
+    use chatforge::data::curriculum::tasks::{make, Family, Lang, Split};
+    use chatforge::data::curriculum::{generate, CurriculumSize, KNOWLEDGE_FILE};
+    use chatforge::tools::{Retrieval, RetrievalArgs};
+    let dir = tempfile::tempdir().unwrap();
+    generate(dir.path(), 3, &CurriculumSize::scaled(0.05)).unwrap();
+    let index_dir = dir.path().join("index");
+    ok(&add(&index_dir, &[&dir.path().join(KNOWLEDGE_FILE)]));
+    let knowledge = std::fs::read_to_string(dir.path().join(KNOWLEDGE_FILE)).unwrap();
+    let opts = chatforge::tokenizer::TrainOptions {
+        vocab_size: 400,
+        ..Default::default()
+    };
+    let tok = chatforge::tokenizer::Tokenizer::train(&[knowledge.as_str()], &opts)
+        .unwrap()
+        .0;
+    let open = |ratio: f32| -> Retrieval {
+        RetrievalArgs {
+            index: Some(index_dir.clone()),
+            min_score_ratio: ratio,
+            ..Default::default()
+        }
+        .open()
+        .unwrap()
+        .unwrap()
+    };
+    let (floored, all) = (open(0.5), open(Retrieval::DEFAULT_MIN_SCORE_RATIO));
+    let mut rng = chatforge::util::Rng::new(6);
+    for lang in [Lang::En, Lang::Zh] {
+        let (mut n, mut alone, mut left_out) = (0, 0, 0);
+        while n < 100 {
+            let t = make(Family::Grounded, lang, Split::Heldout, &mut rng);
+            let Some(source) = t.source else {
+                continue;
+            };
+            let q = &t.prompt[0].content;
+            n += 1;
+            let shown = floored.passages(&tok, q, 4096).unwrap();
+            alone += usize::from(shown.len() == 1 && shown[0].text == source);
+            let unfloored = all.passages(&tok, q, 4096).unwrap();
+            assert_eq!(
+                unfloored.len(),
+                all.index.search(q, 3).unwrap().len(),
+                "{q}"
+            );
+            left_out += unfloored.len() - shown.len();
+        }
+        eprintln!("{lang:?}: the answering passage alone {alone}/{n}, {left_out} left out");
+        assert!(
+            alone >= 90,
+            "{lang:?}: the answering passage alone {alone}/{n}"
+        );
+        assert!(
+            left_out >= 50,
+            "{lang:?}: only {left_out} passages under the floor"
+        );
+    }
+    let err = RetrievalArgs {
+        index: Some(index_dir.clone()),
+        min_score_ratio: 1.5,
+        ..Default::default()
+    }
+    .open()
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("--min-score-ratio"), "{err}");
+}
+
 #[test]
 fn commands_that_take_an_index_refuse_a_bad_one_before_loading_a_model() {
     let dir = tempfile::tempdir().unwrap();
