@@ -2,8 +2,8 @@
 """Does a base model look things up in its context? The measurement behind docs/CURRICULUM.md's
 reading attempts.
 
-  bench/reading_probe.py probe --model RUN [--format reading|drill] [--keys invented|words]
-                               [--layout plain|labelled]
+  bench/reading_probe.py probe --model RUN [--format reading|drill] [--passages 3]
+                               [--keys invented|words] [--layout plain|labelled]
       Passages (or a drill's list) with facts drawn afresh, then a question; the log-likelihood of
       every candidate value (10 towns, or 8 jobs) decides the answer. Prints how often the right
       value wins, how often some value from the context wins, both rates for a blind pick, and
@@ -31,12 +31,12 @@ def keys(kind):
     return [a + b.lower() for a in SYLLABLES for b in SYLLABLES] if kind == "invented" else WORDS
 
 
-def reading_items(rng, n):
-    """Three people's passages, then a town or job question about one of them."""
+def reading_items(rng, n, passages):
+    """`passages` people's passages, then a town or job question about one of them."""
     names = keys("invented")
     for k in range(n):
         people = [(p, rng.choice(TOWNS), rng.choice(JOBS), rng.randint(20, 79))
-                  for p in rng.sample(names, 3)]
+                  for p in rng.sample(names, passages)]
         doc = "\n".join(f"{p} lives in {t}. {p} is {a} years old. {p} works as a {j}."
                         for p, t, j, a in people)
         p, t, j, _ = rng.choice(people)
@@ -66,7 +66,7 @@ def drill_items(rng, n, kind, layout):
 
 def probe(args):
     rng = random.Random(args.seed)
-    items = list(reading_items(rng, args.items) if args.format == "reading"
+    items = list(reading_items(rng, args.items, args.passages) if args.format == "reading"
                  else drill_items(rng, args.items, args.keys, args.layout))
     with tempfile.TemporaryDirectory() as tmp:
         tasks, answers = os.path.join(tmp, "probe.jsonl"), os.path.join(tmp, "scores.jsonl")
@@ -128,6 +128,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--format", choices=["reading", "drill"], default="reading")
     p.add_argument("--keys", choices=["invented", "words"], default="invented")
+    p.add_argument("--passages", type=int, default=3, help="people per reading item")
     p.add_argument("--layout", choices=list(LAYOUTS), default="plain")
     p.add_argument("--items", type=int, default=150)
     p.add_argument("--seed", type=int, default=5)
