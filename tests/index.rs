@@ -188,17 +188,21 @@ fn a_killed_add_leaves_the_previous_index_usable() {
     ok(&add(&index, &[&small]));
 }
 
+/// A small curriculum written to `dir`, its knowledge base indexed in `dir/index`.
+fn curriculum_index(dir: &Path) -> std::path::PathBuf {
+    use chatforge::data::curriculum::{generate, CurriculumSize, KNOWLEDGE_FILE};
+    generate(dir, 3, &CurriculumSize::scaled(0.05)).unwrap();
+    let index = dir.join("index");
+    ok(&add(&index, &[&dir.join(KNOWLEDGE_FILE)]));
+    index
+}
+
 #[test]
 fn retrieval_finds_the_passage_that_answers_held_out_curriculum_questions() {
     use chatforge::data::curriculum::tasks::{make, Family, Lang, Split};
-    use chatforge::data::curriculum::{generate, CurriculumSize, KNOWLEDGE_FILE};
     use chatforge::tools::index::DocumentIndex;
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path(), 3, &CurriculumSize::scaled(0.05)).unwrap();
-    let mut index = DocumentIndex::open_or_create(&dir.path().join("index")).unwrap();
-    index
-        .add(&[dir.path().join(KNOWLEDGE_FILE)], &Default::default())
-        .unwrap();
+    let index = DocumentIndex::open(&curriculum_index(dir.path())).unwrap();
     let mut rng = chatforge::util::Rng::new(5);
     for lang in [Lang::En, Lang::Zh] {
         let (mut n, mut found) = (0, 0);
@@ -224,12 +228,10 @@ fn retrieval_finds_the_passage_that_answers_held_out_curriculum_questions() {
 #[test]
 fn the_score_floor_shows_the_answering_passage_alone() {
     use chatforge::data::curriculum::tasks::{make, Family, Lang, Split};
-    use chatforge::data::curriculum::{generate, CurriculumSize, KNOWLEDGE_FILE};
+    use chatforge::data::curriculum::KNOWLEDGE_FILE;
     use chatforge::tools::{Retrieval, RetrievalArgs};
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path(), 3, &CurriculumSize::scaled(0.05)).unwrap();
-    let index_dir = dir.path().join("index");
-    ok(&add(&index_dir, &[&dir.path().join(KNOWLEDGE_FILE)]));
+    let index_dir = curriculum_index(dir.path());
     let knowledge = std::fs::read_to_string(dir.path().join(KNOWLEDGE_FILE)).unwrap();
     let opts = chatforge::tokenizer::TrainOptions {
         vocab_size: 400,
@@ -264,7 +266,7 @@ fn the_score_floor_shows_the_answering_passage_alone() {
             let unfloored = all.passages(&tok, q, 4096).unwrap();
             assert_eq!(
                 unfloored.len(),
-                all.index.search(q, 3).unwrap().len(),
+                all.index.search(q, all.top_k).unwrap().len(),
                 "{q}"
             );
             left_out += unfloored.len() - shown.len();

@@ -113,12 +113,7 @@ impl RetrievalArgs {
         };
         crate::util::check_positive("--passages", self.passages)?;
         crate::util::check_positive("--document-tokens", self.document_tokens)?;
-        if !(0.0..=1.0).contains(&self.min_score_ratio) {
-            anyhow::bail!(
-                "--min-score-ratio must be between 0 and 1 (got {}); 0 keeps every retrieved passage",
-                self.min_score_ratio
-            );
-        }
+        crate::util::check_range("--min-score-ratio", self.min_score_ratio.into(), 0.0..=1.0)?;
         Ok(Some(Retrieval {
             index: DocumentIndex::open(dir)?,
             top_k: self.passages,
